@@ -1,0 +1,5 @@
+"""Run by ipykernel in the user namespace before the first cell (IPKernelApp.exec_files)."""
+from workbench_sandbox import _prepare_environment
+
+_prepare_environment()
+del _prepare_environment

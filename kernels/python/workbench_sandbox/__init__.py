@@ -1,0 +1,17 @@
+"""Helpers preloaded in every workbench kernel. Runs inside the sandbox only; never imported by the host."""
+from __future__ import annotations
+
+import os
+import shutil
+
+__all__: list[str] = []
+
+_MPL_CACHE = "/opt/workbench/mplcache"
+
+
+def _prepare_environment() -> None:
+    # The root filesystem is read-only: seed matplotlib's font cache (built into the image) into the
+    # writable config dir so the first plot does not rebuild it.
+    target = os.environ.get("MPLCONFIGDIR")
+    if target and os.path.isdir(_MPL_CACHE) and not os.path.exists(target):
+        shutil.copytree(_MPL_CACHE, target)

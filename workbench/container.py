@@ -1,0 +1,91 @@
+"""Sandbox containers: every one gets the security defaults of DESIGN.md, with no way to turn them off."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import docker
+from docker.errors import APIError, ImageNotFound
+from docker.models.containers import Container
+from docker.types import LogConfig, Ulimit
+
+from .config import Limits
+from .errors import DockerUnavailableError, ImageNotFoundError
+
+LABEL_MANAGED = "workbench.managed"
+LABEL_KERNEL = "workbench.kernel"
+WORKSPACE = "/workspace"
+RUNTIME = "/run/workbench"
+SANDBOX_UID = 1000
+
+
+def sandbox_uid() -> int:
+    """The uid the kernel runs as: this user's own, or an unprivileged one when the host side runs as root."""
+    uid = os.getuid()
+    return uid if uid != 0 else SANDBOX_UID
+
+
+def prepare_dir(path: Path) -> None:
+    """Create a folder the sandbox user owns (the host side, when root, hands it over)."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if os.getuid() == 0:
+        os.chown(path, SANDBOX_UID, SANDBOX_UID)
+
+
+def run_sandbox(
+    client: docker.DockerClient,
+    *,
+    image: str,
+    name: str,
+    workspace: Path,
+    runtime_dir: Path,
+    limits: Limits,
+    labels: dict[str, str],
+) -> Container:
+    """Start a locked-down kernel container: no network, no capabilities, read-only root, non-root, limited."""
+    uid = sandbox_uid()
+    try:
+        return client.containers.run(
+            image,
+            name=name,
+            detach=True,
+            init=True,  # an init as PID 1 forwards signals to the kernel and reaps its children
+            user=f"{uid}:{uid}",
+            network_mode="none",
+            cap_drop=["ALL"],
+            security_opt=["no-new-privileges:true"],
+            read_only=True,
+            tmpfs={"/tmp": f"rw,nosuid,nodev,size={limits.tmp_size},mode=1777"},
+            mem_limit=limits.memory,
+            memswap_limit=limits.memory,  # no swap beyond the memory limit
+            nano_cpus=int(limits.cpus * 1e9),
+            pids_limit=limits.pids,
+            ulimits=[Ulimit(name="core", soft=0, hard=0)],
+            ipc_mode="private",
+            hostname="sandbox",
+            volumes={
+                str(workspace): {"bind": WORKSPACE, "mode": "rw"},
+                str(runtime_dir): {"bind": RUNTIME, "mode": "rw"},
+            },
+            working_dir=WORKSPACE,
+            labels={LABEL_MANAGED: "true", **labels},
+            log_config=LogConfig(type=LogConfig.types.JSON, config={"max-size": "1m", "max-file": "1"}),
+        )
+    except ImageNotFound:
+        raise ImageNotFoundError(f"kernel image {image} not found: build it with `workbench image build`") from None
+    except APIError as exc:
+        raise DockerUnavailableError(f"the Docker engine refused to start the sandbox: {exc.explanation or exc}") from exc
+
+
+def exit_reason(container: Container) -> str | None:
+    """None while the container runs; otherwise why it stopped (OOM-killed, or its exit code)."""
+    container.reload()
+    state = container.attrs["State"]
+    if state.get("Running") and not state.get("Restarting"):
+        return None
+    if state.get("OOMKilled"):
+        return f"OOM-killed: the memory limit ({container.attrs['HostConfig']['Memory'] // 2**20} MiB) was exceeded"
+    code = state.get("ExitCode")
+    if code is not None and code > 128:
+        return f"killed by signal {code - 128} (exit code {code})"
+    return f"exited with code {code}"

@@ -1,0 +1,30 @@
+"""The exception hierarchy: every error workbench raises on purpose is a WorkbenchError."""
+from __future__ import annotations
+
+
+class WorkbenchError(Exception):
+    """Base class of every error raised by workbench."""
+
+
+class DockerUnavailableError(WorkbenchError):
+    """The Docker engine cannot be reached."""
+
+
+class ImageError(WorkbenchError):
+    """The kernel image is missing or could not be built."""
+
+
+class ImageNotFoundError(ImageError):
+    """The kernel image does not exist locally (run `workbench image build`)."""
+
+
+class ImageBuildError(ImageError):
+    """Building the base or kernel image failed."""
+
+
+class KernelError(WorkbenchError):
+    """A kernel could not be started or reached."""
+
+
+class KernelStartError(KernelError):
+    """The kernel container started but the kernel never became ready."""

@@ -1,0 +1,183 @@
+"""Turning the Jupyter messages of one execute request into an ExecutionResult."""
+from __future__ import annotations
+
+import re
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+from jupyter_client import BlockingKernelClient
+
+from .results import ExecutionError, ExecutionResult, Output
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+HEALTH_INTERVAL = 0.2  # how often, without messages, the container is checked for death
+IDLE_GRACE = 1.0  # how long to wait for the iopub idle once the reply is in (iopub may drop messages)
+
+
+def strip_ansi(text: str) -> str:
+    return _ANSI.sub("", text)
+
+
+@dataclass
+class Callbacks:
+    on_stdout: Callable[[str], Any] | None = None
+    on_stderr: Callable[[str], Any] | None = None
+    on_result: Callable[[Output], Any] | None = None
+    on_error: Callable[[ExecutionError], Any] | None = None
+
+
+class _Capped:
+    """Text kept up to a limit: its head and tail, with the number of characters cut between them."""
+
+    def __init__(self, limit: int) -> None:
+        self.half = max(limit // 2, 1)
+        self.head: list[str] = []
+        self.head_len = 0
+        self.tail: deque[str] = deque()
+        self.tail_len = 0
+        self.cut = 0
+
+    def add(self, text: str) -> None:
+        if self.head_len < self.half:
+            take = text[: self.half - self.head_len]
+            self.head.append(take)
+            self.head_len += len(take)
+            text = text[len(take):]
+        if not text:
+            return
+        self.tail.append(text)
+        self.tail_len += len(text)
+        while self.tail_len - len(self.tail[0]) >= self.half:
+            self.cut += len(self.tail[0])
+            self.tail_len -= len(self.tail.popleft())
+        if self.tail_len > self.half:  # trim the oldest tail chunk so the tail stays within its half
+            extra = self.tail_len - self.half
+            self.tail[0] = self.tail[0][extra:]
+            self.tail_len -= extra
+            self.cut += extra
+
+    def value(self) -> str:
+        head = "".join(self.head)
+        if not self.cut:
+            return head + "".join(self.tail)
+        return f"{head}\n[... {self.cut} characters cut ...]\n{''.join(self.tail)}"
+
+
+@dataclass
+class Outcome:
+    """What the message loop saw, before the kernel layer adds restarts."""
+
+    result: ExecutionResult
+    reply_seen: bool = False
+    dead: str | None = None  # the container's exit reason, when it died
+    unresponsive: bool = False  # timed out and did not answer the interrupt either
+    streams: dict[str, _Capped] = field(default_factory=dict)
+
+
+def run_cell(
+    client: BlockingKernelClient,
+    code: str,
+    *,
+    timeout: float | None,
+    output_limit: int,
+    interrupt: Callable[[], None],
+    exit_reason: Callable[[], str | None],
+    callbacks: Callbacks,
+    interrupt_grace: float = 5.0,
+) -> Outcome:
+    """Send one execute request and follow it to its end, a timeout, or the kernel's death."""
+    started = time.monotonic()
+    result = ExecutionResult()
+    outcome = Outcome(result=result, streams={"stdout": _Capped(output_limit), "stderr": _Capped(output_limit)})
+    msg_id = client.execute(code, allow_stdin=False, stop_on_error=False)
+    iopub, shell = client.iopub_channel, client.shell_channel
+    poller = zmq.Poller()
+    poller.register(iopub.socket, zmq.POLLIN)
+    poller.register(shell.socket, zmq.POLLIN)
+    deadline = started + timeout if timeout is not None else None
+    idle_seen = False
+    reply_at: float | None = None
+    last_health = started
+    while not (idle_seen and outcome.reply_seen):
+        now = time.monotonic()
+        if reply_at is not None and now - reply_at > IDLE_GRACE:
+            break
+        if deadline is not None and now >= deadline:
+            if result.timed_out:
+                outcome.unresponsive = True
+                break
+            result.timed_out = True
+            interrupt()
+            deadline = now + interrupt_grace
+        wait = HEALTH_INTERVAL if deadline is None else max(min(HEALTH_INTERVAL, deadline - now), 0.0)
+        events = dict(poller.poll(wait * 1000))
+        if not events or now - last_health >= 1.0:
+            last_health = time.monotonic()
+            if (reason := exit_reason()) is not None:
+                outcome.dead = reason
+                break
+        if shell.socket in events:
+            msg = shell.get_msg(timeout=0)
+            if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "execute_reply":
+                outcome.reply_seen = True
+                reply_at = time.monotonic()
+                content = msg["content"]
+                result.execution_count = content.get("execution_count", result.execution_count)
+                if content.get("status") == "error" and result.error is None and "ename" in content:
+                    result.error = _error(content)
+        if iopub.socket in events:
+            while True:
+                try:
+                    msg = iopub.get_msg(timeout=0)
+                except Exception:  # queue.Empty
+                    break
+                if msg["parent_header"].get("msg_id") != msg_id:
+                    continue
+                if _handle(msg, outcome, callbacks):
+                    idle_seen = True
+    for name, capped in outcome.streams.items():
+        setattr(result, name, capped.value())
+        if capped.cut:
+            result.truncated[name] = capped.cut
+    result.duration = time.monotonic() - started
+    return outcome
+
+
+def _handle(msg: dict[str, Any], outcome: Outcome, cb: Callbacks) -> bool:
+    """Apply one iopub message; True when it is the kernel's idle status."""
+    kind, content, result = msg["msg_type"], msg["content"], outcome.result
+    if kind == "status":
+        return content.get("execution_state") == "idle"
+    if kind == "stream":
+        name = content.get("name", "stdout")
+        outcome.streams.setdefault(name, outcome.streams["stdout"]).add(content.get("text", ""))
+        callback = cb.on_stderr if name == "stderr" else cb.on_stdout
+        if callback:
+            callback(content.get("text", ""))
+    elif kind in ("execute_result", "display_data"):
+        output = Output(type=kind, data=content.get("data", {}), metadata=content.get("metadata", {}))
+        result.results.append(output)
+        if kind == "execute_result":
+            result.text = output.text
+            result.execution_count = content.get("execution_count", result.execution_count)
+        if cb.on_result:
+            cb.on_result(output)
+    elif kind == "error":
+        result.error = _error(content)
+        if cb.on_error:
+            cb.on_error(result.error)
+    elif kind == "execute_input":
+        result.execution_count = content.get("execution_count", result.execution_count)
+    return False
+
+
+def _error(content: dict[str, Any]) -> ExecutionError:
+    return ExecutionError(
+        ename=content.get("ename", "Error"),
+        evalue=strip_ansi(content.get("evalue", "")),
+        traceback=[strip_ansi(line) for line in content.get("traceback", [])],
+    )

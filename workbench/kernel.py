@@ -1,0 +1,198 @@
+"""A Jupyter kernel in a sandbox container, reached with jupyter-client over IPC sockets in a runtime dir."""
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import docker
+import zmq
+from docker.errors import APIError, NotFound
+from docker.models.containers import Container
+from jupyter_client import BlockingKernelClient
+from requests import RequestException
+
+from .config import Limits
+from .container import LABEL_KERNEL, RUNTIME, exit_reason, prepare_dir, run_sandbox
+from .errors import DockerUnavailableError, KernelStartError
+from .execution import Callbacks, Outcome, run_cell
+from .results import ExecutionResult
+
+log = logging.getLogger(__name__)
+
+_PORTS = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
+_context: zmq.Context | None = None
+_context_lock = threading.Lock()
+
+
+def _zmq_context() -> zmq.Context:
+    """One ZMQ context for every kernel client, reconnecting fast (sockets appear while the kernel starts)."""
+    global _context
+    with _context_lock:
+        if _context is None:
+            _context = zmq.Context()
+            _context.setsockopt(zmq.RECONNECT_IVL, 10)
+            _context.setsockopt(zmq.LINGER, 0)
+        return _context
+
+
+class Kernel:
+    """One sandboxed kernel. Not thread-safe: the session layer runs one execution at a time."""
+
+    def __init__(
+        self,
+        docker_client: docker.DockerClient,
+        *,
+        image: str,
+        workspace: Path,
+        runtime_dir: Path,
+        limits: Limits,
+        labels: dict[str, str] | None = None,
+        output_limit: int = 1_000_000,
+        start_timeout: float = 60.0,
+    ) -> None:
+        self.docker = docker_client
+        self.image = image
+        self.workspace = workspace
+        self.runtime_dir = runtime_dir
+        self.limits = limits
+        self.labels = dict(labels or {})
+        self.output_limit = output_limit
+        self.start_timeout = start_timeout
+        self.kernel_id = secrets.token_hex(6)
+        self.container: Container | None = None
+        self.client: BlockingKernelClient | None = None
+        self.started_at: float | None = None
+
+    # lifecycle -------------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the container and wait until the kernel answers."""
+        prepare_dir(self.workspace)
+        if self.runtime_dir.exists():
+            shutil.rmtree(self.runtime_dir)
+        prepare_dir(self.runtime_dir)
+        key = secrets.token_hex(32)
+        info = {"transport": "ipc", "key": key, "signature_scheme": "hmac-sha256", "kernel_name": "python3",
+                **{port: n for n, port in enumerate(_PORTS, start=1)}}
+        connection = self.runtime_dir / "kernel.json"
+        connection.write_text(json.dumps({**info, "ip": f"{RUNTIME}/k"}))
+        connection.chmod(0o644)
+        self.container = run_sandbox(
+            self.docker, image=self.image, name=f"workbench-{self.kernel_id}", workspace=self.workspace,
+            runtime_dir=self.runtime_dir, limits=self.limits, labels={LABEL_KERNEL: self.kernel_id, **self.labels},
+        )
+        client = BlockingKernelClient(context=_zmq_context())
+        client.load_connection_info({**info, "ip": str(self.runtime_dir / "k")})
+        client.start_channels(hb=False, stdin=False)
+        self.client = client
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.shutdown()
+            raise
+        self.started_at = time.time()
+
+    def _wait_ready(self) -> None:
+        assert self.client is not None
+        deadline = time.monotonic() + self.start_timeout
+        shell, iopub = self.client.shell_channel, self.client.iopub_channel
+        while time.monotonic() < deadline:
+            msg_id = self.client.kernel_info()
+            reply_deadline = time.monotonic() + 0.5
+            while time.monotonic() < reply_deadline:
+                if shell.socket.poll(50):
+                    msg = shell.get_msg(timeout=0)
+                    if msg["parent_header"].get("msg_id") == msg_id:
+                        break
+                elif (reason := self.exit_reason()) is not None:
+                    raise KernelStartError(f"the kernel container stopped while starting: {reason}\n{self._logs()}")
+            else:
+                continue
+            # The reply proves the shell socket; a status message for the same request proves iopub is subscribed.
+            iopub_deadline = time.monotonic() + 0.3
+            while time.monotonic() < iopub_deadline:
+                if iopub.socket.poll(50):
+                    msg = iopub.get_msg(timeout=0)
+                    if msg["parent_header"].get("msg_id") == msg_id:
+                        return
+        raise KernelStartError(f"the kernel did not answer within {self.start_timeout:.0f}s\n{self._logs()}")
+
+    def _logs(self) -> str:
+        try:
+            assert self.container is not None
+            return self.container.logs(tail=20).decode(errors="replace")
+        except Exception:  # the logs are only a hint
+            return ""
+
+    def exit_reason(self) -> str | None:
+        """None while the kernel's container runs, else why it stopped."""
+        if self.container is None:
+            return "not started"
+        try:
+            return exit_reason(self.container)
+        except NotFound:
+            return "its container was removed"
+        except (APIError, RequestException) as exc:
+            raise DockerUnavailableError(f"lost the Docker engine while watching the kernel: {exc}") from exc
+
+    @property
+    def alive(self) -> bool:
+        return self.container is not None and self.exit_reason() is None
+
+    def interrupt(self) -> None:
+        """Send SIGINT to the kernel (through the container's init), as a KeyboardInterrupt in the running cell."""
+        if self.container is not None:
+            try:
+                self.container.kill(signal="SIGINT")
+            except (APIError, NotFound):
+                pass  # already gone; the execution loop sees it
+
+    def shutdown(self) -> None:
+        """Stop the kernel and remove its container and runtime dir; the workspace is kept."""
+        if self.client is not None:
+            self.client.stop_channels()
+            self.client = None
+        if self.container is not None:
+            try:
+                self.container.remove(force=True)
+            except NotFound:
+                pass
+            except APIError as exc:
+                log.warning("could not remove container %s: %s", self.container.short_id, exc)
+            self.container = None
+        shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
+    def restart(self) -> None:
+        """A new kernel on the same workspace: files are kept, variables are not."""
+        self.shutdown()
+        self.kernel_id = secrets.token_hex(6)
+        self.start()
+
+    # execution -------------------------------------------------------------------------------------------------
+
+    def execute(self, code: str, *, timeout: float | None = None, callbacks: Callbacks | None = None) -> ExecutionResult:
+        """Run code; on a timeout the kernel is interrupted, on its death it is restarted (files kept)."""
+        if self.client is None:
+            self.start()
+        assert self.client is not None
+        outcome: Outcome = run_cell(
+            self.client, code, timeout=timeout, output_limit=self.output_limit, interrupt=self.interrupt,
+            exit_reason=self.exit_reason, callbacks=callbacks or Callbacks(),
+        )
+        result = outcome.result
+        if outcome.dead is not None:
+            result.kernel_died = outcome.dead
+            log.warning("kernel %s died: %s; restarting it", self.kernel_id, outcome.dead)
+            self.restart()
+            result.state_lost = True
+        elif outcome.unresponsive:
+            result.kernel_died = "did not respond to the interrupt after the timeout; it was restarted"
+            log.warning("kernel %s ignored the interrupt; restarting it", self.kernel_id)
+            self.restart()
+            result.state_lost = True
+        return result

@@ -1,0 +1,72 @@
+"""What an execution returns: the outputs of one cell, in a form an agent can read."""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+
+class Output(BaseModel):
+    """One rich output of a cell: an execute_result or a display_data MIME bundle."""
+
+    type: Literal["execute_result", "display_data"]
+    data: dict[str, Any] = Field(description="MIME type -> value; text/plain always, image/png as base64")
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def text(self) -> str | None:
+        return self.data.get("text/plain")
+
+
+class ExecutionError(BaseModel):
+    """An exception raised by the cell."""
+
+    ename: str
+    evalue: str
+    traceback: list[str] = Field(default_factory=list, description="lines without ANSI colour codes")
+
+    def __str__(self) -> str:
+        return "\n".join(self.traceback) if self.traceback else f"{self.ename}: {self.evalue}"
+
+
+class ExecutionResult(BaseModel):
+    """The outcome of one `execute` call."""
+
+    text: str | None = Field(default=None, description="text/plain of the execute_result, if any")
+    stdout: str = ""
+    stderr: str = ""
+    results: list[Output] = Field(default_factory=list)
+    error: ExecutionError | None = None
+    execution_count: int | None = None
+    duration: float = 0.0
+    timed_out: bool = False
+    kernel_died: str | None = Field(default=None, description="why the kernel died during this execution")
+    state_lost: bool = Field(default=False, description="the kernel was restarted: variables are gone, files kept")
+    truncated: dict[str, int] = Field(default_factory=dict, description="stream -> characters cut from its middle")
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and not self.timed_out and self.kernel_died is None
+
+    def __str__(self) -> str:
+        """A plain-text account of the execution, for a model to read."""
+        parts = []
+        if self.stdout:
+            parts.append(self.stdout.rstrip("\n"))
+        if self.stderr:
+            parts.append("[stderr]\n" + self.stderr.rstrip("\n"))
+        for output in self.results:
+            if output.type == "display_data":
+                kinds = ", ".join(k for k in output.data if k != "text/plain")
+                parts.append(f"[display: {kinds}] {output.text or ''}".rstrip())
+        if self.text is not None:
+            parts.append(self.text)
+        if self.error is not None:
+            parts.append(str(self.error))
+        if self.timed_out:
+            parts.append(f"[timed out after {self.duration:.1f}s; the kernel was interrupted]")
+        if self.kernel_died:
+            parts.append(f"[kernel died: {self.kernel_died}]")
+        if self.state_lost:
+            parts.append("[the kernel was restarted: variables were lost, files in the workspace were kept]")
+        return "\n".join(parts)
