@@ -28,3 +28,15 @@ class KernelError(WorkbenchError):
 
 class KernelStartError(KernelError):
     """The kernel container started but the kernel never became ready."""
+
+
+class SessionError(WorkbenchError):
+    """A session cannot be used as asked."""
+
+
+class SessionNotFoundError(SessionError):
+    """No session has this id."""
+
+
+class SessionClosedError(SessionError):
+    """The session was closed."""
