@@ -1,0 +1,71 @@
+"""The kernel image is built once per set of inputs; bad setups give clear errors."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from workbench import DockerUnavailableError, ImageNotFoundError, SessionError, SessionNotFoundError, Workbench
+from workbench.image import INPUTS_LABEL, image_status, inputs_hash
+
+
+def test_image_is_labelled_with_its_inputs_and_not_rebuilt(wb: Workbench) -> None:
+    image = wb.docker.images.get(wb.image)
+    assert image.labels[INPUTS_LABEL] == inputs_hash()
+    assert image_status(wb.docker, wb.image) == "current"
+    started = time.monotonic()
+    assert wb.build_image() is False
+    assert time.monotonic() - started < 5
+    assert wb.docker.images.get(wb.image).id == image.id
+
+
+def test_image_runs_as_non_root_by_default(wb: Workbench) -> None:
+    assert wb.docker.images.get(wb.image).attrs["Config"]["User"] not in ("", "0", "root")
+
+
+def test_missing_image_is_a_clear_error(home, wb: Workbench) -> None:
+    other = Workbench(home=home, image="workbench-kernel:does-not-exist", docker_client=wb.docker)
+    with pytest.raises(ImageNotFoundError, match="workbench image build"):
+        other.create(user_id="test-user")
+
+
+def test_unreachable_docker_is_a_clear_error(home, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+    with pytest.raises(DockerUnavailableError, match="cannot reach the Docker engine"):
+        Workbench(home=home)
+
+
+def test_cli_reports_unreachable_docker_without_a_traceback(tmp_path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "workbench.cli", "image", "status"],
+        capture_output=True, text=True,
+        env={"DOCKER_HOST": "unix:///nonexistent/docker.sock", "WORKBENCH_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode == 1
+    assert "cannot reach the Docker engine" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_image_status(home) -> None:
+    proc = subprocess.run([sys.executable, "-m", "workbench.cli", "image", "status"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith(": current")
+
+
+def test_default_user_needs_an_explicit_opt_in(wb: Workbench) -> None:
+    with pytest.raises(SessionError, match="default"):
+        wb.create(user_id="default")
+    with pytest.raises(SessionError):
+        wb.create(user_id="../etc")
+
+
+def test_unknown_and_closed_sessions(wb: Workbench) -> None:
+    with pytest.raises(SessionNotFoundError):
+        wb.use("0123456789ab")
+    session = wb.create(user_id="test-user")
+    assert wb.use(session.session_id) is session
+    session.close()
+    assert not wb.docker.containers.list(all=True, filters={"label": f"workbench.session={session.session_id}"})
+    with pytest.raises(SessionError, match="closed"):
+        session.execute("1")
