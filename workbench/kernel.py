@@ -120,6 +120,11 @@ class Kernel:
                     msg = iopub.get_msg(timeout=0)
                     if msg["parent_header"].get("msg_id") == msg_id:
                         return
+        if not any(self.runtime_dir.glob("k-*")):
+            raise KernelStartError(
+                f"the kernel's IPC sockets never appeared in {self.runtime_dir}: this Docker engine does not share the "
+                "host's filesystem with its containers (Docker Desktop, a remote engine), which workbench needs"
+            )
         raise KernelStartError(f"the kernel did not answer within {self.start_timeout:.0f}s\n{self._logs()}")
 
     def _logs(self) -> str:
