@@ -24,6 +24,8 @@ def wb(home: Path) -> Iterator[Workbench]:
     bench.build_image(progress=lambda line: print(line, file=sys.stderr, flush=True))
     yield bench
     bench.close()
+    for container in bench.docker.containers.list(all=True, filters={"label": f"workbench.home={bench.home_label}"}):
+        container.remove(force=True)
 
 
 @pytest.fixture(scope="module")

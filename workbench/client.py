@@ -5,6 +5,7 @@ import hashlib
 import re
 import secrets
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,9 +14,10 @@ import docker
 from . import image as images
 from .config import DEFAULT_IMAGE, Limits, default_home, default_runtime_root
 from .docker_client import connect
-from .errors import SessionError, SessionNotFoundError
+from .errors import SessionClosedError, SessionError
 from .kernel import Kernel
 from .session import Session
+from .store import SessionConfig, SessionRecord, Store
 
 _USER_ID = re.compile(r"^[A-Za-z0-9_.@:-]{1,128}$")
 
@@ -48,6 +50,7 @@ class Workbench:
         self.runtime_root = default_runtime_root()
         # Containers are labelled with their home so that two workbenches on one engine never touch each other's.
         self.home_label = hashlib.sha256(str(self.home.resolve()).encode()).hexdigest()[:16]
+        self.store = Store(self.home / "workbench.db")
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
         self._image_checked = False
@@ -62,6 +65,8 @@ class Workbench:
         self,
         user_id: str,
         *,
+        toolkits: list[str] | None = None,
+        tools: list[str] | None = None,
         limits: Limits | dict | None = None,
         allow_default_user: bool = False,
     ) -> Session:
@@ -76,40 +81,73 @@ class Workbench:
         if not self._image_checked:
             images.require_image(self.docker, self.image)
             self._image_checked = True
-        session_limits = self.limits.model_copy(update=Limits.model_validate(limits).model_dump(exclude_unset=True)) \
-            if limits is not None else self.limits
-        session_id = secrets.token_hex(6)
-        kernel = Kernel(
-            self.docker,
-            image=self.image,
-            workspace=self.home / "workspaces" / session_id,
-            runtime_dir=self.runtime_root / session_id,
-            limits=session_limits,
-            labels={"workbench.session": session_id, "workbench.user": user_id, "workbench.home": self.home_label},
-            output_limit=self.output_limit,
-        )
-        kernel.start()
-        session = Session(self, session_id, user_id, session_limits, kernel)
-        with self._lock:
-            self._sessions[session_id] = session
-        return session
+        config = SessionConfig(toolkits=toolkits or [], tools=tools or [], limits=self._limits(limits))
+        now = time.time()
+        record = SessionRecord(session_id=secrets.token_hex(6), user_id=user_id, status="open", config=config,
+                               config_version=1, created_at=now, last_used_at=now)
+        self.store.add(record)
+        kernel = self._kernel(record)
+        try:
+            kernel.start()
+        except BaseException:
+            self.store.set_status(record.session_id, "closed")
+            raise
+        self.store.set_kernel(record.session_id, kernel.record())
+        return self._register(Session(self, record, kernel))
 
     def use(self, session_id: str) -> Session:
-        """The open session with this id."""
-        with self._lock:
-            try:
-                return self._sessions[session_id]
-            except KeyError:
-                raise SessionNotFoundError(f"no open session {session_id!r}") from None
+        """The session with this id, also one created by another process or before a restart.
 
-    def list(self) -> list[Session]:
+        A still-running kernel is reattached with its variables; if it is gone, a new one starts on the same
+        workspace and the session's next result says that variables were lost.
+        """
         with self._lock:
-            return list(self._sessions.values())
+            if session_id in self._sessions:
+                return self._sessions[session_id]
+        record = self.store.get(session_id)
+        if record.status != "open":
+            raise SessionClosedError(f"session {session_id} is closed")
+        kernel = self._kernel(record)
+        state_lost = record.kernel is None or not kernel.attach(record.kernel)
+        if state_lost:
+            kernel.start()
+            self.store.set_kernel(session_id, kernel.record())
+        session = Session(self, record, kernel)
+        session._state_lost = state_lost
+        return self._register(session)
+
+    def list(self, user_id: str | None = None) -> list[SessionRecord]:
+        """The open sessions, of one user or of all."""
+        return self.store.list(user_id=user_id)
 
     def close(self) -> None:
-        """Close every session this workbench opened."""
-        for session in self.list():
-            session.close()
+        """Disconnect this process from its sessions; their kernels keep running (see Session.close)."""
+        with self._lock:
+            sessions, self._sessions = list(self._sessions.values()), {}
+        for session in sessions:
+            session._kernel.disconnect()
+
+    def _limits(self, limits: Limits | dict | None) -> Limits:
+        if limits is None:
+            return self.limits
+        given = limits if isinstance(limits, Limits) else Limits.model_validate(limits)
+        return self.limits.model_copy(update=given.model_dump(exclude_unset=True))
+
+    def _kernel(self, record: SessionRecord) -> Kernel:
+        return Kernel(
+            self.docker,
+            image=self.image,
+            workspace=self.home / "workspaces" / record.session_id,
+            runtime_dir=self.runtime_root / record.session_id,
+            limits=record.config.limits,
+            labels={"workbench.session": record.session_id, "workbench.user": record.user_id,
+                    "workbench.home": self.home_label},
+            output_limit=self.output_limit,
+        )
+
+    def _register(self, session: Session) -> Session:
+        with self._lock:
+            return self._sessions.setdefault(session.session_id, session)
 
     def _forget(self, session_id: str) -> None:
         with self._lock:

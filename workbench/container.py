@@ -58,7 +58,8 @@ def run_sandbox(
             tmpfs={"/tmp": f"rw,nosuid,nodev,size={limits.tmp_size},mode=1777"},
             mem_limit=limits.memory,
             memswap_limit=limits.memory,  # no swap beyond the memory limit
-            nano_cpus=int(limits.cpus * 1e9),
+            cpu_period=100_000,
+            cpu_quota=int(limits.cpus * 100_000),  # (not nano_cpus: the engine cannot update that live)
             pids_limit=limits.pids,
             ulimits=[Ulimit(name="core", soft=0, hard=0)],
             ipc_mode="private",

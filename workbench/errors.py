@@ -40,3 +40,7 @@ class SessionNotFoundError(SessionError):
 
 class SessionClosedError(SessionError):
     """The session was closed."""
+
+
+class ConflictError(SessionError):
+    """The session's config changed since it was read (optimistic concurrency on config_version)."""

@@ -21,6 +21,7 @@ from .container import LABEL_KERNEL, RUNTIME, exit_reason, prepare_dir, run_sand
 from .errors import DockerUnavailableError, KernelStartError
 from .execution import Callbacks, Outcome, run_cell
 from .results import ExecutionResult
+from .store import KernelRecord
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +77,8 @@ class Kernel:
         if self.runtime_dir.exists():
             shutil.rmtree(self.runtime_dir)
         prepare_dir(self.runtime_dir)
-        key = secrets.token_hex(32)
-        info = {"transport": "ipc", "key": key, "signature_scheme": "hmac-sha256", "kernel_name": "python3",
-                **{port: n for n, port in enumerate(_PORTS, start=1)}}
+        info = {"transport": "ipc", "key": secrets.token_hex(32), "signature_scheme": "hmac-sha256",
+                "kernel_name": "python3", **{port: n for n, port in enumerate(_PORTS, start=1)}}
         connection = self.runtime_dir / "kernel.json"
         connection.write_text(json.dumps({**info, "ip": f"{RUNTIME}/k"}))
         connection.chmod(0o644)
@@ -86,20 +86,53 @@ class Kernel:
             self.docker, image=self.image, name=f"workbench-{self.kernel_id}", workspace=self.workspace,
             runtime_dir=self.runtime_dir, limits=self.limits, labels={LABEL_KERNEL: self.kernel_id, **self.labels},
         )
+        self._connect(info, self.start_timeout)
+        self.started_at = time.time()
+
+    def attach(self, record: KernelRecord) -> bool:
+        """Reconnect to a kernel started by another process; False when its container is gone or stopped.
+
+        The kernel is not asked to answer first: it may be busy with a cell sent by that other process.
+        """
+        try:
+            self.container = self.docker.containers.get(record.container_id)
+        except NotFound:
+            return False
+        if self.exit_reason() is not None:
+            self.shutdown()
+            return False
+        self.kernel_id = record.kernel_id
+        self._connect(record.connection, timeout=None)
+        try:
+            self._wait_ready(5.0)  # makes sure iopub is subscribed before the first cell
+        except KernelStartError:
+            log.info("kernel %s is busy; attached without waiting for it", self.kernel_id)
+        return True
+
+    def record(self) -> KernelRecord:
+        """What another process needs to reattach to this kernel."""
+        assert self.container is not None and self.client is not None
+        info = self.client.get_connection_info()
+        connection = {k: info[k] for k in ("transport", "key", "signature_scheme", *_PORTS)}
+        connection["key"] = connection["key"].decode() if isinstance(connection["key"], bytes) else connection["key"]
+        return KernelRecord(kernel_id=self.kernel_id, container_id=self.container.id, connection=connection)
+
+    def _connect(self, info: dict, timeout: float | None) -> None:
         client = BlockingKernelClient(context=_zmq_context())
         client.load_connection_info({**info, "ip": str(self.runtime_dir / "k")})
         client.start_channels(hb=False, stdin=False)
         self.client = client
+        if timeout is None:
+            return
         try:
-            self._wait_ready()
+            self._wait_ready(timeout)
         except BaseException:
             self.shutdown()
             raise
-        self.started_at = time.time()
 
-    def _wait_ready(self) -> None:
+    def _wait_ready(self, timeout: float) -> None:
         assert self.client is not None
-        deadline = time.monotonic() + self.start_timeout
+        deadline = time.monotonic() + timeout
         shell, iopub = self.client.shell_channel, self.client.iopub_channel
         while time.monotonic() < deadline:
             msg_id = self.client.kernel_info()
@@ -125,7 +158,7 @@ class Kernel:
                 f"the kernel's IPC sockets never appeared in {self.runtime_dir}: this Docker engine does not share the "
                 "host's filesystem with its containers (Docker Desktop, a remote engine), which workbench needs"
             )
-        raise KernelStartError(f"the kernel did not answer within {self.start_timeout:.0f}s\n{self._logs()}")
+        raise KernelStartError(f"the kernel did not answer within {timeout:.0f}s\n{self._logs()}")
 
     def _logs(self) -> str:
         try:
@@ -149,6 +182,12 @@ class Kernel:
     def alive(self) -> bool:
         return self.container is not None and self.exit_reason() is None
 
+    def apply_limits(self) -> None:
+        """Apply the memory and CPU limits to the running container."""
+        if self.container is not None:
+            self.container.update(mem_limit=self.limits.memory, memswap_limit=self.limits.memory,
+                                  cpu_period=100_000, cpu_quota=int(self.limits.cpus * 100_000))
+
     def interrupt(self) -> None:
         """Send SIGINT to the kernel (through the container's init), as a KeyboardInterrupt in the running cell."""
         if self.container is not None:
@@ -156,6 +195,12 @@ class Kernel:
                 self.container.kill(signal="SIGINT")
             except (APIError, NotFound):
                 pass  # already gone; the execution loop sees it
+
+    def disconnect(self) -> None:
+        """Close this process's channels; the kernel keeps running."""
+        if self.client is not None:
+            self.client.stop_channels()
+            self.client = None
 
     def shutdown(self) -> None:
         """Stop the kernel and remove its container and runtime dir; the workspace is kept."""

@@ -1,33 +1,46 @@
 """A session: one user's kernel, workspace and configuration."""
 from __future__ import annotations
 
+import logging
+import shutil
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import Limits
-from .errors import SessionClosedError
+from .errors import SessionClosedError, SessionError
 from .execution import Callbacks
 from .kernel import Kernel
 from .results import ExecutionError, ExecutionResult, Output
+from .store import LogEntry, SessionConfig, SessionRecord
 
 if TYPE_CHECKING:
     from .client import Workbench
+
+log = logging.getLogger(__name__)
+_CODE_IN_LOG = 10_000  # characters of a cell's code kept in its log entry
 
 
 class Session:
     """A sandboxed kernel that keeps variables, functions and files between executions. Thread-safe:
     executions on one session run one at a time, in the order they were called."""
 
-    def __init__(self, workbench: Workbench, session_id: str, user_id: str, limits: Limits, kernel: Kernel) -> None:
+    def __init__(self, workbench: Workbench, record: SessionRecord, kernel: Kernel) -> None:
         self._workbench = workbench
-        self.session_id = session_id
-        self.user_id = user_id
-        self.limits = limits
+        self.session_id = record.session_id
+        self.user_id = record.user_id
+        self.config = record.config
+        self.config_version = record.config_version
         self._kernel = kernel
         self._lock = threading.Lock()
+        self._state_lost = False  # set when the kernel had to be started anew on reattach
         self.closed = False
+        self.log = logging.LoggerAdapter(log, {"session_id": self.session_id})
+
+    @property
+    def limits(self) -> Limits:
+        return self.config.limits
 
     @property
     def workspace(self) -> Path:
@@ -52,23 +65,81 @@ class Session:
         callbacks = Callbacks(on_stdout=on_stdout, on_stderr=on_stderr, on_result=on_result, on_error=on_error)
         with self._lock:
             self._check_open()
-            return self._kernel.execute(
+            result = self._kernel.execute(
                 code, timeout=self._workbench.execute_timeout if timeout is None else timeout, callbacks=callbacks
             )
+            if self._state_lost:
+                result.state_lost, self._state_lost = True, False
+            status = ("died" if result.kernel_died else "timeout" if result.timed_out
+                      else "error" if result.error else "ok")
+            if result.kernel_died:
+                self._workbench.store.set_kernel(self.session_id, self._kernel.record())
+            self._workbench.store.log(self.session_id, "execution", status, result.duration, {
+                "code": code[:_CODE_IN_LOG], "execution_count": result.execution_count,
+                "error": result.error.ename if result.error else None, "kernel_died": result.kernel_died,
+            })
+            self.log.info("execution %s in %.3fs", status, result.duration)
+            return result
+
+    def update(
+        self,
+        *,
+        toolkits: list[str] | None = None,
+        tools: list[str] | None = None,
+        limits: Limits | dict | None = None,
+        restart_if_needed: bool = False,
+    ) -> int:
+        """Change the session's config in place; returns the new `config_version`.
+
+        Raises ConflictError when another caller changed the config since this session object read it.
+        Memory and CPU limits apply to the running kernel; a change of `pids` or `tmp_size` needs a new
+        container (variables lost) and is refused unless `restart_if_needed`.
+        """
+        with self._lock:
+            self._check_open()
+            new_limits = self._workbench._limits(limits) if limits is not None else self.config.limits
+            needs_restart = (new_limits.pids, new_limits.tmp_size) != (self.limits.pids, self.limits.tmp_size)
+            if needs_restart and not restart_if_needed:
+                raise SessionError("changing pids or tmp_size needs a new container, which loses the kernel's "
+                                   "variables: pass restart_if_needed=True")
+            config = SessionConfig(
+                toolkits=self.config.toolkits if toolkits is None else toolkits,
+                tools=self.config.tools if tools is None else tools,
+                limits=new_limits,
+            )
+            self.config_version = self._workbench.store.update_config(self.session_id, config, self.config_version)
+            self.config = config
+            self._kernel.limits = new_limits
+            if needs_restart:
+                self._kernel.restart()
+                self._workbench.store.set_kernel(self.session_id, self._kernel.record())
+                self._state_lost = True
+            elif new_limits != self.limits or limits is not None:
+                self._kernel.apply_limits()
+            return self.config_version
+
+    def logs(self, limit: int = 1000) -> list[LogEntry]:
+        """The session's executions and tool calls, oldest first; `session_id` is their trace id."""
+        return self._workbench.store.logs(self.session_id, limit)
 
     def restart(self) -> None:
         """Restart the kernel: variables are lost, the workspace is kept."""
         with self._lock:
             self._check_open()
             self._kernel.restart()
+            self._workbench.store.set_kernel(self.session_id, self._kernel.record())
 
-    def close(self) -> None:
-        """Stop the kernel and remove its container. The workspace stays on the host."""
+    def close(self, delete_workspace: bool = False) -> None:
+        """Stop the kernel and remove its container; the workspace is kept unless `delete_workspace`."""
         with self._lock:
-            if not self.closed:
-                self._kernel.shutdown()
-                self.closed = True
-                self._workbench._forget(self.session_id)
+            if self.closed:
+                return
+            self._kernel.shutdown()
+            self.closed = True
+            self._workbench.store.set_status(self.session_id, "closed")
+            self._workbench._forget(self.session_id)
+            if delete_workspace:
+                shutil.rmtree(self.workspace, ignore_errors=True)
 
     def _check_open(self) -> None:
         if self.closed:
