@@ -45,6 +45,8 @@ def test_resume_after_the_kernel_was_killed_says_state_was_lost(wb: Workbench, h
         seen = in_other_process(home, session.session_id, "open('note.txt').read()")
         assert seen == {"text": "'kept'", "state_lost": True, "error": None}
         assert in_other_process(home, session.session_id, "value")["error"] == "NameError"
+    # closing here also removes the kernel the other process started
+    assert not wb.docker.containers.list(all=True, filters={"label": f"workbench.session={session.session_id}"})
 
 
 def test_update_is_versioned_and_a_stale_update_conflicts(wb: Workbench, home: Path) -> None:

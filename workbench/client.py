@@ -145,6 +145,11 @@ class Workbench:
             output_limit=self.output_limit,
         )
 
+    def _remove_containers(self, session_id: str) -> None:
+        labels = [f"workbench.session={session_id}", f"workbench.home={self.home_label}"]
+        for container in self.docker.containers.list(all=True, filters={"label": labels}):
+            container.remove(force=True)
+
     def _register(self, session: Session) -> Session:
         with self._lock:
             return self._sessions.setdefault(session.session_id, session)

@@ -135,6 +135,8 @@ class Session:
             if self.closed:
                 return
             self._kernel.shutdown()
+            # another process may have started the session's current kernel: remove every container it has had
+            self._workbench._remove_containers(self.session_id)
             self.closed = True
             self._workbench.store.set_status(self.session_id, "closed")
             self._workbench._forget(self.session_id)
