@@ -1,6 +1,7 @@
 """Turning the Jupyter messages of one execute request into an ExecutionResult."""
 from __future__ import annotations
 
+import queue
 import re
 import time
 from collections import deque
@@ -133,7 +134,7 @@ def run_cell(
             while True:
                 try:
                     msg = iopub.get_msg(timeout=0)
-                except Exception:  # queue.Empty
+                except queue.Empty:
                     break
                 if msg["parent_header"].get("msg_id") != msg_id:
                     continue

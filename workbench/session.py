@@ -114,7 +114,7 @@ class Session:
                 self._kernel.restart()
                 self._workbench.store.set_kernel(self.session_id, self._kernel.record())
                 self._state_lost = True
-            elif new_limits != self.limits or limits is not None:
+            elif limits is not None:
                 self._kernel.apply_limits()
             return self.config_version
 
