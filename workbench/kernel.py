@@ -67,7 +67,7 @@ class Kernel:
         self.kernel_id = secrets.token_hex(6)
         self.container: Container | None = None
         self.client: BlockingKernelClient | None = None
-        self.started_at: float | None = None
+        self.connection: dict | None = None  # the host side's connection info (without the socket path)
 
     # lifecycle -------------------------------------------------------------------------------------------------
 
@@ -87,7 +87,6 @@ class Kernel:
             runtime_dir=self.runtime_dir, limits=self.limits, labels={LABEL_KERNEL: self.kernel_id, **self.labels},
         )
         self._connect(info, self.start_timeout)
-        self.started_at = time.time()
 
     def attach(self, record: KernelRecord) -> bool:
         """Reconnect to a kernel started by another process; False when its container is gone or stopped.
@@ -111,17 +110,14 @@ class Kernel:
 
     def record(self) -> KernelRecord:
         """What another process needs to reattach to this kernel."""
-        assert self.container is not None and self.client is not None
-        info = self.client.get_connection_info()
-        connection = {k: info[k] for k in ("transport", "key", "signature_scheme", *_PORTS)}
-        connection["key"] = connection["key"].decode() if isinstance(connection["key"], bytes) else connection["key"]
-        return KernelRecord(kernel_id=self.kernel_id, container_id=self.container.id, connection=connection)
+        assert self.container is not None and self.connection is not None
+        return KernelRecord(kernel_id=self.kernel_id, container_id=self.container.id, connection=self.connection)
 
     def _connect(self, info: dict, timeout: float | None) -> None:
         client = BlockingKernelClient(context=_zmq_context())
         client.load_connection_info({**info, "ip": str(self.runtime_dir / "k")})
         client.start_channels(hb=False, stdin=False)
-        self.client = client
+        self.client, self.connection = client, info
         if timeout is None:
             return
         try:
@@ -178,10 +174,6 @@ class Kernel:
         except (APIError, RequestException) as exc:
             raise DockerUnavailableError(f"lost the Docker engine while watching the kernel: {exc}") from exc
 
-    @property
-    def alive(self) -> bool:
-        return self.container is not None and self.exit_reason() is None
-
     def apply_limits(self) -> None:
         """Apply the memory and CPU limits to the running container."""
         if self.container is not None:
@@ -204,9 +196,7 @@ class Kernel:
 
     def shutdown(self) -> None:
         """Stop the kernel and remove its container and runtime dir; the workspace is kept."""
-        if self.client is not None:
-            self.client.stop_channels()
-            self.client = None
+        self.disconnect()
         if self.container is not None:
             try:
                 self.container.remove(force=True)

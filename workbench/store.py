@@ -87,6 +87,7 @@ class Store:
         self._lock = threading.Lock()
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; no fsync per execution log
             self._db.executescript(_SCHEMA)
         path.chmod(0o600)  # it holds the kernels' connection keys
 
@@ -137,9 +138,6 @@ class Store:
 
     def set_status(self, session_id: str, status: str) -> None:
         self._exec("UPDATE sessions SET status = ?, kernel = NULL WHERE session_id = ?", (status, session_id))
-
-    def touch(self, session_id: str) -> None:
-        self._exec("UPDATE sessions SET last_used_at = ? WHERE session_id = ?", (time.time(), session_id))
 
     def log(self, session_id: str, kind: str, status: str, duration: float, detail: dict[str, Any]) -> None:
         now = time.time()
