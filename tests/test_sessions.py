@@ -1,15 +1,21 @@
 """Sessions persist in the store: resumed from another process, updated with optimistic concurrency, logged."""
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import subprocess
 import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from workbench import Workbench
+from workbench import AsyncWorkbench, Session, Workbench
 from workbench.errors import ConflictError, SessionClosedError, SessionError
+from workbench.kernel import Kernel
 
 RESUME = """
 import json, sys
@@ -94,3 +100,121 @@ def test_logs_list_and_close(wb: Workbench) -> None:
     assert session.session_id not in [r.session_id for r in wb.list(user_id="bob")]
     with pytest.raises(SessionClosedError):
         wb.use(session.session_id)
+
+
+def test_ten_sessions_run_in_parallel_and_each_keeps_its_order(wb: Workbench) -> None:
+    with ThreadPoolExecutor(10) as pool:
+        sessions = list(pool.map(lambda i: wb.create(user_id=f"user-{i}"), range(10)))
+    try:
+        def drive(session: Session) -> list[tuple[float, float]]:
+            session.execute("import time\nseen, spans = [], []")
+            for i in range(8):
+                session.execute(f"t0 = time.time(); time.sleep(0.05); seen.append({i}); spans.append((t0, time.time()))")
+            assert session.execute("seen").text == str(list(range(8)))
+            return json.loads(session.execute("import json; print(json.dumps(spans))").stdout)
+
+        with ThreadPoolExecutor(10) as pool:
+            spans = list(pool.map(drive, sessions))
+        for own in spans:  # one at a time within a session
+            assert all(end <= next_start for (_, end), (next_start, _) in zip(own, own[1:]))
+        # and sessions overlap each other: some cell of every session ran while another session's cell ran
+        for i, own in enumerate(spans):
+            others = [span for j, theirs in enumerate(spans) if j != i for span in theirs]
+            assert any(s < oe and os_ < e for s, e in own for os_, oe in others), f"session {i} ran alone"
+    finally:
+        for session in sessions:
+            session.close(delete_workspace=True)
+
+
+def test_calls_from_many_threads_run_in_the_order_they_were_made(session: Session) -> None:
+    session.execute("order = []")
+    blocker = threading.Thread(target=session.execute, args=("import time; time.sleep(1)",))
+    blocker.start()
+    time.sleep(0.2)
+    threads = []
+    for i in range(6):  # queued while the session is busy, 50 ms apart
+        thread = threading.Thread(target=session.execute, args=(f"order.append({i})",))
+        thread.start()
+        threads.append(thread)
+        time.sleep(0.05)
+    for thread in [blocker, *threads]:
+        thread.join()
+    assert session.execute("order").text == str(list(range(6)))
+
+
+def test_an_idle_kernel_is_stopped_and_restarted_transparently(tmp_path: Path, wb: Workbench) -> None:
+    idle = Workbench(home=tmp_path, idle_timeout=1.5, docker_client=wb.docker)
+    try:
+        session = idle.create(user_id="alice")
+        session.execute("x = 1")
+        session.files.write("kept.txt", b"still here")
+        # a cell running longer than the idle timeout is not taken for idle
+        assert session.execute("import time; time.sleep(4); x").text == "1"
+        container_id = session._kernel.container.id
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and (idle.store.get(session.session_id).kernel is not None
+                                               or wb.docker.containers.list(all=True, filters={"id": container_id})):
+            time.sleep(0.2)
+        assert idle.store.get(session.session_id).kernel is None, "the reaper did not stop the idle kernel"
+        assert not wb.docker.containers.list(all=True, filters={"id": container_id})
+        assert [r.session_id for r in idle.list(user_id="alice")] == [session.session_id]  # still open
+        result = session.execute("open('kept.txt').read()")
+        assert result.text == "'still here'" and result.state_lost
+        assert session.execute("x").error.ename == "NameError"
+        # and from another workbench, the stopped session resumes just the same
+        idle.gc()
+        session.close()
+    finally:
+        idle.close()
+
+
+def test_gc_removes_orphans_and_keeps_live_kernels(tmp_path: Path, wb: Workbench) -> None:
+    first = Workbench(home=tmp_path, idle_timeout=None, docker_client=wb.docker)
+    live, closed_in_store = first.create(user_id="alice"), first.create(user_id="alice")
+    live.execute("y = 5")
+    # a process died before removing a closed session's container; a container of a session nobody knows
+    first.store.set_status(closed_in_store.session_id, "closed")
+    stray = Kernel(wb.docker, image=first.image, workspace=tmp_path / "stray", runtime_dir=tmp_path / "rt",
+                   limits=first.limits, labels={"workbench.session": "nobody", "workbench.home": first.home_label})
+    stray.start()
+    first.close()
+    second = Workbench(home=tmp_path, idle_timeout=None, docker_client=wb.docker)  # start-up gc
+    try:
+        removed = second.startup_gc.removed
+        assert sorted(line.split(": ")[1] for line in removed) == ["session closed", "session unknown"]
+        labels = {"label": f"workbench.home={first.home_label}"}
+        assert [c.labels["workbench.session"] for c in wb.docker.containers.list(all=True, filters=labels)] == [
+            live.session_id]
+        assert second.use(live.session_id).execute("y").text == "5"
+        assert second.gc().removed == []
+    finally:
+        second.use(live.session_id).close()
+        second.close()
+
+
+def test_log_records_carry_the_session_id(session: Session, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="workbench"):
+        session.execute("1")
+    records = [r for r in caplog.records if r.name == "workbench.session"]
+    assert records and all(r.session_id == session.session_id for r in records)
+
+
+def test_async_twin(wb: Workbench, home: Path) -> None:
+    async def main() -> None:
+        async with AsyncWorkbench(home=home, docker_client=wb.docker) as awb:
+            sessions = await asyncio.gather(*(awb.create(user_id="async-user") for _ in range(3)))
+            loop_thread = threading.get_ident()
+            seen: list[tuple[int, str]] = []
+            results = await asyncio.gather(*(
+                s.execute(f"print('hi from {i}')\n{i} * 2", on_stdout=lambda t: seen.append((threading.get_ident(), t)))
+                for i, s in enumerate(sessions)))
+            assert [r.text for r in results] == ["0", "2", "4"]
+            assert sorted(t for _, t in seen) == ["hi from 0\n", "hi from 1\n", "hi from 2\n"]
+            assert {ident for ident, _ in seen} == {loop_thread}  # callbacks run on the event loop
+            await sessions[0].files.write("a.txt", b"async")
+            assert await sessions[0].files.read("a.txt") == b"async"
+            again = await awb.use(sessions[0].session_id)
+            assert (await again.execute("open('a.txt').read()")).text == "'async'"
+            await asyncio.gather(*(s.close(delete_workspace=True) for s in sessions))
+
+    asyncio.run(main())

@@ -5,13 +5,22 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+from rich.table import Table
 
 from .errors import WorkbenchError
 
+if TYPE_CHECKING:
+    from .client import Workbench
+    from .store import SessionRecord
+
 console = Console(stderr=True, highlight=False)
+out = Console(highlight=False, soft_wrap=True)
 
 
 @contextmanager
@@ -75,6 +84,214 @@ def demo() -> None:
     with progress_printer() as progress:
         session = open_demo_session(progress)
     run_demo(session)
+
+
+def _workbench() -> Workbench:
+    from .client import Workbench
+
+    return Workbench()
+
+
+def _when(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+
+
+def _kernel_state(record: SessionRecord) -> str:
+    if record.status != "open":
+        return record.status
+    return "running" if record.kernel else "stopped (starts on next use)"
+
+
+@main.group()
+def session() -> None:
+    """Create, list, show and close sessions."""
+
+
+@session.command("create")
+@click.option("--user", "user_id", required=True, help="The user the session belongs to.")
+@click.option("--toolkit", "toolkits", multiple=True, help="A toolkit the session may use (repeatable).")
+@click.option("--tool", "tools", multiple=True, help="A single tool the session may use (repeatable).")
+@click.option("--memory", help="Memory limit, e.g. 512m or 2g.")
+@click.option("--cpus", type=float, help="CPU limit in cores.")
+@click.option("--allow-default-user", is_flag=True, help='Accept user "default" (local experiments only).')
+def session_create(user_id: str, toolkits: tuple[str, ...], tools: tuple[str, ...], memory: str | None,
+                   cpus: float | None, allow_default_user: bool) -> None:
+    """Open a session and print its id."""
+    limits = {key: value for key, value in (("memory", memory), ("cpus", cpus)) if value is not None}
+    wb = _workbench()
+    with console.status("starting the kernel"):
+        created = wb.create(user_id, toolkits=list(toolkits), tools=list(tools), limits=limits or None,
+                            allow_default_user=allow_default_user)
+    out.print(created.session_id)
+    wb.close()
+
+
+@session.command("list")
+@click.option("--user", "user_id", help="Only this user's sessions.")
+def session_list(user_id: str | None) -> None:
+    """The open sessions."""
+    records = _workbench().list(user_id=user_id)
+    table = Table("session", "user", "kernel", "toolkits", "created", "last used", box=None)
+    for record in records:
+        table.add_row(record.session_id, record.user_id, _kernel_state(record),
+                      ",".join(record.config.toolkits) or "-", _when(record.created_at), _when(record.last_used_at))
+    out.print(table if records else "no open sessions")
+
+
+@session.command("show")
+@click.argument("session_id")
+@click.option("--logs", "log_count", default=10, show_default=True, help="How many recent log entries to show.")
+def session_show(session_id: str, log_count: int) -> None:
+    """A session's config, workspace and recent executions."""
+    wb = _workbench()
+    record = wb.store.get(session_id)
+    limits = record.config.limits
+    info = Table(box=None, show_header=False)
+    for key, value in [
+        ("session", record.session_id), ("user", record.user_id), ("status", _kernel_state(record)),
+        ("config version", str(record.config_version)),
+        ("toolkits", ", ".join(record.config.toolkits) or "-"), ("tools", ", ".join(record.config.tools) or "-"),
+        ("limits", f"memory {limits.memory // 2**20} MiB, cpus {limits.cpus:g}, pids {limits.pids}, "
+                   f"/tmp {limits.tmp_size // 2**20} MiB, workspace {limits.workspace_size // 2**20} MiB"),
+        ("workspace", str(wb.home / "workspaces" / record.session_id)),
+        ("created", _when(record.created_at)), ("last used", _when(record.last_used_at)),
+    ]:
+        info.add_row(f"[bold]{key}[/bold]", value)
+    out.print(info)
+    entries = wb.store.logs(session_id, limit=log_count)
+    if entries:
+        logs = Table("when", "kind", "status", "seconds", "detail", box=None)
+        for entry in entries:
+            detail = entry.detail.get("code") or entry.detail.get("slug") or ""
+            logs.add_row(_when(entry.created_at), entry.kind, entry.status, f"{entry.duration:.3f}",
+                         detail.splitlines()[0][:60] if detail else "")
+        out.print(logs)
+
+
+@session.command("close")
+@click.argument("session_id")
+@click.option("--delete-workspace", is_flag=True, help="Also delete the session's files.")
+def session_close(session_id: str, delete_workspace: bool) -> None:
+    """Stop a session's kernel and remove its container."""
+    wb = _workbench()
+    wb.use(session_id).close(delete_workspace=delete_workspace)
+    console.print(f"closed {session_id}" + ("; workspace deleted" if delete_workspace else "; workspace kept"))
+
+
+@main.command("exec")
+@click.argument("session_id")
+@click.argument("code", required=False)
+@click.option("-f", "--file", "path", type=click.File("r"), help="Run the code in this file ('-' for stdin).")
+@click.option("--timeout", type=float, help="Seconds before the cell is interrupted.")
+def exec_(session_id: str, code: str | None, path: click.utils.LazyFile | None, timeout: float | None) -> None:
+    """Run code in a session; exits with 1 when the code raised, timed out or killed its kernel."""
+    if (code is None) == (path is None):
+        raise click.UsageError("give CODE or -f FILE (exactly one)")
+    source = code if code is not None else path.read()  # type: ignore[union-attr]
+    wb = _workbench()
+    result = wb.use(session_id).execute(
+        source, timeout=timeout,
+        on_stdout=lambda text: (sys.stdout.write(text), sys.stdout.flush()),
+        on_stderr=lambda text: (sys.stderr.write(text), sys.stderr.flush()),
+    )
+    for output in result.results:
+        if output.type == "display_data":
+            kinds = ", ".join(k for k in output.data if k != "text/plain")
+            out.print(f"[display: {kinds}] {output.text or ''}".rstrip(), markup=False)
+    if result.text is not None:
+        out.print(result.text, markup=False)
+    if result.error is not None:
+        console.print(str(result.error), markup=False)
+    for note in ([f"timed out after {result.duration:.1f}s; the kernel was interrupted"] if result.timed_out else []) + (
+            [f"kernel died: {result.kernel_died}"] if result.kernel_died else []) + (
+            ["the kernel was restarted: variables were lost, files kept"] if result.state_lost else []):
+        console.print(f"[yellow]{note}[/yellow]")
+    wb.close()
+    sys.exit(0 if result.ok else 1)
+
+
+@main.group()
+def files() -> None:
+    """A session's workspace files."""
+
+
+@files.command("ls")
+@click.argument("session_id")
+@click.argument("path", default=".")
+@click.option("-r", "--recursive", is_flag=True)
+def files_ls(session_id: str, path: str, recursive: bool) -> None:
+    """List a workspace folder."""
+    entries = _workbench().use(session_id).files.list(path, recursive=recursive)
+    table = Table("path", "type", "size", "modified", box=None)
+    for entry in entries:
+        table.add_row(entry.path + ("/" if entry.type == "dir" else ""), entry.type,
+                      f"{entry.size:,}" if entry.type == "file" else "", _when(entry.modified))
+    out.print(table if entries else "(empty)")
+
+
+@files.command("put")
+@click.argument("session_id")
+@click.argument("local", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("remote", required=False)
+def files_put(session_id: str, local: Path, remote: str | None) -> None:
+    """Copy a local file into the workspace (streamed)."""
+    target = _workbench().use(session_id).files
+    with local.open("rb") as source, _transfer(local.stat().st_size, f"put {local.name}") as advance:
+        info = target.write(remote or local.name, _counted(source, advance))
+    console.print(f"wrote {info.path} ({info.size:,} bytes)")
+
+
+@files.command("get")
+@click.argument("session_id")
+@click.argument("remote")
+@click.argument("local", required=False, type=click.Path(dir_okay=False, path_type=Path))
+def files_get(session_id: str, remote: str, local: Path | None) -> None:
+    """Copy a workspace file here (streamed); LOCAL '-' writes it to stdout."""
+    source = _workbench().use(session_id).files
+    with source.open(remote) as handle:
+        if local is not None and str(local) == "-":
+            while chunk := handle.read(1 << 20):
+                sys.stdout.buffer.write(chunk)
+            return
+        local = local or Path(Path(remote).name)
+        size = handle.seek(0, 2)
+        handle.seek(0)
+        with local.open("wb") as target, _transfer(size, f"get {remote}") as advance:
+            while chunk := handle.read(1 << 20):
+                target.write(chunk)
+                advance(len(chunk))
+    console.print(f"wrote {local} ({size:,} bytes)")
+
+
+@contextmanager
+def _transfer(total: int, label: str) -> Iterator[Callable[[int], None]]:
+    """A progress bar for transfers big enough to watch."""
+    if total < 8 << 20:
+        yield lambda _: None
+        return
+    with Progress("{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=console,
+                  transient=True) as progress:
+        task = progress.add_task(label, total=total)
+        yield lambda n: progress.advance(task, n)
+
+
+def _counted(source: object, advance: Callable[[int], None]) -> Iterator[bytes]:
+    while chunk := source.read(1 << 20):  # type: ignore[attr-defined]
+        advance(len(chunk))
+        yield chunk
+
+
+@main.command()
+def gc() -> None:
+    """Remove orphan containers and stop kernels idle past the idle timeout."""
+    wb = _workbench()
+    first, again = wb.startup_gc, wb.gc()  # a workbench cleans up as it starts: report that too
+    for line in first.removed + again.removed:
+        out.print(f"removed {line}")
+    for session_id in first.stopped + again.stopped:
+        out.print(f"stopped idle kernel of {session_id}")
+    if not (first.removed or first.stopped or again.removed or again.stopped):
+        out.print("nothing to clean")
 
 
 if __name__ == "__main__":

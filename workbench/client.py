@@ -2,24 +2,41 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import secrets
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 import docker
+from docker.errors import APIError, NotFound
+from docker.models.containers import Container
+from pydantic import BaseModel, Field
+from requests import RequestException
 
 from . import image as images
 from .config import DEFAULT_IMAGE, Limits, default_home, default_runtime_root
+from .container import LABEL_KERNEL
 from .docker_client import connect
-from .errors import SessionClosedError, SessionError
+from .errors import DockerUnavailableError, SessionClosedError, SessionError, SessionNotFoundError
 from .kernel import Kernel
 from .session import Session
 from .store import SessionConfig, SessionRecord, Store
 
+log = logging.getLogger(__name__)
+
 _USER_ID = re.compile(r"^[A-Za-z0-9_.@:-]{1,128}$")
+_START_GRACE = 120.0  # a container younger than this may be a kernel another process is still starting
+
+
+class GcReport(BaseModel):
+    """What `Workbench.gc` did."""
+
+    removed: list[str] = Field(default_factory=list, description="containers removed, as 'name: reason'")
+    stopped: list[str] = Field(default_factory=list, description="sessions whose idle kernel was stopped")
 
 
 class Workbench:
@@ -39,8 +56,11 @@ class Workbench:
         limits: Limits | None = None,
         execute_timeout: float = 300.0,
         output_limit: int = 1_000_000,
+        idle_timeout: float | None = 900.0,
         docker_client: docker.DockerClient | None = None,
     ) -> None:
+        """`idle_timeout` (seconds; None turns it off): a kernel unused this long is stopped, its workspace kept,
+        and started again on the session's next use. Orphan containers are removed at start-up."""
         self.home = Path(home) if home is not None else default_home()
         self.image = image
         self.limits = limits or Limits()
@@ -54,6 +74,13 @@ class Workbench:
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
         self._image_checked = False
+        self.idle_timeout = idle_timeout
+        self._stop = threading.Event()
+        self.startup_gc = self.gc()
+        self._reaper: threading.Thread | None = None
+        if idle_timeout:
+            self._reaper = threading.Thread(target=self._reap, name="workbench-reaper", daemon=True)
+            self._reaper.start()
 
     def build_image(self, progress: Callable[[str], None] = lambda _: None, force: bool = False) -> bool:
         """Build the kernel image when missing or stale. Returns True when it built."""
@@ -107,21 +134,66 @@ class Workbench:
         record = self.store.get(session_id)
         if record.status != "open":
             raise SessionClosedError(f"session {session_id} is closed")
-        kernel = self._kernel(record)
-        state_lost = record.kernel is None or not kernel.attach(record.kernel)
-        if state_lost:
-            kernel.start()
-            self.store.set_kernel(session_id, kernel.record())
-        session = Session(self, record, kernel)
-        session._state_lost = state_lost
-        return self._register(session)
+        # The kernel is reattached (or started anew) on first need, so files and close() never wait for it.
+        return self._register(Session(self, record, self._kernel(record)))
 
     def list(self, user_id: str | None = None) -> list[SessionRecord]:
         """The open sessions, of one user or of all."""
         return self.store.list(user_id=user_id)
 
+    def gc(self) -> GcReport:
+        """Remove containers whose session is unknown, closed or on another kernel now, and stop the kernels of
+        sessions idle past `idle_timeout` (their workspaces are kept; the next use starts a new kernel)."""
+        report = GcReport()
+        try:
+            containers = self.docker.containers.list(all=True, filters={"label": f"workbench.home={self.home_label}"})
+        except (APIError, RequestException) as exc:
+            raise DockerUnavailableError(f"cannot list containers: {exc}") from exc
+        for container in containers:
+            session_id = container.labels.get("workbench.session", "")
+            kernel_id = container.labels.get(LABEL_KERNEL, "")
+            try:
+                record: SessionRecord | None = self.store.get(session_id)
+            except SessionNotFoundError:
+                record = None
+            if record is None or record.status != "open":
+                reason = "session unknown" if record is None else f"session {record.status}"
+            elif record.kernel is None or record.kernel.kernel_id != kernel_id:
+                if _age(container) < _START_GRACE:
+                    continue  # maybe a kernel being started right now
+                reason = "no longer the session's kernel"
+            elif container.status not in ("running", "created", "restarting"):
+                if not self.store.release_kernel(session_id, kernel_id):
+                    continue
+                reason = f"kernel {container.status}"
+            else:
+                continue
+            if _remove(container):
+                report.removed.append(f"{container.name}: {reason}")
+        if self.idle_timeout:
+            idle_before = time.time() - self.idle_timeout
+            for record in self.store.list():
+                if record.kernel is None or max(record.last_used_at, record.busy_until) >= idle_before:
+                    continue
+                if self.store.release_kernel(record.session_id, record.kernel.kernel_id, idle_before=idle_before):
+                    self._remove_containers(record.session_id, record.kernel.kernel_id)
+                    report.stopped.append(record.session_id)
+                    log.info("stopped the kernel of session %s, idle since %s", record.session_id,
+                             time.ctime(record.last_used_at), extra={"session_id": record.session_id})
+        return report
+
+    def _reap(self) -> None:
+        assert self.idle_timeout
+        interval = min(60.0, max(self.idle_timeout / 4, 0.5))
+        while not self._stop.wait(interval):
+            try:
+                self.gc()
+            except Exception:  # the reaper must outlive a Docker hiccup
+                log.exception("idle reaper failed; retrying in %.0fs", interval)
+
     def close(self) -> None:
         """Disconnect this process from its sessions; their kernels keep running (see Session.close)."""
+        self._stop.set()
         with self._lock:
             sessions, self._sessions = list(self._sessions.values()), {}
         for session in sessions:
@@ -145,10 +217,12 @@ class Workbench:
             output_limit=self.output_limit,
         )
 
-    def _remove_containers(self, session_id: str) -> None:
+    def _remove_containers(self, session_id: str, kernel_id: str | None = None) -> None:
         labels = [f"workbench.session={session_id}", f"workbench.home={self.home_label}"]
+        if kernel_id is not None:
+            labels.append(f"{LABEL_KERNEL}={kernel_id}")
         for container in self.docker.containers.list(all=True, filters={"label": labels}):
-            container.remove(force=True)
+            _remove(container)
 
     def _register(self, session: Session) -> Session:
         with self._lock:
@@ -163,3 +237,20 @@ class Workbench:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _age(container: Container) -> float:
+    created = datetime.fromisoformat(container.attrs["Created"])
+    return time.time() - created.timestamp()
+
+
+def _remove(container: Container) -> bool:
+    try:
+        container.remove(force=True)
+        return True
+    except NotFound:
+        return False
+    except APIError as exc:
+        if exc.status_code == 409:  # already being removed
+            return False
+        raise

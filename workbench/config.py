@@ -31,6 +31,8 @@ class Limits(BaseModel):
     cpus: float = Field(default=1.0, gt=0, description="CPU share, in cores")
     pids: int = Field(default=256, ge=16, description="maximum number of processes and threads")
     tmp_size: int = Field(default=256 * 1024**2, description="size of the tmpfs at /tmp in bytes")
+    workspace_size: int = Field(default=10 * 1024**3, description="cap on the workspace's bytes for files written "
+                                "through the files API and tool offload")
 
     @field_validator("memory", "tmp_size", mode="before")
     @classmethod
@@ -38,6 +40,14 @@ class Limits(BaseModel):
         size = parse_size(value)
         if size < 32 * 1024**2:
             raise ValueError("must be at least 32 MiB")
+        return size
+
+    @field_validator("workspace_size", mode="before")
+    @classmethod
+    def _workspace_size(cls, value: int | str) -> int:
+        size = parse_size(value)
+        if size < 1024**2:
+            raise ValueError("must be at least 1 MiB")
         return size
 
 

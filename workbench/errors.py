@@ -44,3 +44,19 @@ class SessionClosedError(SessionError):
 
 class ConflictError(SessionError):
     """The session's config changed since it was read (optimistic concurrency on config_version)."""
+
+
+class FileError(WorkbenchError):
+    """A workspace file cannot be read or written as asked."""
+
+
+class PathOutsideWorkspaceError(FileError, ValueError):
+    """The path leaves the workspace (`..`, an absolute path elsewhere, or a symlink leading out)."""
+
+
+class WorkspaceFileNotFoundError(FileError, FileNotFoundError):
+    """No file or folder at this workspace path."""
+
+
+class WorkspaceFullError(FileError):
+    """The write would take the workspace past its size cap (`Limits.workspace_size`)."""

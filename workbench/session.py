@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from .config import Limits
 from .errors import SessionClosedError, SessionError
 from .execution import Callbacks
+from .files import Files
 from .kernel import Kernel
 from .results import ExecutionError, ExecutionResult, Output
 from .store import LogEntry, SessionConfig, SessionRecord
@@ -20,6 +22,40 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 _CODE_IN_LOG = 10_000  # characters of a cell's code kept in its log entry
+_GRACE = 30.0  # beyond a cell's timeout: the interrupt's grace and a restart
+
+
+class _FifoLock:
+    """A lock granted in the order it was asked for (threading.Lock makes no such promise)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._next = 0
+        self._serving = 0
+        self._abandoned: set[int] = set()
+
+    def __enter__(self) -> None:
+        with self._cond:
+            ticket, self._next = self._next, self._next + 1
+            try:
+                self._cond.wait_for(lambda: self._serving == ticket)
+            except BaseException:  # e.g. KeyboardInterrupt while queued: give the turn away
+                if self._serving == ticket:
+                    self._advance()
+                else:
+                    self._abandoned.add(ticket)
+                raise
+
+    def __exit__(self, *exc: object) -> None:
+        with self._cond:
+            self._advance()
+
+    def _advance(self) -> None:
+        self._serving += 1
+        while self._serving in self._abandoned:
+            self._abandoned.remove(self._serving)
+            self._serving += 1
+        self._cond.notify_all()
 
 
 class Session:
@@ -33,10 +69,14 @@ class Session:
         self.config = record.config
         self.config_version = record.config_version
         self._kernel = kernel
-        self._lock = threading.Lock()
-        self._state_lost = False  # set when the kernel had to be started anew on reattach
+        self._lock = _FifoLock()
+        self._state_lost = False  # set when the kernel had to be started anew; told by the next result
+        self._attached = kernel.client is not None  # False until `wb.use` reattaches on first need
         self.closed = False
         self.log = logging.LoggerAdapter(log, {"session_id": self.session_id})
+        self.files = Files(kernel.workspace, lambda: self.config.limits.workspace_size)
+        """The workspace's files, read and written on the host: `write`, `read`, `open`, `list`, `exists`,
+        `remove`."""
 
     @property
     def limits(self) -> Limits:
@@ -63,11 +103,13 @@ class Session:
         kernel's state. If the kernel dies it is restarted on the same workspace and the result says so.
         """
         callbacks = Callbacks(on_stdout=on_stdout, on_stderr=on_stderr, on_result=on_result, on_error=on_error)
+        timeout = self._workbench.execute_timeout if timeout is None else timeout
         with self._lock:
             self._check_open()
-            result = self._kernel.execute(
-                code, timeout=self._workbench.execute_timeout if timeout is None else timeout, callbacks=callbacks
-            )
+            store = self._workbench.store
+            store.mark_busy(self.session_id, time.time() + timeout + _GRACE)
+            self._sync()
+            result = self._kernel.execute(code, timeout=timeout, callbacks=callbacks)
             if self._state_lost:
                 result.state_lost, self._state_lost = True, False
             status = ("died" if result.kernel_died else "timeout" if result.timed_out
@@ -111,10 +153,9 @@ class Session:
             self.config = config
             self._kernel.limits = new_limits
             if needs_restart:
-                self._kernel.restart()
-                self._workbench.store.set_kernel(self.session_id, self._kernel.record())
-                self._state_lost = True
-            elif limits is not None:
+                self._new_kernel()
+            elif limits is not None and self._workbench.store.get(self.session_id).kernel is not None:
+                self._sync(config=False)
                 self._kernel.apply_limits()
             return self.config_version
 
@@ -126,8 +167,7 @@ class Session:
         """Restart the kernel: variables are lost, the workspace is kept."""
         with self._lock:
             self._check_open()
-            self._kernel.restart()
-            self._workbench.store.set_kernel(self.session_id, self._kernel.record())
+            self._new_kernel()
 
     def close(self, delete_workspace: bool = False) -> None:
         """Stop the kernel and remove its container; the workspace is kept unless `delete_workspace`."""
@@ -142,6 +182,41 @@ class Session:
             self._workbench._forget(self.session_id)
             if delete_workspace:
                 shutil.rmtree(self.workspace, ignore_errors=True)
+
+    def _sync(self, config: bool = True) -> None:
+        """Catch up with what another process or the idle reaper did to this session, and make sure a kernel
+        runs: reattach to the session's current one, or start a new one (which loses variables)."""
+        record = self._workbench.store.get(self.session_id)
+        if record.status != "open":
+            self.closed = True
+            self._kernel.disconnect()
+            self._workbench._forget(self.session_id)
+            raise SessionClosedError(f"session {self.session_id} was closed")
+        if config:
+            self.config, self.config_version = record.config, record.config_version
+            self._kernel.limits = record.config.limits
+        current = record.kernel
+        if current is not None and self._kernel.client is not None and current.kernel_id == self._kernel.kernel_id:
+            return
+        self._kernel.disconnect()
+        if current is not None and self._kernel.attach(current):
+            if self._attached:
+                self._state_lost = True  # another process restarted the kernel since this one last used it
+        else:
+            self.log.info("starting a new kernel: the previous one was stopped when idle, or is gone")
+            self._kernel.restart()
+            self._workbench.store.set_kernel(self.session_id, self._kernel.record())
+            self._state_lost = True
+        self._attached = True
+
+    def _new_kernel(self) -> None:
+        """Replace the session's kernel, wherever it runs, with a new one of the current limits."""
+        self._kernel.disconnect()
+        self._workbench._remove_containers(self.session_id)
+        self._kernel.restart()
+        self._workbench.store.set_kernel(self.session_id, self._kernel.record())
+        self._attached = True
+        self._state_lost = True
 
     def _check_open(self) -> None:
         if self.closed:

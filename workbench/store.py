@@ -22,7 +22,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     config_version INTEGER NOT NULL,
     kernel         TEXT,
     created_at     REAL NOT NULL,
-    last_used_at   REAL NOT NULL
+    last_used_at   REAL NOT NULL,
+    busy_until     REAL NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS sessions_user ON sessions (user_id, status);
 CREATE TABLE IF NOT EXISTS logs (
@@ -63,6 +64,7 @@ class SessionRecord(BaseModel):
     kernel: KernelRecord | None = None
     created_at: float
     last_used_at: float
+    busy_until: float = 0.0  # while a cell runs: when it must have ended; the idle reaper leaves it alone until then
 
 
 class LogEntry(BaseModel):
@@ -89,6 +91,9 @@ class Store:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; no fsync per execution log
             self._db.executescript(_SCHEMA)
+            columns = {row["name"] for row in self._db.execute("PRAGMA table_info(sessions)")}
+            if "busy_until" not in columns:  # a store written by an earlier version
+                self._db.execute("ALTER TABLE sessions ADD COLUMN busy_until REAL NOT NULL DEFAULT 0")
         path.chmod(0o600)  # it holds the kernels' connection keys
 
     def _exec(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
@@ -97,7 +102,8 @@ class Store:
 
     def add(self, record: SessionRecord) -> None:
         self._exec(
-            "INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO sessions (session_id, user_id, status, config, config_version, kernel, created_at, "
+            "last_used_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (record.session_id, record.user_id, record.status, record.config.model_dump_json(),
              record.config_version, record.kernel.model_dump_json() if record.kernel else None,
              record.created_at, record.last_used_at),
@@ -136,6 +142,24 @@ class Store:
         self._exec("UPDATE sessions SET kernel = ? WHERE session_id = ?",
                    (kernel.model_dump_json() if kernel else None, session_id))
 
+    def mark_busy(self, session_id: str, until: float) -> None:
+        """Keep the idle reaper away from a session whose cell may run until `until`."""
+        self._exec("UPDATE sessions SET busy_until = ? WHERE session_id = ?", (until, session_id))
+
+    def release_kernel(self, session_id: str, kernel_id: str, idle_before: float | None = None) -> bool:
+        """Forget the session's kernel if it is still `kernel_id` (and, given `idle_before`, unused since then).
+
+        Atomic, so a reaper and an execution in another process never both win: True means the caller owns
+        the kernel's removal.
+        """
+        sql = ("UPDATE sessions SET kernel = NULL WHERE session_id = ? AND status = 'open' "
+               "AND json_extract(kernel, '$.kernel_id') = ?")
+        args: tuple = (session_id, kernel_id)
+        if idle_before is not None:
+            sql += " AND last_used_at < ? AND busy_until < ?"
+            args += (idle_before, time.time())
+        return self._exec(sql, args).rowcount == 1
+
     def set_status(self, session_id: str, status: str) -> None:
         self._exec("UPDATE sessions SET status = ?, kernel = NULL WHERE session_id = ?", (status, session_id))
 
@@ -147,7 +171,8 @@ class Store:
                 "INSERT INTO logs (session_id, kind, status, duration, detail, created_at) VALUES (?, ?, ?, ?, ?, ?)",
                 (session_id, kind, status, duration, json.dumps(detail, default=str), now),
             )
-            self._db.execute("UPDATE sessions SET last_used_at = ? WHERE session_id = ?", (now, session_id))
+            self._db.execute("UPDATE sessions SET last_used_at = ?, busy_until = 0 WHERE session_id = ?",
+                             (now, session_id))
             self._db.execute("COMMIT")
 
     def logs(self, session_id: str, limit: int = 1000) -> list[LogEntry]:

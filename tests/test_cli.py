@@ -1,0 +1,55 @@
+"""The `workbench` command line, run as a user would: a new process per command, sharing WORKBENCH_HOME."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from workbench import Workbench
+
+
+def cli(home: Path, *args: str, input: str | None = None, ok: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "WORKBENCH_HOME": str(home), "COLUMNS": "200"}
+    proc = subprocess.run([sys.executable, "-m", "workbench", *args], capture_output=True, text=True, env=env,
+                          input=input, timeout=120)
+    assert (proc.returncode == 0) == ok, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def test_session_exec_files_and_gc_from_the_command_line(wb: Workbench, home: Path, tmp_path: Path) -> None:
+    session_id = cli(home, "session", "create", "--user", "carol", "--toolkit", "github", "--memory", "512m"
+                     ).stdout.strip()
+    assert len(session_id) == 12
+    try:
+        cli(home, "exec", session_id, "x = 21")
+        assert cli(home, "exec", session_id, "print('twice:', x * 2)\nx").stdout == "twice: 42\n21\n"
+        script = tmp_path / "cell.py"
+        script.write_text("import pandas as pd\npd.DataFrame({'a': [1, 2]}).a.sum().item()")
+        assert cli(home, "exec", session_id, "-f", str(script)).stdout.strip() == "3"
+        assert cli(home, "exec", session_id, "-f", "-", input="x + 1").stdout.strip() == "22"
+        failed = cli(home, "exec", session_id, "1 / 0", ok=False)
+        assert "ZeroDivisionError" in failed.stderr
+
+        local = tmp_path / "upload.csv"
+        local.write_bytes(b"a,b\n1,2\n")
+        cli(home, "files", "put", session_id, str(local), "in/data.csv")
+        assert "in/data.csv" in cli(home, "files", "ls", session_id, "-r").stdout
+        assert cli(home, "exec", session_id, "open('in/data.csv').read()").stdout.strip() == "'a,b\\n1,2\\n'"
+        cli(home, "exec", session_id, "open('result.txt', 'w').write('made in the sandbox')")
+        cli(home, "files", "get", session_id, "result.txt", str(tmp_path / "result.txt"))
+        assert (tmp_path / "result.txt").read_text() == "made in the sandbox"
+        assert cli(home, "files", "get", session_id, "result.txt", "-").stdout == "made in the sandbox"
+        refused = cli(home, "files", "get", session_id, "../../etc/passwd", "-", ok=False)
+        assert "error:" in refused.stderr and "leaves the workspace" in refused.stderr
+
+        listed = cli(home, "session", "list", "--user", "carol").stdout
+        assert session_id in listed and "running" in listed and "github" in listed
+        shown = cli(home, "session", "show", session_id).stdout
+        assert "memory 512 MiB" in shown and "1 / 0" in shown and "error" in shown
+        assert cli(home, "gc").returncode == 0
+    finally:
+        cli(home, "session", "close", session_id)
+    assert session_id not in cli(home, "session", "list").stdout
+    assert "is closed" in cli(home, "exec", session_id, "1", ok=False).stderr
+    assert "no session 'nope'" in cli(home, "exec", "nope", "1", ok=False).stderr

@@ -1,0 +1,171 @@
+"""The async twin of the API: `AsyncWorkbench`, `AsyncSession`, `AsyncFiles`.
+
+Each call runs the sync API in a thread pool of the workbench's own (so sessions run in parallel beyond the
+event loop's small default pool); streaming callbacks run on the event loop, and may be coroutines.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import PurePath
+from typing import Any, TypeVar
+
+from .client import GcReport, Workbench
+from .config import Limits
+from .files import Data, FileInfo, Files
+from .results import ExecutionError, ExecutionResult, Output
+from .session import Session
+from .store import LogEntry, SessionRecord
+
+T = TypeVar("T")
+
+
+class _Threads:
+    def __init__(self, pool: ThreadPoolExecutor) -> None:
+        self._pool = pool
+
+    async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
+
+
+class AsyncWorkbench(_Threads):
+    """`Workbench` for asyncio: the same arguments, awaitable methods.
+
+    >>> async with AsyncWorkbench() as wb:
+    ...     session = await wb.create(user_id="user_123")
+    ...     (await session.execute("1 + 1")).text
+    '2'
+    """
+
+    def __init__(self, *, max_threads: int = 64, **kwargs: Any) -> None:
+        super().__init__(ThreadPoolExecutor(max_threads, thread_name_prefix="workbench"))
+        self.sync = Workbench(**kwargs)
+
+    async def create(self, user_id: str, **kwargs: Any) -> AsyncSession:
+        """Open a new session (see `Workbench.create`)."""
+        return AsyncSession(await self._run(self.sync.create, user_id, **kwargs), self._pool)
+
+    async def use(self, session_id: str) -> AsyncSession:
+        """The session with this id (see `Workbench.use`)."""
+        return AsyncSession(await self._run(self.sync.use, session_id), self._pool)
+
+    async def list(self, user_id: str | None = None) -> list[SessionRecord]:
+        return await self._run(self.sync.list, user_id)
+
+    async def gc(self) -> GcReport:
+        return await self._run(self.sync.gc)
+
+    async def build_image(self, progress: Callable[[str], None] = lambda _: None, force: bool = False) -> bool:
+        return await self._run(self.sync.build_image, progress, force)
+
+    async def close(self) -> None:
+        """Disconnect from the sessions (their kernels keep running) and stop the thread pool."""
+        await self._run(self.sync.close)
+        self._pool.shutdown(wait=False)
+
+    async def __aenter__(self) -> AsyncWorkbench:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class AsyncSession(_Threads):
+    """`Session` for asyncio. Executions on one session still run one at a time, in the order awaited."""
+
+    def __init__(self, session: Session, pool: ThreadPoolExecutor) -> None:
+        super().__init__(pool)
+        self.sync = session
+        self.session_id = session.session_id
+        self.user_id = session.user_id
+        self.files = AsyncFiles(session.files, pool)
+
+    @property
+    def config_version(self) -> int:
+        return self.sync.config_version
+
+    @property
+    def limits(self) -> Limits:
+        return self.sync.limits
+
+    async def execute(
+        self,
+        code: str,
+        *,
+        timeout: float | None = None,
+        on_stdout: Callable[[str], Any] | None = None,
+        on_stderr: Callable[[str], Any] | None = None,
+        on_result: Callable[[Output], Any] | None = None,
+        on_error: Callable[[ExecutionError], Any] | None = None,
+    ) -> ExecutionResult:
+        """Run code (see `Session.execute`); callbacks, plain or async, run on this event loop."""
+        loop = asyncio.get_running_loop()
+        return await self._run(
+            self.sync.execute, code, timeout=timeout, on_stdout=_on_loop(loop, on_stdout),
+            on_stderr=_on_loop(loop, on_stderr), on_result=_on_loop(loop, on_result),
+            on_error=_on_loop(loop, on_error),
+        )
+
+    async def update(self, **kwargs: Any) -> int:
+        return await self._run(self.sync.update, **kwargs)
+
+    async def logs(self, limit: int = 1000) -> list[LogEntry]:
+        return await self._run(self.sync.logs, limit)
+
+    async def restart(self) -> None:
+        await self._run(self.sync.restart)
+
+    async def close(self, delete_workspace: bool = False) -> None:
+        await self._run(self.sync.close, delete_workspace)
+
+    async def __aenter__(self) -> AsyncSession:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"AsyncSession(session_id={self.session_id!r}, user_id={self.user_id!r})"
+
+
+class AsyncFiles(_Threads):
+    """`Files` for asyncio."""
+
+    def __init__(self, files: Files, pool: ThreadPoolExecutor) -> None:
+        super().__init__(pool)
+        self.sync = files
+
+    async def write(self, path: str | PurePath, data: Data) -> FileInfo:
+        return await self._run(self.sync.write, path, data)
+
+    async def read(self, path: str | PurePath) -> bytes:
+        return await self._run(self.sync.read, path)
+
+    async def read_text(self, path: str | PurePath, encoding: str = "utf-8") -> str:
+        return await self._run(self.sync.read_text, path, encoding)
+
+    async def list(self, path: str | PurePath = ".", recursive: bool = False) -> list[FileInfo]:
+        return await self._run(self.sync.list, path, recursive)
+
+    async def exists(self, path: str | PurePath) -> bool:
+        return await self._run(self.sync.exists, path)
+
+    async def remove(self, path: str | PurePath) -> None:
+        await self._run(self.sync.remove, path)
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop, callback: Callable[[Any], Any] | None) -> Callable[[Any], None] | None:
+    """A callback for the worker thread that hands each call to the event loop, in order."""
+    if callback is None:
+        return None
+
+    def call(value: Any) -> None:
+        if inspect.iscoroutinefunction(callback):
+            asyncio.run_coroutine_threadsafe(callback(value), loop)
+        else:
+            loop.call_soon_threadsafe(callback, value)
+
+    return call
