@@ -71,7 +71,20 @@ def test_huge_output_is_cut_and_the_kernel_keeps_serving(fresh: Session) -> None
     assert len(result.stdout) < 1_100_000
     assert result.stdout.startswith("xxx") and result.stdout.endswith("tail-marker\n")
     assert "characters cut" in result.stdout
+    # the whole stream went to a workspace file, which the kernel can read
+    spilled = result.spilled["stdout"]
+    assert spilled.startswith(".outputs/") and f"/workspace/{spilled}" in result.stdout
+    assert fresh.files.list(spilled)[0].size == 100_000_000 + 1 + len("tail-marker\n")
+    assert fresh.execute(f"open({spilled!r}).read()[-12:]").text == repr("tail-marker\n")
     assert fresh.execute("2 + 2").text == "4"
+
+
+def test_a_huge_result_is_cut_and_spilled_whole(fresh: Session) -> None:
+    result = fresh.execute("'y' * 3_000_000 + 'END'")
+    assert result.truncated["results[0].text/plain"] > 2_000_000
+    assert result.text.startswith("'yyy") and result.text.endswith("END'") and len(result.text) < 1_100_000
+    path = result.spilled["results[0].text/plain"]
+    assert fresh.files.read(path) == ("'" + "y" * 3_000_000 + "END'").encode()
 
 
 def test_timeout_interrupts_and_keeps_state(session: Session) -> None:

@@ -8,8 +8,11 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import datetime
 from pathlib import Path
+from typing import Any, TypeVar
 
 import docker
 from docker.errors import APIError, NotFound
@@ -25,8 +28,10 @@ from .errors import DockerUnavailableError, SessionClosedError, SessionError, Se
 from .kernel import Kernel
 from .session import Session
 from .store import SessionConfig, SessionRecord, Store
+from .tools import RateLimited, Tool, ToolCallError, ToolContext, ToolRegistry
 
 log = logging.getLogger(__name__)
+F = TypeVar("F", bound=Callable[..., Any])
 
 _USER_ID = re.compile(r"^[A-Za-z0-9_.@:-]{1,128}$")
 _START_GRACE = 120.0  # a container younger than this may be a kernel another process is still starting
@@ -57,10 +62,14 @@ class Workbench:
         execute_timeout: float = 300.0,
         output_limit: int = 1_000_000,
         idle_timeout: float | None = 900.0,
+        offload_threshold: int = 20_000,
+        tool_timeout: float = 60.0,
         docker_client: docker.DockerClient | None = None,
     ) -> None:
         """`idle_timeout` (seconds; None turns it off): a kernel unused this long is stopped, its workspace kept,
-        and started again on the session's next use. Orphan containers are removed at start-up."""
+        and started again on the session's next use. Orphan containers are removed at start-up.
+        `offload_threshold`: a session's default for tool responses (bytes of JSON) kept inline.
+        `tool_timeout`: seconds a tool call may take before it is reported as timed out."""
         self.home = Path(home) if home is not None else default_home()
         self.image = image
         self.limits = limits or Limits()
@@ -74,6 +83,10 @@ class Workbench:
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
         self._image_checked = False
+        self.offload_threshold = offload_threshold
+        self.tool_timeout = tool_timeout
+        self.tools = ToolRegistry()
+        self._tool_pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="workbench-tool")
         self.idle_timeout = idle_timeout
         self._stop = threading.Event()
         self.startup_gc = self.gc()
@@ -88,6 +101,20 @@ class Workbench:
         self._image_checked = True
         return built
 
+    def tool(self, slug: str | None = None, *, toolkit: str = "default",
+             description: str | None = None) -> Callable[[F], F]:
+        """Register a function as a tool: `@wb.tool(slug="GITHUB_LIST_ISSUES", toolkit="github")`.
+
+        Its arguments are validated with pydantic from its type hints (`Tool.schema` is their JSON Schema); a
+        parameter annotated `ToolContext` receives the caller's user and session ids. The function runs on the
+        host, so credentials never enter a sandbox.
+        """
+        def register(fn: F) -> F:
+            self.tools.register(fn, slug=slug, toolkit=toolkit, description=description)
+            return fn
+
+        return register
+
     def create(
         self,
         user_id: str,
@@ -95,9 +122,11 @@ class Workbench:
         toolkits: list[str] | None = None,
         tools: list[str] | None = None,
         limits: Limits | dict | None = None,
+        offload_threshold: int | None = None,
         allow_default_user: bool = False,
     ) -> Session:
-        """Open a new session for one user, with its own kernel and workspace."""
+        """Open a new session for one user, with its own kernel and workspace, allowed the tools of `toolkits`
+        and the single `tools` named."""
         if not _USER_ID.match(user_id or ""):
             raise SessionError("user_id must be 1 to 128 characters of letters, digits and _ . @ : -")
         if user_id == "default" and not allow_default_user:
@@ -108,7 +137,9 @@ class Workbench:
         if not self._image_checked:
             images.require_image(self.docker, self.image)
             self._image_checked = True
-        config = SessionConfig(toolkits=toolkits or [], tools=tools or [], limits=self._limits(limits))
+        config = SessionConfig(
+            toolkits=toolkits or [], tools=tools or [], limits=self._limits(limits),
+            offload_threshold=self.offload_threshold if offload_threshold is None else offload_threshold)
         now = time.time()
         record = SessionRecord(session_id=secrets.token_hex(6), user_id=user_id, status="open", config=config,
                                config_version=1, created_at=now, last_used_at=now)
@@ -194,10 +225,28 @@ class Workbench:
     def close(self) -> None:
         """Disconnect this process from its sessions; their kernels keep running (see Session.close)."""
         self._stop.set()
+        self._tool_pool.shutdown(wait=False)
         with self._lock:
             sessions, self._sessions = list(self._sessions.values()), {}
         for session in sessions:
             session._kernel.disconnect()
+
+    def _call_tool(self, tool: Tool, arguments: dict[str, Any] | None, context: ToolContext,
+                   timeout: float | None) -> Any:
+        """Run a tool in the tool pool; its exceptions become ToolCallErrors. A tool past its timeout is left to
+        finish in the background (Python cannot stop a thread) and reported as timed out."""
+        future = self._tool_pool.submit(tool.call, arguments, context)
+        limit = self.tool_timeout if timeout is None else timeout
+        try:
+            return future.result(timeout=limit)
+        except FutureTimeout:
+            raise ToolCallError("timeout", f"{tool.slug} did not answer within {limit:g}s") from None
+        except ToolCallError:
+            raise
+        except RateLimited as exc:
+            raise ToolCallError("rate_limited", str(exc) or "rate limited") from None
+        except Exception as exc:
+            raise ToolCallError("tool_error", f"{type(exc).__name__}: {exc}") from None
 
     def _limits(self, limits: Limits | dict | None) -> Limits:
         if limits is None:

@@ -31,10 +31,18 @@ class Callbacks:
     on_error: Callable[[ExecutionError], Any] | None = None
 
 
-class _Capped:
-    """Text kept up to a limit: its head and tail, with the number of characters cut between them."""
+Spill = Callable[[str], Any]  # name -> a binary writer in the workspace (files.Writer), or None for no spill
 
-    def __init__(self, limit: int) -> None:
+
+class _Capped:
+    """Text kept up to a limit: its head and tail, with the number of characters cut between them. Once past
+    the limit, the whole text is also written, as it comes, to a spill file (when given one)."""
+
+    def __init__(self, limit: int, spill: Callable[[], Any] | None = None) -> None:
+        self.limit = limit
+        self.total = 0
+        self._spill_open = spill
+        self.spill: Any = None
         self.half = max(limit // 2, 1)
         self.head: list[str] = []
         self.head_len = 0
@@ -43,6 +51,13 @@ class _Capped:
         self.cut = 0
 
     def add(self, text: str) -> None:
+        self.total += len(text)
+        if self.spill is not None:
+            self._spill_write(text)
+        elif self._spill_open is not None and self.total > self.limit:
+            self._spill_open, opener = None, self._spill_open
+            self.spill = opener()
+            self._spill_write("".join(self.head) + "".join(self.tail) + text)  # nothing was cut yet
         if self.head_len < self.half:
             take = text[: self.half - self.head_len]
             self.head.append(take)
@@ -61,11 +76,26 @@ class _Capped:
             self.tail_len -= extra
             self.cut += extra
 
-    def value(self) -> str:
+    def _spill_write(self, text: str) -> None:
+        try:
+            self.spill.write(text.encode())
+        except Exception:  # the workspace is full: keep the preview, drop the spill
+            self.spill.abort()
+            self.spill = None
+
+    def finish(self) -> str | None:
+        """Close the spill file; its workspace path, if the whole text is there."""
+        if self.spill is None:
+            return None
+        self.spill.close()
+        return self.spill.path
+
+    def value(self, spilled: str | None = None) -> str:
         head = "".join(self.head)
         if not self.cut:
             return head + "".join(self.tail)
-        return f"{head}\n[... {self.cut} characters cut ...]\n{''.join(self.tail)}"
+        where = f"; all of it is in /workspace/{spilled}" if spilled else ""
+        return f"{head}\n[... {self.cut} characters cut{where} ...]\n{''.join(self.tail)}"
 
 
 @dataclass
@@ -77,6 +107,8 @@ class Outcome:
     dead: str | None = None  # the container's exit reason, when it died
     unresponsive: bool = False  # timed out and did not answer the interrupt either
     streams: dict[str, _Capped] = field(default_factory=dict)
+    output_limit: int = 1_000_000
+    spill: Spill | None = None
 
 
 def run_cell(
@@ -88,12 +120,19 @@ def run_cell(
     interrupt: Callable[[], None],
     exit_reason: Callable[[], str | None],
     callbacks: Callbacks,
+    spill: Spill | None = None,
     interrupt_grace: float = 5.0,
 ) -> Outcome:
-    """Send one execute request and follow it to its end, a timeout, or the kernel's death."""
+    """Send one execute request and follow it to its end, a timeout, or the kernel's death.
+
+    Streams and text results beyond `output_limit` characters keep a head and tail; with `spill`, the whole
+    of them is written to workspace files named in `result.spilled`.
+    """
     started = time.monotonic()
     result = ExecutionResult()
-    outcome = Outcome(result=result, streams={"stdout": _Capped(output_limit), "stderr": _Capped(output_limit)})
+    outcome = Outcome(result=result, streams={
+        name: _Capped(output_limit, (lambda n=name: spill(f"{n}.txt")) if spill else None)
+        for name in ("stdout", "stderr")}, output_limit=output_limit, spill=spill)
     msg_id = client.execute(code, allow_stdin=False, stop_on_error=False)
     iopub, shell = client.iopub_channel, client.shell_channel
     poller = zmq.Poller()
@@ -141,9 +180,12 @@ def run_cell(
                 if _handle(msg, outcome, callbacks):
                     idle_seen = True
     for name, capped in outcome.streams.items():
-        setattr(result, name, capped.value())
+        spilled = capped.finish()
+        setattr(result, name, capped.value(spilled))
         if capped.cut:
             result.truncated[name] = capped.cut
+        if spilled:
+            result.spilled[name] = spilled
     result.duration = time.monotonic() - started
     return outcome
 
@@ -161,6 +203,7 @@ def _handle(msg: dict[str, Any], outcome: Outcome, cb: Callbacks) -> bool:
             callback(content.get("text", ""))
     elif kind in ("execute_result", "display_data"):
         output = Output(type=kind, data=content.get("data", {}), metadata=content.get("metadata", {}))
+        _cap_output(output, len(result.results), outcome)
         result.results.append(output)
         if kind == "execute_result":
             result.text = output.text
@@ -174,6 +217,30 @@ def _handle(msg: dict[str, Any], outcome: Outcome, cb: Callbacks) -> bool:
     elif kind == "execute_input":
         result.execution_count = content.get("execution_count", result.execution_count)
     return False
+
+
+_EXTENSIONS = {"text/plain": "txt", "text/html": "html", "text/markdown": "md", "text/latex": "tex"}
+
+
+def _cap_output(output: Output, index: int, outcome: Outcome) -> None:
+    """Cut text values of a rich output beyond the limit to their head and tail, spilling the whole of them."""
+    for mime, value in output.data.items():
+        if mime not in _EXTENSIONS or not isinstance(value, str) or len(value) <= outcome.output_limit:
+            continue
+        capped = _Capped(outcome.output_limit)
+        capped.add(value)
+        key = f"results[{index}].{mime}"
+        where = None
+        if outcome.spill is not None:
+            try:
+                with outcome.spill(f"result{index}.{_EXTENSIONS[mime]}") as writer:
+                    writer.write(value.encode())
+                where = writer.path
+                outcome.result.spilled[key] = where
+            except Exception:  # the workspace is full: keep the preview only
+                where = None
+        output.data[mime] = capped.value(where)
+        outcome.result.truncated[key] = capped.cut
 
 
 def _error(content: dict[str, Any]) -> ExecutionError:

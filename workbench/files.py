@@ -54,6 +54,14 @@ class Files:
         Missing folders are created. The file is replaced atomically: a write that fails or would take the
         workspace past its size cap leaves no partial file and the previous content in place.
         """
+        with self.writer(path) as out:
+            for chunk in _chunks(data):
+                out.write(chunk)
+        return out.info
+
+    def writer(self, path: str | PurePath) -> Writer:
+        """A binary file to write in steps, put in place when closed without error (see `write`):
+        `with s.files.writer("out.bin") as f: f.write(...)`."""
         rel = self._relative(path)
         if rel == ".":
             raise FileError("cannot write to the workspace folder itself: give a file path")
@@ -68,29 +76,7 @@ class Files:
             except FileNotFoundError:
                 previous_size = 0
             room = cap - (self.usage() - previous_size)
-            temp = f".{name[:200]}.{secrets.token_hex(4)}.part"
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
-                         dir_fd=parent)
-            try:
-                written = 0
-                with os.fdopen(fd, "wb") as out:
-                    for chunk in _chunks(data):
-                        written += len(chunk)
-                        if written > room:
-                            raise WorkspaceFullError(
-                                f"writing {rel} would take the workspace past its size cap of {_human(cap)} "
-                                f"({_human(max(room, 0))} left); remove files or raise limits.workspace_size"
-                            )
-                        out.write(chunk)
-                    _hand_over(out.fileno())
-                os.replace(temp, name, src_dir_fd=parent, dst_dir_fd=parent)
-            except BaseException:
-                try:
-                    os.unlink(temp, dir_fd=parent)
-                except FileNotFoundError:
-                    pass
-                raise
-            return self._info(parent, name, rel)
+            return Writer(os.dup(parent), name, rel, room, cap)
 
     @contextmanager
     def open(self, path: str | PurePath) -> Iterator[BinaryIO]:
@@ -120,9 +106,18 @@ class Files:
         return self.read(path).decode(encoding)
 
     def list(self, path: str | PurePath = ".", recursive: bool = False) -> list[FileInfo]:
-        """The entries of a folder (all the way down with `recursive`), sorted by path."""
+        """The entries of a folder (all the way down with `recursive`), sorted by path; a file lists itself."""
         rel = self._relative(path)
         entries: list[FileInfo] = []
+        if rel != ".":
+            parent_rel, name = posixpath.split(rel)
+            with self._dir(parent_rel) as parent:
+                try:
+                    info = self._info(parent, name, rel)
+                except FileNotFoundError:
+                    raise WorkspaceFileNotFoundError(f"no file or folder {rel} in the workspace") from None
+                if info.type != "dir":
+                    return [info]
         with self._dir(rel) as folder:
             if recursive:
                 for dirpath, dirnames, filenames, dirfd in os.fwalk(".", dir_fd=folder, follow_symlinks=False):
@@ -270,6 +265,76 @@ class Files:
         kind = ("dir" if stat.S_ISDIR(info.st_mode) else "file" if stat.S_ISREG(info.st_mode)
                 else "symlink" if stat.S_ISLNK(info.st_mode) else "other")
         return FileInfo(path=rel, type=kind, size=info.st_size if kind == "file" else 0, modified=info.st_mtime)
+
+
+class Writer(io.RawIOBase):
+    """A workspace file being written: a temporary file renamed into place on close, removed on error."""
+
+    def __init__(self, parent: int, name: str, rel: str, room: int, cap: int) -> None:
+        super().__init__()
+        self._parent, self._name, self.path, self._room, self._cap = parent, name, rel, room, cap
+        self._temp = f".{name[:200]}.{secrets.token_hex(4)}.part"
+        fd = os.open(self._temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                     dir_fd=parent)
+        self._file = os.fdopen(fd, "wb")
+        self.written = 0
+        self.info: FileInfo | None = None
+
+    def writable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.written
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:  # type: ignore[override]
+        size = len(data) if not isinstance(data, memoryview) else data.nbytes
+        if self.written + size > self._room:
+            raise WorkspaceFullError(
+                f"writing {self.path} would take the workspace past its size cap of {_human(self._cap)} "
+                f"({_human(max(self._room, 0))} left); remove files or raise limits.workspace_size"
+            )
+        self.written += size
+        return self._file.write(data)
+
+    def abort(self) -> None:
+        """Drop what was written; the previous file, if any, stays."""
+        if self.closed:
+            return
+        self._file.close()
+        try:
+            os.unlink(self._temp, dir_fd=self._parent)
+        except FileNotFoundError:
+            pass
+        os.close(self._parent)
+        super().close()
+
+    def close(self) -> None:
+        """Put the file in place."""
+        if self.closed:
+            return
+        try:
+            self._file.flush()
+            _hand_over(self._file.fileno())
+            self._file.close()
+            os.replace(self._temp, self._name, src_dir_fd=self._parent, dst_dir_fd=self._parent)
+            self.info = Files._info(self._parent, self._name, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        os.close(self._parent)
+        super().close()
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is not None:
+            self.abort()
+        else:
+            self.close()
+
+    def __del__(self) -> None:  # a writer dropped without close() must not put a partial file in place
+        try:
+            self.abort()
+        except Exception:
+            pass
 
 
 def _chunks(data: Data) -> Iterator[bytes]:

@@ -19,7 +19,7 @@ from requests import RequestException
 from .config import Limits
 from .container import LABEL_KERNEL, RUNTIME, exit_reason, prepare_dir, run_sandbox
 from .errors import DockerUnavailableError, KernelStartError
-from .execution import Callbacks, Outcome, run_cell
+from .execution import Callbacks, Outcome, Spill, run_cell
 from .results import ExecutionResult
 from .store import KernelRecord
 
@@ -215,14 +215,15 @@ class Kernel:
 
     # execution -------------------------------------------------------------------------------------------------
 
-    def execute(self, code: str, *, timeout: float | None = None, callbacks: Callbacks | None = None) -> ExecutionResult:
+    def execute(self, code: str, *, timeout: float | None = None, callbacks: Callbacks | None = None,
+                spill: Spill | None = None) -> ExecutionResult:
         """Run code; on a timeout the kernel is interrupted, on its death it is restarted (files kept)."""
         if self.client is None:
             self.start()
         assert self.client is not None
         outcome: Outcome = run_cell(
             self.client, code, timeout=timeout, output_limit=self.output_limit, interrupt=self.interrupt,
-            exit_reason=self.exit_reason, callbacks=callbacks or Callbacks(),
+            exit_reason=self.exit_reason, callbacks=callbacks or Callbacks(), spill=spill,
         )
         result = outcome.result
         if outcome.dead is not None:

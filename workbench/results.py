@@ -1,6 +1,7 @@
 """What an execution returns: the outputs of one cell, in a form an agent can read."""
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
@@ -43,6 +44,8 @@ class ExecutionResult(BaseModel):
     kernel_died: str | None = Field(default=None, description="why the kernel died during this execution")
     state_lost: bool = Field(default=False, description="the kernel was restarted: variables are gone, files kept")
     truncated: dict[str, int] = Field(default_factory=dict, description="stream -> characters cut from its middle")
+    spilled: dict[str, str] = Field(default_factory=dict, description="stream or output cut here -> the workspace "
+                                    "file holding all of it")
 
     @property
     def ok(self) -> bool:
@@ -70,3 +73,45 @@ class ExecutionResult(BaseModel):
         if self.state_lost:
             parts.append("[the kernel was restarted: variables were lost, files in the workspace were kept]")
         return "\n".join(parts)
+
+
+class OffloadEnvelope(BaseModel):
+    """What the agent sees of a response that went to the workspace instead of its context."""
+
+    id: str
+    path: str = Field(description="the response in the workspace, relative to /workspace")
+    format: Literal["json", "jsonl", "text"] = Field(description="jsonl: a list of records, one per line")
+    bytes: int
+    table_path: str | None = Field(default=None, description="the records as an Arrow IPC file")
+    records: int | None = Field(default=None, description="how many records the table has")
+    records_at: str | None = Field(default=None, description="where the records are in the response ('' = top)")
+    columns: dict[str, str] = Field(default_factory=dict, description="column -> Arrow type (or key -> JSON type)")
+    columns_omitted: int = 0
+    preview: str = ""
+    table_error: str | None = Field(default=None, description="why no table was made, when records were found")
+    hint: str = ""
+
+
+class ToolResult(BaseModel):
+    """The outcome of one tool call: `data` inline, or `offload` when the response went to the workspace."""
+
+    slug: str
+    data: Any = Field(default=None, description="the response, JSON-native, when it is small enough to be inline")
+    offload: OffloadEnvelope | None = Field(default=None, description="set when the response went to the workspace")
+    error: str | None = None
+    error_kind: str | None = Field(
+        default=None, description="not_found, not_allowed, invalid_arguments, tool_error, rate_limited, timeout, "
+                                  "not_serialisable, workspace_full or session_closed")
+    duration: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def __str__(self) -> str:
+        """What a model should read: the error, the envelope, or the inline response, as JSON."""
+        if self.error is not None:
+            return f"[{self.slug} failed: {self.error_kind}] {self.error}"
+        if self.offload is not None:
+            return self.offload.model_dump_json()
+        return json.dumps(self.data, ensure_ascii=False, default=str)

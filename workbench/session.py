@@ -2,19 +2,23 @@
 from __future__ import annotations
 
 import logging
+import secrets
 import shutil
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import Limits
-from .errors import SessionClosedError, SessionError
+from .errors import SessionClosedError, SessionError, WorkspaceFullError
 from .execution import Callbacks
 from .files import Files
 from .kernel import Kernel
-from .results import ExecutionError, ExecutionResult, Output
+from .offload import NotSerialisable, Routed, route
+from .results import ExecutionError, ExecutionResult, Output, ToolResult
+from .tools import ToolCallError, ToolContext
 from .store import LogEntry, SessionConfig, SessionRecord
 
 if TYPE_CHECKING:
@@ -22,6 +26,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 _CODE_IN_LOG = 10_000  # characters of a cell's code kept in its log entry
+OUTPUTS = ".outputs"  # where cell outputs past the output limit are written whole
 _GRACE = 30.0  # beyond a cell's timeout: the interrupt's grace and a restart
 
 
@@ -109,7 +114,9 @@ class Session:
             store = self._workbench.store
             store.mark_busy(self.session_id, time.time() + timeout + _GRACE)
             self._sync()
-            result = self._kernel.execute(code, timeout=timeout, callbacks=callbacks)
+            cell = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+            result = self._kernel.execute(code, timeout=timeout, callbacks=callbacks,
+                                          spill=lambda name: self.files.writer(f"{OUTPUTS}/{cell}.{name}"))
             if self._state_lost:
                 result.state_lost, self._state_lost = True, False
             status = ("died" if result.kernel_died else "timeout" if result.timed_out
@@ -129,6 +136,7 @@ class Session:
         toolkits: list[str] | None = None,
         tools: list[str] | None = None,
         limits: Limits | dict | None = None,
+        offload_threshold: int | None = None,
         restart_if_needed: bool = False,
     ) -> int:
         """Change the session's config in place; returns the new `config_version`.
@@ -148,6 +156,7 @@ class Session:
                 toolkits=self.config.toolkits if toolkits is None else toolkits,
                 tools=self.config.tools if tools is None else tools,
                 limits=new_limits,
+                offload_threshold=self.config.offload_threshold if offload_threshold is None else offload_threshold,
             )
             self.config_version = self._workbench.store.update_config(self.session_id, config, self.config_version)
             self.config = config
@@ -158,6 +167,62 @@ class Session:
                 self._sync(config=False)
                 self._kernel.apply_limits()
             return self.config_version
+
+    def execute_tool(
+        self, slug: str, arguments: dict[str, Any] | None = None, *, sync_to_workbench: bool = False,
+        timeout: float | None = None,
+    ) -> ToolResult:
+        """Run one of the host's tools for this session and route its response.
+
+        A response of at most the session's `offload_threshold` bytes of JSON comes back as `data`; a larger one
+        is written into the workspace (`.responses/`) and `offload` describes it in at most 2 KB: the kernel reads
+        it as `responses[id]`, and a list of records also as the DataFrame `tables[id]`. `sync_to_workbench`
+        writes every response to the workspace, small ones too. Errors come back in the result, never raised.
+        """
+        started = time.perf_counter()
+        routed: Routed | None = None
+        error: ToolCallError | None = None
+        try:
+            config = self._workbench.store.get(self.session_id).config  # the allowlist as it stands now
+            self._check_open()
+            tool = self._workbench.tools.check_allowed(slug, config.toolkits, config.tools)
+            context = ToolContext(user_id=self.user_id, session_id=self.session_id, slug=slug)
+            value = self._workbench._call_tool(tool, arguments, context, timeout)
+            routed = route(value, files=self.files, threshold=config.offload_threshold,
+                           always_offload=sync_to_workbench)
+        except ToolCallError as exc:
+            error = exc
+        except NotSerialisable as exc:
+            error = ToolCallError("not_serialisable", str(exc))
+        except WorkspaceFullError as exc:
+            error = ToolCallError("workspace_full", str(exc))
+        except SessionClosedError as exc:
+            error = ToolCallError("session_closed", str(exc))
+        duration = time.perf_counter() - started
+        if error is not None:
+            result = ToolResult(slug=slug, error=str(error), error_kind=error.kind, duration=duration)
+        else:
+            assert routed is not None
+            result = ToolResult(slug=slug, data=routed.data, offload=routed.offload, duration=duration)
+        self._workbench.store.log(self.session_id, "tool", error.kind if error else "ok", duration, {
+            "slug": slug, "error": str(error)[:2000] if error else None,
+            "offload": result.offload.id if result.offload else None,
+            "bytes": result.offload.bytes if result.offload else None,
+        })
+        self.log.info("tool %s %s in %.3fs", slug, error.kind if error else "ok", duration)
+        return result
+
+    def execute_tools(
+        self, calls: list[tuple[str, dict[str, Any]]], *, sync_to_workbench: bool = False, max_workers: int = 8,
+        timeout: float | None = None,
+    ) -> list[ToolResult]:
+        """Run several tool calls concurrently (at most `max_workers` at a time); results in the calls' order."""
+        if not calls:
+            return []
+        with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(calls)))) as pool:
+            return list(pool.map(
+                lambda call: self.execute_tool(call[0], call[1], sync_to_workbench=sync_to_workbench,
+                                               timeout=timeout), calls))
 
     def logs(self, limit: int = 1000) -> list[LogEntry]:
         """The session's executions and tool calls, oldest first; `session_id` is their trace id."""

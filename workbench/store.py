@@ -45,6 +45,8 @@ class SessionConfig(BaseModel):
     toolkits: list[str] = Field(default_factory=list)
     tools: list[str] = Field(default_factory=list)
     limits: Limits = Field(default_factory=Limits)
+    offload_threshold: int = Field(default=20_000, ge=0, description="bytes of JSON above which a tool's "
+                                   "response goes to the workspace instead of inline")
 
 
 class KernelRecord(BaseModel):

@@ -4,7 +4,9 @@ from __future__ import annotations
 import os
 import shutil
 
-__all__: list[str] = []
+from .responses import responses, tables
+
+__all__ = ["responses", "tables"]
 
 _MPL_CACHE = "/opt/workbench/mplcache"
 
