@@ -66,6 +66,8 @@ def tooled(wb: Workbench) -> Iterator[Session]:
                 "text": lambda: "lorem ipsum " * n,
                 "wrapped": lambda: {"total_count": n, "incomplete": False, "items": api_records(n)},
                 "conflict": lambda: [{"a": i} for i in range(n)] + [{"a": "not a number"}],
+                "drift": lambda: [{"i": i, "score": i, "pad": "x" * 100} for i in range(n)]
+                + [{"i": i, "score": i + 0.5, "late": {"k": [i]}} for i in range(n)],
                 "odd": lambda: {"when": datetime.datetime(2026, 11, 21, 10, 30, tzinfo=datetime.timezone.utc),
                                 "price": decimal.Decimal("12.30"), "raw": b"\x00\xffhi", "count": np.int64(3),
                                 "vector": np.arange(3), "repo": Repo(name="a/b", stars=5), "tags": {"x"},
@@ -114,20 +116,21 @@ def test_small_responses_stay_inline(tooled: Session) -> None:
     assert json.loads(str(result)) == result.data
 
 
-def test_api_records_are_offloaded_as_json_lines_and_an_arrow_table(tooled: Session) -> None:
+def test_api_records_are_offloaded_as_json_and_an_arrow_table(tooled: Session) -> None:
     records = api_records(5000)
     result = tooled.execute_tool("FETCH", {"kind": "records", "n": 5000})
     envelope = result.offload
     assert result.ok and result.data is None and envelope is not None
     assert len(envelope.model_dump_json()) <= 2048 and len(str(result)) <= 2048
-    assert envelope.format == "jsonl" and envelope.records == 5000 and envelope.records_at == ""
+    assert envelope.format == "json" and envelope.records == 5000 and envelope.records_at == ""
     assert envelope.columns["user"] == "struct<login: string, id: int64>"
     assert envelope.columns["labels"] == "list<item: struct<name: string, color: string>>"
     assert {"milestone", "body"} <= set(envelope.columns)  # keys missing from the first records still count
     sizes = {entry.path: entry.size for entry in tooled.files.list(".responses")}
     assert envelope.bytes == sizes[envelope.path] > 1_000_000 and sizes[envelope.table_path] > 0
     assert f'tables["{envelope.id}"]' in envelope.hint and json.loads(envelope.preview)["id"] == 0
-    # the kernel reads exactly what the tool returned
+    # the workspace holds the exact JSON of the response, and the kernel reads exactly what the tool returned
+    assert json.loads(tooled.files.read(envelope.path)) == records
     assert tooled.execute(KERNEL_SHA.format(rid=envelope.id)).text == repr(canonical_sha(records))
     check = tooled.execute(
         f"df = tables[{envelope.id!r}]\n"
@@ -161,12 +164,20 @@ def test_records_inside_a_response_and_records_that_cannot_be_a_table(tooled: Se
     assert wrapped.format == "json" and wrapped.records_at == "items" and wrapped.records == 3000
     assert tooled.execute(f"responses[{wrapped.id!r}]['total_count'], len(tables[{wrapped.id!r}])").text == \
         "(3000, 3000)"
-    assert not tooled.files.exists(f".responses/{wrapped.id}.records.jsonl")  # the scratch file is gone
 
     conflict = tooled.execute_tool("FETCH", {"kind": "conflict", "n": 5000}).offload
     assert conflict.table_path is None and "changed from number to string" in conflict.table_error
     assert "could not be made into one table" in conflict.hint
     assert tooled.execute(f"responses[{conflict.id!r}][-1]").text == "{'a': 'not a number'}"
+
+
+def test_records_whose_fields_change_along_a_large_response(tooled: Session) -> None:
+    # 20 MB: parsed in several chunks, whose schemas differ (int then float, a field that appears late)
+    drift = tooled.execute_tool("FETCH", {"kind": "drift", "n": 100_000}).offload
+    assert drift.records == 200_000 and drift.table_error is None
+    assert drift.columns == {"i": "int64", "score": "double", "pad": "string", "late": "struct<k: list<item: int64>>"}
+    assert tooled.execute(f"df = tables[{drift.id!r}]\n(float(df.score.iloc[-1]), df.late.iloc[0], df.late.iloc[-1])"
+                          ).text == "(99999.5, <NA>, {'k': [99999]})"
 
 
 def test_values_that_are_not_json_native(tooled: Session) -> None:

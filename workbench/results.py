@@ -80,7 +80,7 @@ class OffloadEnvelope(BaseModel):
 
     id: str
     path: str = Field(description="the response in the workspace, relative to /workspace")
-    format: Literal["json", "jsonl", "text"] = Field(description="jsonl: a list of records, one per line")
+    format: Literal["json", "text"]
     bytes: int
     table_path: str | None = Field(default=None, description="the records as an Arrow IPC file")
     records: int | None = Field(default=None, description="how many records the table has")

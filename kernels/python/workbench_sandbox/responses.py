@@ -52,7 +52,7 @@ class _Loaded(Mapping):
         except FileNotFoundError:
             return iter([])
         ids = {name[: -len(s)] for name in names for s in self._suffixes
-               if name.endswith(s) and not name.endswith(".records" + s) and not name.startswith(".")}
+               if name.endswith(s) and not name.startswith(".")}
         return iter(sorted(ids))
 
     def __len__(self) -> int:
@@ -65,7 +65,7 @@ class _Loaded(Mapping):
 class Responses(_Loaded):
     """responses[id]: the full response of an offloaded tool call, parsed (a list, a dict, or text)."""
 
-    _suffixes = (".jsonl", ".json", ".txt")
+    _suffixes = (".json", ".txt")
     _what = "response"
 
     def _load(self, path: str) -> Any:
@@ -73,8 +73,6 @@ class Responses(_Loaded):
             with open(path, encoding="utf-8") as f:
                 return f.read()
         with open(path, "rb") as f:
-            if path.endswith(".jsonl"):
-                return [json.loads(line) for line in f if line.strip()]
             return json.load(f)
 
 
