@@ -20,13 +20,15 @@ from .errors import (
     WorkspaceFullError,
 )
 from .files import FileInfo, Files
-from .results import ExecutionError, ExecutionResult, Output
+from .results import ExecutionError, ExecutionResult, OffloadEnvelope, Output, ToolResult
 from .session import Session
 from .store import LogEntry, SessionConfig, SessionRecord
+from .tools import RateLimited, Tool, ToolContext
 
 __all__ = [
     "Workbench", "Session", "AsyncWorkbench", "AsyncSession", "AsyncFiles", "Files", "FileInfo", "Limits",
-    "ExecutionResult", "ExecutionError", "Output", "GcReport", "LogEntry", "SessionConfig", "SessionRecord",
+    "ExecutionResult", "ExecutionError", "Output", "ToolResult", "OffloadEnvelope", "Tool", "ToolContext",
+    "RateLimited", "GcReport", "LogEntry", "SessionConfig", "SessionRecord",
     "WorkbenchError", "DockerUnavailableError", "ImageError", "ImageNotFoundError", "ImageBuildError",
     "KernelError", "KernelStartError", "SessionError", "SessionNotFoundError", "SessionClosedError",
     "ConflictError", "FileError", "PathOutsideWorkspaceError", "WorkspaceFileNotFoundError", "WorkspaceFullError",

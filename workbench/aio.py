@@ -16,11 +16,12 @@ from typing import Any, TypeVar
 from .client import GcReport, Workbench
 from .config import Limits
 from .files import Data, FileInfo, Files
-from .results import ExecutionError, ExecutionResult, Output
+from .results import ExecutionError, ExecutionResult, Output, ToolResult
 from .session import Session
 from .store import LogEntry, SessionRecord
 
 T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class _Threads:
@@ -57,6 +58,10 @@ class AsyncWorkbench(_Threads):
 
     async def gc(self) -> GcReport:
         return await self._run(self.sync.gc)
+
+    def tool(self, slug: str | None = None, **kwargs: Any) -> Callable[[F], F]:
+        """Register a tool (see `Workbench.tool`)."""
+        return self.sync.tool(slug, **kwargs)
 
     async def build_image(self, progress: Callable[[str], None] = lambda _: None, force: bool = False) -> bool:
         return await self._run(self.sync.build_image, progress, force)
@@ -111,6 +116,14 @@ class AsyncSession(_Threads):
 
     async def update(self, **kwargs: Any) -> int:
         return await self._run(self.sync.update, **kwargs)
+
+    async def execute_tool(self, slug: str, arguments: dict[str, Any] | None = None, **kwargs: Any) -> ToolResult:
+        """Run one of the host's tools (see `Session.execute_tool`)."""
+        return await self._run(self.sync.execute_tool, slug, arguments, **kwargs)
+
+    async def execute_tools(self, calls: list[tuple[str, dict[str, Any]]], **kwargs: Any) -> list[ToolResult]:
+        """Run several tool calls concurrently (see `Session.execute_tools`)."""
+        return await self._run(self.sync.execute_tools, calls, **kwargs)
 
     async def logs(self, limit: int = 1000) -> list[LogEntry]:
         return await self._run(self.sync.logs, limit)

@@ -22,6 +22,7 @@ from requests import RequestException
 
 from . import image as images
 from .config import DEFAULT_IMAGE, Limits, default_home, default_runtime_root
+from .bridge import BridgeServer
 from .container import LABEL_KERNEL
 from .docker_client import connect
 from .errors import DockerUnavailableError, SessionClosedError, SessionError, SessionNotFoundError
@@ -86,7 +87,8 @@ class Workbench:
         self.offload_threshold = offload_threshold
         self.tool_timeout = tool_timeout
         self.tools = ToolRegistry()
-        self._tool_pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="workbench-tool")
+        self._tool_pool = ThreadPoolExecutor(max_workers=128, thread_name_prefix="workbench-tool")
+        self._bridge = BridgeServer(self._tool_pool, lambda: self.tool_timeout)
         self.idle_timeout = idle_timeout
         self._stop = threading.Event()
         self.startup_gc = self.gc()
@@ -218,6 +220,7 @@ class Workbench:
         interval = min(60.0, max(self.idle_timeout / 4, 0.5))
         while not self._stop.wait(interval):
             try:
+                self.store.flush()
                 self.gc()
             except Exception:  # the reaper must outlive a Docker hiccup
                 log.exception("idle reaper failed; retrying in %.0fs", interval)
@@ -225,6 +228,8 @@ class Workbench:
     def close(self) -> None:
         """Disconnect this process from its sessions; their kernels keep running (see Session.close)."""
         self._stop.set()
+        self._bridge.close()
+        self.store.flush()
         self._tool_pool.shutdown(wait=False)
         with self._lock:
             sessions, self._sessions = list(self._sessions.values()), {}
@@ -235,16 +240,21 @@ class Workbench:
                    timeout: float | None) -> Any:
         """Run a tool in the tool pool; its exceptions become ToolCallErrors. A tool past its timeout is left to
         finish in the background (Python cannot stop a thread) and reported as timed out."""
-        future = self._tool_pool.submit(tool.call, arguments, context)
+        future = self._tool_pool.submit(self._call_tool_here, tool, arguments, context)
         limit = self.tool_timeout if timeout is None else timeout
         try:
             return future.result(timeout=limit)
         except FutureTimeout:
             raise ToolCallError("timeout", f"{tool.slug} did not answer within {limit:g}s") from None
+
+    def _call_tool_here(self, tool: Tool, arguments: dict[str, Any] | None, context: ToolContext) -> Any:
+        """Run a tool in this thread; its exceptions become ToolCallErrors."""
+        try:
+            return tool.call(arguments, context)
         except ToolCallError:
             raise
         except RateLimited as exc:
-            raise ToolCallError("rate_limited", str(exc) or "rate limited") from None
+            raise ToolCallError("rate_limited", str(exc) or "rate limited", exc.retry_after) from None
         except Exception as exc:
             raise ToolCallError("tool_error", f"{type(exc).__name__}: {exc}") from None
 

@@ -109,6 +109,7 @@ class Outcome:
     streams: dict[str, _Capped] = field(default_factory=dict)
     output_limit: int = 1_000_000
     spill: Spill | None = None
+    displays: dict[str, int] = field(default_factory=dict)  # display_id -> index in result.results
 
 
 def run_cell(
@@ -204,12 +205,20 @@ def _handle(msg: dict[str, Any], outcome: Outcome, cb: Callbacks) -> bool:
     elif kind in ("execute_result", "display_data"):
         output = Output(type=kind, data=content.get("data", {}), metadata=content.get("metadata", {}))
         _cap_output(output, len(result.results), outcome)
+        if display_id := (content.get("transient") or {}).get("display_id"):
+            outcome.displays[display_id] = len(result.results)
         result.results.append(output)
         if kind == "execute_result":
             result.text = output.text
             result.execution_count = content.get("execution_count", result.execution_count)
         if cb.on_result:
             cb.on_result(output)
+    elif kind == "update_display_data":  # e.g. a progress line updated in place: keep its latest state
+        index = outcome.displays.get((content.get("transient") or {}).get("display_id"))
+        if index is not None:
+            output = Output(type="display_data", data=content.get("data", {}), metadata=content.get("metadata", {}))
+            _cap_output(output, index, outcome)
+            result.results[index] = output
     elif kind == "error":
         result.error = _error(content)
         if cb.on_error:

@@ -30,8 +30,9 @@ _context: zmq.Context | None = None
 _context_lock = threading.Lock()
 
 
-def _zmq_context() -> zmq.Context:
-    """One ZMQ context for every kernel client, reconnecting fast (sockets appear while the kernel starts)."""
+def zmq_context() -> zmq.Context:
+    """The process's one ZMQ context, for kernel clients and tool bridges: reconnecting fast (sockets appear while
+    a kernel starts) and never terminated, so a socket left open in some thread cannot hang the exit."""
     global _context
     with _context_lock:
         if _context is None:
@@ -114,7 +115,7 @@ class Kernel:
         return KernelRecord(kernel_id=self.kernel_id, container_id=self.container.id, connection=self.connection)
 
     def _connect(self, info: dict, timeout: float | None) -> None:
-        client = BlockingKernelClient(context=_zmq_context())
+        client = BlockingKernelClient(context=zmq_context())
         client.load_connection_info({**info, "ip": str(self.runtime_dir / "k")})
         client.start_channels(hb=False, stdin=False)
         self.client, self.connection = client, info

@@ -102,6 +102,7 @@ class ToolResult(BaseModel):
     error_kind: str | None = Field(
         default=None, description="not_found, not_allowed, invalid_arguments, tool_error, rate_limited, timeout, "
                                   "not_serialisable, workspace_full or session_closed")
+    retry_after: float | None = Field(default=None, description="for rate_limited: seconds the tool asked to wait")
     duration: float = 0.0
 
     @property

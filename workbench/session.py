@@ -77,6 +77,7 @@ class Session:
         self._lock = _FifoLock()
         self._state_lost = False  # set when the kernel had to be started anew; told by the next result
         self._attached = kernel.client is not None  # False until `wb.use` reattaches on first need
+        self._config_cache: tuple[int, SessionConfig] | None = None  # (store data_version, config)
         self.closed = False
         self.log = logging.LoggerAdapter(log, {"session_id": self.session_id})
         self.files = Files(kernel.workspace, lambda: self.config.limits.workspace_size)
@@ -114,6 +115,7 @@ class Session:
             store = self._workbench.store
             store.mark_busy(self.session_id, time.time() + timeout + _GRACE)
             self._sync()
+            self._workbench._bridge.ensure(self)  # the cell may call tools: this process serves them
             cell = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
             result = self._kernel.execute(code, timeout=timeout, callbacks=callbacks,
                                           spill=lambda name: self.files.writer(f"{OUTPUTS}/{cell}.{name}"))
@@ -160,6 +162,7 @@ class Session:
             )
             self.config_version = self._workbench.store.update_config(self.session_id, config, self.config_version)
             self.config = config
+            self._config_cache = None
             self._kernel.limits = new_limits
             if needs_restart:
                 self._new_kernel()
@@ -179,15 +182,25 @@ class Session:
         it as `responses[id]`, and a list of records also as the DataFrame `tables[id]`. `sync_to_workbench`
         writes every response to the workspace, small ones too. Errors come back in the result, never raised.
         """
+        return self._tool_call(slug, arguments, sync_to_workbench, timeout)
+
+    def _tool_call(self, slug: str, arguments: dict[str, Any] | None, sync_to_workbench: bool,
+                   timeout: float | None, abandoned: threading.Event | None = None) -> ToolResult:
+        """One tool call, logged. With `abandoned` (the bridge's calls), the tool runs in this thread and the
+        caller enforces the timeout, setting `abandoned` when it gave up."""
         started = time.perf_counter()
         routed: Routed | None = None
         error: ToolCallError | None = None
         try:
-            config = self._workbench.store.get(self.session_id).config  # the allowlist as it stands now
-            self._check_open()
+            config = self._current_config()  # the allowlist as the store has it now
             tool = self._workbench.tools.check_allowed(slug, config.toolkits, config.tools)
             context = ToolContext(user_id=self.user_id, session_id=self.session_id, slug=slug)
-            value = self._workbench._call_tool(tool, arguments, context, timeout)
+            if abandoned is None:
+                value = self._workbench._call_tool(tool, arguments, context, timeout)
+            else:
+                value = self._workbench._call_tool_here(tool, arguments, context)
+            if abandoned is not None and abandoned.is_set():
+                raise ToolCallError("timeout", f"{slug} answered after its caller gave up")
             routed = route(value, files=self.files, threshold=config.offload_threshold,
                            always_offload=sync_to_workbench)
         except ToolCallError as exc:
@@ -200,7 +213,8 @@ class Session:
             error = ToolCallError("session_closed", str(exc))
         duration = time.perf_counter() - started
         if error is not None:
-            result = ToolResult(slug=slug, error=str(error), error_kind=error.kind, duration=duration)
+            result = ToolResult(slug=slug, error=str(error), error_kind=error.kind, retry_after=error.retry_after,
+                                duration=duration)
         else:
             assert routed is not None
             result = ToolResult(slug=slug, data=routed.data, offload=routed.offload, duration=duration)
@@ -208,9 +222,24 @@ class Session:
             "slug": slug, "error": str(error)[:2000] if error else None,
             "offload": result.offload.id if result.offload else None,
             "bytes": result.offload.bytes if result.offload else None,
-        })
-        self.log.info("tool %s %s in %.3fs", slug, error.kind if error else "ok", duration)
+        }, touch=False)
+        self.log.debug("tool %s %s in %.3fs", slug, error.kind if error else "ok", duration)
         return result
+
+    def _current_config(self) -> SessionConfig:
+        """The session's config as stored, read again only when the store changed (another process wrote to it,
+        or this session was updated or closed)."""
+        if self.closed:
+            raise SessionClosedError(f"session {self.session_id} is closed")
+        store = self._workbench.store
+        data_version = store.data_version()
+        cached = self._config_cache
+        if cached is None or cached[0] != data_version:
+            record = store.get(self.session_id)
+            if record.status != "open":
+                raise SessionClosedError(f"session {self.session_id} is closed")
+            cached = self._config_cache = (data_version, record.config)
+        return cached[1]
 
     def execute_tools(
         self, calls: list[tuple[str, dict[str, Any]]], *, sync_to_workbench: bool = False, max_workers: int = 8,
@@ -239,6 +268,7 @@ class Session:
         with self._lock:
             if self.closed:
                 return
+            self._workbench._bridge.stop(self.session_id)
             self._kernel.shutdown()
             # another process may have started the session's current kernel: remove every container it has had
             self._workbench._remove_containers(self.session_id)
@@ -254,6 +284,7 @@ class Session:
         record = self._workbench.store.get(self.session_id)
         if record.status != "open":
             self.closed = True
+            self._workbench._bridge.stop(self.session_id)
             self._kernel.disconnect()
             self._workbench._forget(self.session_id)
             raise SessionClosedError(f"session {self.session_id} was closed")

@@ -1,6 +1,7 @@
 """The session store: SQLite under WORKBENCH_HOME, the one source of truth for sessions, configs and logs."""
 from __future__ import annotations
 
+import atexit
 import json
 import sqlite3
 import threading
@@ -12,6 +13,8 @@ from pydantic import BaseModel, Field
 
 from .config import Limits
 from .errors import ConflictError, SessionNotFoundError
+
+LOG_DELAY = 0.5  # seconds a tool call's log entry may wait to be written with others
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -89,6 +92,8 @@ class Store:
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.row_factory = sqlite3.Row
         self._lock = threading.Lock()
+        self._pending: list[tuple] = []  # tool-call log entries not written yet
+        atexit.register(self.flush)
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; no fsync per execution log
@@ -165,24 +170,47 @@ class Store:
     def set_status(self, session_id: str, status: str) -> None:
         self._exec("UPDATE sessions SET status = ?, kernel = NULL WHERE session_id = ?", (status, session_id))
 
-    def log(self, session_id: str, kind: str, status: str, duration: float, detail: dict[str, Any]) -> None:
+    def data_version(self) -> int:
+        """Changes whenever another connection (another process) commits: nothing to re-read while it stays."""
+        return self._exec("PRAGMA data_version").fetchone()[0]
+
+    def log(self, session_id: str, kind: str, status: str, duration: float, detail: dict[str, Any],
+            touch: bool = True) -> None:
+        """Record an execution or tool call. An execution (`touch`) also marks the session used (its kernel is
+        not idle) and is written at once; tool calls, which come in bulk, are written in batches, at the latest
+        with the next execution, `logs()` or `close()`, or after LOG_DELAY seconds."""
         now = time.time()
+        entry = (session_id, kind, status, duration, json.dumps(detail, default=str), now)
         with self._lock:
+            self._pending.append(entry)
+            if not touch and len(self._pending) < 512 and now - self._pending[0][5] < LOG_DELAY:
+                return
             self._db.execute("BEGIN")
-            self._db.execute(
-                "INSERT INTO logs (session_id, kind, status, duration, detail, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                (session_id, kind, status, duration, json.dumps(detail, default=str), now),
-            )
-            self._db.execute("UPDATE sessions SET last_used_at = ?, busy_until = 0 WHERE session_id = ?",
-                             (now, session_id))
+            self._flush()
+            if touch:
+                self._db.execute("UPDATE sessions SET last_used_at = ?, busy_until = 0 WHERE session_id = ?",
+                                 (now, session_id))
             self._db.execute("COMMIT")
 
+    def flush(self) -> None:
+        """Write the log entries still waiting."""
+        with self._lock:
+            if self._pending:
+                self._flush()
+
+    def _flush(self) -> None:
+        self._db.executemany("INSERT INTO logs (session_id, kind, status, duration, detail, created_at) "
+                             "VALUES (?, ?, ?, ?, ?, ?)", self._pending)
+        self._pending.clear()
+
     def logs(self, session_id: str, limit: int = 1000) -> list[LogEntry]:
+        self.flush()
         rows = self._exec("SELECT * FROM logs WHERE session_id = ? ORDER BY id DESC LIMIT ?",
                           (session_id, limit)).fetchall()
         return [LogEntry(**{**dict(row), "detail": json.loads(row["detail"])}) for row in reversed(rows)]
 
     def close(self) -> None:
+        self.flush()
         with self._lock:
             self._db.close()
 

@@ -26,9 +26,10 @@ class ToolContext(BaseModel):
 class ToolCallError(Exception):
     """An error a tool call ended with, as it is reported to the caller; `kind` says which."""
 
-    def __init__(self, kind: str, message: str) -> None:
+    def __init__(self, kind: str, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.kind = kind
+        self.retry_after = retry_after
 
 
 class RateLimited(Exception):

@@ -1,5 +1,15 @@
 """Run by ipykernel in the user namespace before the first cell (IPKernelApp.exec_files)."""
-from workbench_sandbox import _prepare_environment, responses, tables  # noqa: F401  (preloaded globals)
+from workbench_sandbox import (  # noqa: F401  (preloaded globals: see help(run_tools))
+    Offloaded,
+    ToolError,
+    _prepare_environment,
+    list_tools,
+    responses,
+    run_tool,
+    run_tools,
+    tables,
+    tool_schema,
+)
 
 _prepare_environment()
 del _prepare_environment

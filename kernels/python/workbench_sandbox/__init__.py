@@ -5,8 +5,9 @@ import os
 import shutil
 
 from .responses import responses, tables
+from .tools import Offloaded, ToolError, list_tools, run_tool, run_tools, tool_schema
 
-__all__ = ["responses", "tables"]
+__all__ = ["responses", "tables", "run_tool", "run_tools", "list_tools", "tool_schema", "ToolError", "Offloaded"]
 
 _MPL_CACHE = "/opt/workbench/mplcache"
 

@@ -1,0 +1,261 @@
+"""run_tool, run_tools, list_tools, tool_schema: call the host's tools from the sandbox, through the bridge.
+
+The sandbox has no network: requests go over a ZMQ socket in /run/workbench, to the host, which checks the
+session's allowlist, runs the tool with the user's credentials (never seen here) and answers.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+import json
+import random
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import zmq
+
+from .responses import responses, tables
+
+BRIDGE = "ipc:///run/workbench/bridge"
+MAX_REQUEST = 8 << 20  # the host refuses larger requests
+ANSWER_GRACE = 30.0  # beyond a call's timeout, how long to wait for the host before giving up on an answer
+DEFAULT_TIMEOUT = 60.0
+
+_local = threading.local()
+_ids = itertools.count(1)
+
+
+class ToolError(Exception):
+    """Why a tool call failed. `kind`: not_found, not_allowed, invalid_arguments, tool_error, rate_limited,
+    timeout, not_serialisable, workspace_full, busy, bad_request or no_answer. Returned, not raised: `raise
+    error` if you want it raised."""
+
+    def __init__(self, kind: str, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.kind, self.message, self.retry_after = kind, message, retry_after
+
+    def __repr__(self) -> str:
+        return f"ToolError({self.kind!r}, {self.message!r})"
+
+
+class Offloaded:
+    """A tool response too large to send back: it stays in the workspace. `.value()` loads it (responses[id]),
+    `.table()` gives its records as a DataFrame (tables[id]); `.envelope` describes it."""
+
+    def __init__(self, envelope: dict[str, Any]) -> None:
+        self.envelope = envelope
+        self.id: str = envelope["id"]
+        self.path: str = envelope["path"]
+
+    def value(self) -> Any:
+        return responses[self.id]
+
+    def table(self) -> Any:
+        return tables[self.id]
+
+    def __repr__(self) -> str:
+        records = self.envelope.get("records")
+        what = f"{records:,} records" if records is not None else f"{self.envelope['bytes']:,} bytes"
+        return f"<offloaded response {self.id}: {what} in /workspace/{self.path}>"
+
+
+def _socket() -> zmq.Socket:
+    """One DEALER socket per thread (ZMQ sockets are not thread-safe)."""
+    sock = getattr(_local, "socket", None)
+    if sock is None:
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(BRIDGE)
+        _local.socket = sock
+    return sock
+
+
+def _encode(request: dict[str, Any]) -> bytes:
+    payload = json.dumps(request, default=str).encode()
+    if len(payload) > MAX_REQUEST:
+        raise ToolError("bad_request", f"the request is {len(payload):,} bytes; the bridge takes at most "
+                                       f"{MAX_REQUEST:,}: write large inputs to a file and pass its path")
+    return payload
+
+
+def _outcome(reply: dict[str, Any]) -> tuple[Any, ToolError | None]:
+    if reply.get("ok"):
+        if reply.get("offload") is not None and reply.get("data") is None:
+            return Offloaded(reply["offload"]), None
+        return reply.get("data"), None
+    return None, ToolError(reply.get("kind") or "error", reply.get("error") or "failed", reply.get("retry_after"))
+
+
+def _ask(request: dict[str, Any], wait: float) -> dict[str, Any]:
+    """Send one request and wait for its answer (other answers on this socket are stale: dropped)."""
+    sock = _socket()
+    request["id"] = next(_ids)
+    sock.send(_encode(request))
+    deadline = time.monotonic() + wait
+    while (left := deadline - time.monotonic()) > 0:
+        if sock.poll(left * 1000):
+            reply = json.loads(sock.recv())
+            if reply.get("id") == request["id"]:
+                return reply
+    return {"ok": False, "kind": "no_answer", "error": f"the host did not answer within {wait:.0f}s"}
+
+
+def run_tool(slug: str, arguments: dict[str, Any] | None = None, *, timeout: float | None = None,
+             sync_to_workbench: bool = False) -> tuple[Any, ToolError | None]:
+    """Call one of the host's tools: returns (result, error), exactly one of them None.
+
+    A large result stays in the workspace and comes back as an `Offloaded` handle (`.value()`, `.table()`).
+    `timeout` (seconds) bounds the call on the host (default: the host's tool timeout).
+    """
+    try:
+        request = {"op": "call", "slug": slug, "arguments": arguments or {}, "timeout": timeout,
+                   "sync": sync_to_workbench}
+        return _outcome(_ask(request, (timeout or DEFAULT_TIMEOUT) + ANSWER_GRACE))
+    except ToolError as error:
+        return None, error
+
+
+def list_tools() -> list[dict[str, Any]]:
+    """The tools this session may call: slug, toolkit, description."""
+    data, error = _outcome(_ask({"op": "list"}, ANSWER_GRACE))
+    if error:
+        raise error
+    return data
+
+
+def tool_schema(slug: str) -> dict[str, Any]:
+    """One tool's description and the JSON Schema of its arguments."""
+    data, error = _outcome(_ask({"op": "schema", "slug": slug}, ANSWER_GRACE))
+    if error:
+        raise error
+    return data
+
+
+def run_tools(calls: list[Any], *, max_workers: int = 16, retries: int = 3, timeout: float | None = None,
+              as_table: bool = False, progress: bool = True, sync_to_workbench: bool = False) -> Any:
+    """Call tools in bulk: `calls` is a list of (slug, arguments) pairs (or {"slug": ..., "arguments": ...}).
+
+    Returns a list of (result, error) pairs in the order of `calls`. At most `max_workers` calls run at once
+    on the host. A call the tool answers with a rate limit is retried up to `retries` times, after an
+    exponential backoff with jitter (or the wait the tool asked for); no other error is retried. Progress is
+    shown in the cell's output while it runs. `as_table=True` returns the successful results as one pandas
+    DataFrame instead (a dict result is a row, a list of dicts several; `_call` is the call's index).
+    """
+    normalised = [_normalise(call) for call in calls]
+    total = len(normalised)
+    results: list[tuple[Any, ToolError | None] | None] = [None] * total
+    attempts = [0] * total
+    ready: deque[int] = deque(range(total))
+    waiting: list[tuple[float, int]] = []  # (due, index) of rate-limited calls
+    inflight: dict[int, tuple[int, float]] = {}  # request id -> (index, deadline)
+    wait = (timeout or DEFAULT_TIMEOUT) + ANSWER_GRACE
+    sock = _socket()
+    shown = _Progress(total) if progress and total else None
+    done = errors = retried = 0
+    while done < total:
+        now = time.monotonic()
+        while waiting and waiting[0][0] <= now:
+            ready.append(heapq.heappop(waiting)[1])
+        while ready and len(inflight) < max(1, max_workers):
+            index = ready.popleft()
+            slug, arguments = normalised[index]
+            if isinstance(slug, ToolError):
+                results[index], done, errors = (None, slug), done + 1, errors + 1
+                continue
+            rid = next(_ids)
+            try:
+                sock.send(_encode({"id": rid, "op": "call", "slug": slug, "arguments": arguments,
+                                   "timeout": timeout, "sync": sync_to_workbench}))
+            except ToolError as error:
+                results[index], done, errors = (None, error), done + 1, errors + 1
+                continue
+            inflight[rid] = (index, now + wait)
+        next_due = min([d for d, _ in waiting[:1]] + [deadline for _, deadline in inflight.values()] + [now + 0.25])
+        if inflight and sock.poll(max(0.0, next_due - time.monotonic()) * 1000):
+            while True:
+                try:
+                    reply = json.loads(sock.recv(zmq.NOBLOCK))
+                except zmq.Again:
+                    break
+                entry = inflight.pop(reply.get("id"), None)
+                if entry is None:
+                    continue  # an answer to a call given up on
+                index = entry[0]
+                result, error = _outcome(reply)
+                if error is not None and error.kind == "rate_limited" and attempts[index] < retries:
+                    backoff = min(30.0, 0.1 * 2 ** attempts[index]) * random.uniform(0.5, 1.5)
+                    attempts[index] += 1
+                    retried += 1
+                    heapq.heappush(waiting, (time.monotonic() + max(backoff, error.retry_after or 0.0), index))
+                    continue
+                results[index] = (result, error)
+                done += 1
+                errors += error is not None
+        elif not inflight and waiting:
+            time.sleep(max(0.0, min(0.25, waiting[0][0] - time.monotonic())))
+        now = time.monotonic()
+        for rid, (index, deadline) in list(inflight.items()):
+            if deadline <= now:
+                del inflight[rid]
+                results[index] = (None, ToolError("no_answer", f"the host did not answer within {wait:.0f}s"))
+                done, errors = done + 1, errors + 1
+        if shown:
+            shown.update(done, errors, retried)
+    if shown:
+        shown.finish(done, errors, retried)
+    pairs = [pair for pair in results if pair is not None]
+    return _table(pairs) if as_table else pairs
+
+
+def _normalise(call: Any) -> tuple[Any, dict[str, Any]]:
+    if isinstance(call, dict) and "slug" in call:
+        return call["slug"], call.get("arguments") or {}
+    if isinstance(call, (tuple, list)) and len(call) == 2 and isinstance(call[0], str):
+        return call[0], call[1] or {}
+    return ToolError("bad_request", f"a call must be (slug, arguments) or {{'slug': ..., 'arguments': ...}}, "
+                                    f"not {call!r:.80}"), {}
+
+
+def _table(pairs: list[tuple[Any, ToolError | None]]) -> Any:
+    import pandas as pd
+
+    rows: list[dict[str, Any]] = []
+    for index, (result, error) in enumerate(pairs):
+        if error is not None:
+            continue
+        if isinstance(result, Offloaded):
+            result = result.value()
+        for item in result if isinstance(result, list) else [result]:
+            rows.append({"_call": index, **(item if isinstance(item, dict) else {"value": item})})
+    return pd.DataFrame(rows)
+
+
+class _Progress:
+    """A line in the cell's output, updated in place while run_tools works."""
+
+    def __init__(self, total: int) -> None:
+        from IPython.display import display
+
+        self.total, self.started, self.last = total, time.monotonic(), 0.0
+        self.handle = display(self._text(0, 0, 0), display_id=True)
+
+    def _text(self, done: int, errors: int, retried: int, final: bool = False) -> Any:
+        from IPython.display import Pretty
+
+        elapsed = time.monotonic() - self.started
+        rate = done / elapsed if elapsed > 0 else 0.0
+        state = "done" if final else "running"
+        return Pretty(f"run_tools {state}: {done:,}/{self.total:,} calls, {errors:,} errors, {retried:,} retries, "
+                      f"{elapsed:.1f}s ({rate:,.0f} calls/s)")
+
+    def update(self, done: int, errors: int, retried: int) -> None:
+        now = time.monotonic()
+        if now - self.last >= 0.25 and self.handle is not None:
+            self.last = now
+            self.handle.update(self._text(done, errors, retried))
+
+    def finish(self, done: int, errors: int, retried: int) -> None:
+        if self.handle is not None:
+            self.handle.update(self._text(done, errors, retried, final=True))
