@@ -202,7 +202,13 @@ def test_log_records_carry_the_session_id(session: Session, caplog: pytest.LogCa
 def test_async_twin(wb: Workbench, home: Path) -> None:
     async def main() -> None:
         async with AsyncWorkbench(home=home, docker_client=wb.docker) as awb:
-            sessions = await asyncio.gather(*(awb.create(user_id="async-user") for _ in range(3)))
+            @awb.tool(slug="ASYNC_DOUBLE", toolkit="math")
+            async def double(x: int) -> int:  # a coroutine tool works too
+                return 2 * x
+
+            sessions = await asyncio.gather(*(awb.create(user_id="async-user", toolkits=["math"]) for _ in range(3)))
+            assert (await sessions[1].execute_tool("ASYNC_DOUBLE", {"x": 21})).data == 42
+            assert [r.data for r in await sessions[1].execute_tools([("ASYNC_DOUBLE", {"x": 1})] * 2)] == [2, 2]
             loop_thread = threading.get_ident()
             seen: list[tuple[int, str]] = []
             results = await asyncio.gather(*(

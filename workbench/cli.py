@@ -196,8 +196,7 @@ def exec_(session_id: str, code: str | None, path: click.utils.LazyFile | None, 
     )
     for output in result.results:
         if output.type == "display_data":
-            kinds = ", ".join(k for k in output.data if k != "text/plain")
-            out.print(f"[display: {kinds}] {output.text or ''}".rstrip(), markup=False)
+            out.print(output.describe(), markup=False)
     if result.text is not None:
         out.print(result.text, markup=False)
     if result.error is not None:

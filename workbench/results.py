@@ -18,6 +18,11 @@ class Output(BaseModel):
     def text(self) -> str | None:
         return self.data.get("text/plain")
 
+    def describe(self) -> str:
+        """Its text, with the kinds of its other data (an image, HTML) named."""
+        kinds = ", ".join(k for k in self.data if k != "text/plain")
+        return f"[display: {kinds}] {self.text or ''}".rstrip() if kinds else (self.text or "")
+
 
 class ExecutionError(BaseModel):
     """An exception raised by the cell."""
@@ -60,8 +65,7 @@ class ExecutionResult(BaseModel):
             parts.append("[stderr]\n" + self.stderr.rstrip("\n"))
         for output in self.results:
             if output.type == "display_data":
-                kinds = ", ".join(k for k in output.data if k != "text/plain")
-                parts.append(f"[display: {kinds}] {output.text or ''}".rstrip())
+                parts.append(output.describe())
         if self.text is not None:
             parts.append(self.text)
         if self.error is not None:
