@@ -89,7 +89,7 @@ def demo() -> None:
 def _workbench() -> Workbench:
     from .client import Workbench
 
-    return Workbench()
+    return Workbench(pool_size=0)  # one command, one session at most: nothing to keep warm
 
 
 def _when(timestamp: float) -> str:

@@ -27,6 +27,7 @@ from .container import LABEL_KERNEL
 from .docker_client import connect
 from .errors import DockerUnavailableError, SessionClosedError, SessionError, SessionNotFoundError
 from .kernel import Kernel
+from .pool import LABEL_POOL, WarmPool, owner_alive
 from .session import Session
 from .store import SessionConfig, SessionRecord, Store
 from .tools import RateLimited, Tool, ToolCallError, ToolContext, ToolRegistry
@@ -65,12 +66,14 @@ class Workbench:
         idle_timeout: float | None = 900.0,
         offload_threshold: int = 20_000,
         tool_timeout: float = 60.0,
+        pool_size: int = 2,
         docker_client: docker.DockerClient | None = None,
     ) -> None:
         """`idle_timeout` (seconds; None turns it off): a kernel unused this long is stopped, its workspace kept,
         and started again on the session's next use. Orphan containers are removed at start-up.
         `offload_threshold`: a session's default for tool responses (bytes of JSON) kept inline.
-        `tool_timeout`: seconds a tool call may take before it is reported as timed out."""
+        `tool_timeout`: seconds a tool call may take before it is reported as timed out.
+        `pool_size`: kernels kept ready per limits tier once a tier was asked for (0 turns the warm pool off)."""
         self.home = Path(home) if home is not None else default_home()
         self.image = image
         self.limits = limits or Limits()
@@ -91,6 +94,7 @@ class Workbench:
         self._bridge = BridgeServer(self._tool_pool, lambda: self.tool_timeout)
         self.idle_timeout = idle_timeout
         self._stop = threading.Event()
+        self.pool = WarmPool(self, pool_size)
         self.startup_gc = self.gc()
         self._reaper: threading.Thread | None = None
         if idle_timeout:
@@ -142,16 +146,20 @@ class Workbench:
         config = SessionConfig(
             toolkits=toolkits or [], tools=tools or [], limits=self._limits(limits),
             offload_threshold=self.offload_threshold if offload_threshold is None else offload_threshold)
+        warm = self.pool.take(config.limits)
         now = time.time()
-        record = SessionRecord(session_id=secrets.token_hex(6), user_id=user_id, status="open", config=config,
-                               config_version=1, created_at=now, last_used_at=now)
+        record = SessionRecord(session_id=warm[0] if warm else secrets.token_hex(6), user_id=user_id, status="open",
+                               config=config, config_version=1, created_at=now, last_used_at=now)
         self.store.add(record)
-        kernel = self._kernel(record)
-        try:
-            kernel.start()
-        except BaseException:
-            self.store.set_status(record.session_id, "closed")
-            raise
+        if warm is not None:
+            kernel = warm[1]
+        else:
+            kernel = self._kernel(record)
+            try:
+                kernel.start()
+            except BaseException:
+                self.store.set_status(record.session_id, "closed")
+                raise
         self.store.set_kernel(record.session_id, kernel.record())
         return self._register(Session(self, record, kernel))
 
@@ -189,7 +197,11 @@ class Workbench:
                 record: SessionRecord | None = self.store.get(session_id)
             except SessionNotFoundError:
                 record = None
-            if record is None or record.status != "open":
+            if record is None and LABEL_POOL in container.labels:
+                if owner_alive(container.labels[LABEL_POOL]):
+                    continue  # ready in a live workbench's warm pool
+                reason = "warm pool of a workbench that is gone"
+            elif record is None or record.status != "open":
                 reason = "session unknown" if record is None else f"session {record.status}"
             elif record.kernel is None or record.kernel.kernel_id != kernel_id:
                 if _age(container) < _START_GRACE:
@@ -228,6 +240,7 @@ class Workbench:
     def close(self) -> None:
         """Disconnect this process from its sessions; their kernels keep running (see Session.close)."""
         self._stop.set()
+        self.pool.close()
         self._bridge.close()
         self.store.flush()
         self._tool_pool.shutdown(wait=False)
@@ -265,14 +278,22 @@ class Workbench:
         return self.limits.model_copy(update=given.model_dump(exclude_unset=True))
 
     def _kernel(self, record: SessionRecord) -> Kernel:
+        return self._new_kernel_object(record.session_id, record.config.limits, user_id=record.user_id)
+
+    def _new_kernel_object(self, session_id: str, limits: Limits, *, user_id: str | None,
+                           pool_owner: str | None = None) -> Kernel:
+        labels = {"workbench.session": session_id, "workbench.home": self.home_label}
+        if user_id is not None:
+            labels["workbench.user"] = user_id
+        if pool_owner is not None:  # a warm kernel: its user is known once a session takes it (see the store)
+            labels[LABEL_POOL] = pool_owner
         return Kernel(
             self.docker,
             image=self.image,
-            workspace=self.home / "workspaces" / record.session_id,
-            runtime_dir=self.runtime_root / record.session_id,
-            limits=record.config.limits,
-            labels={"workbench.session": record.session_id, "workbench.user": record.user_id,
-                    "workbench.home": self.home_label},
+            workspace=self.home / "workspaces" / session_id,
+            runtime_dir=self.runtime_root / session_id,
+            limits=limits,
+            labels=labels,
             output_limit=self.output_limit,
         )
 

@@ -26,7 +26,7 @@ CELLS = [
 
 def open_demo_session(progress: Callable[[str], None]) -> Session:
     """Build the image when needed and open the demo's session."""
-    wb = Workbench()
+    wb = Workbench(pool_size=0)
     wb.build_image(progress=progress)
     started = time.monotonic()
     session = wb.create(user_id="demo-user")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
 import secrets
 import shutil
 import threading
@@ -37,9 +38,19 @@ def zmq_context() -> zmq.Context:
     with _context_lock:
         if _context is None:
             _context = zmq.Context()
+            _context.set(zmq.MAX_SOCKETS, 65536)  # three per kernel client, one per bridge: hundreds of sessions
+            _raise_open_files_limit()
             _context.setsockopt(zmq.RECONNECT_IVL, 10)
             _context.setsockopt(zmq.LINGER, 0)
         return _context
+
+
+def _raise_open_files_limit() -> None:
+    """Let this process hold the sockets of hundreds of sessions: the soft limit on open files up to the hard."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
 class Kernel:
