@@ -280,6 +280,23 @@ def _counted(source: object, advance: Callable[[int], None]) -> Iterator[bytes]:
         yield chunk
 
 
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.option("--quick", is_flag=True, help="Small sizes, under two minutes: a smoke run.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Where to write the JSON figures.")
+def bench(quick: bool, out: Path | None) -> None:
+    """Run every benchmark, print a table and write benchmarks/results/latest.json."""
+    import runpy
+
+    from .assets import assets_root
+
+    root = assets_root()
+    if not (root / "benchmarks" / "__main__.py").is_file():
+        raise click.ClickException("the benchmarks are in the source tree only: run this from a clone of workbench")
+    sys.path.insert(0, str(root))
+    sys.argv = ["benchmarks", *(["--quick"] if quick else []), *(["--out", str(out)] if out else [])]
+    runpy.run_module("benchmarks", run_name="__main__", alter_sys=True)
+
+
 @main.command()
 def gc() -> None:
     """Remove orphan containers and stop kernels idle past the idle timeout."""

@@ -1,0 +1,124 @@
+"""The benchmark suite: every figure, each beside the baseline it is compared against, in one command.
+
+    python -m benchmarks [--quick] [--out benchmarks/results/latest.json]     (or: workbench bench)
+
+Prints a table and writes the figures as JSON (seconds unless named otherwise). `--quick` uses small sizes
+and counts (under two minutes) for a smoke run; its figures are noisier.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from benchmarks import bridge, offload, sessions
+from benchmarks.kernel import bare_ipykernel_roundtrips, cold_starts, percentile, roundtrips
+from workbench import Workbench
+
+RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
+FULL = {"starts": 20, "creates": 20, "roundtrips": 300, "offload_mb": 100, "offload_runs": 3, "calls": 5000,
+        "idle": 3, "live": 300}
+QUICK = {"starts": 3, "creates": 3, "roundtrips": 50, "offload_mb": 10, "offload_runs": 1, "calls": 500,
+         "idle": 1, "live": 10}
+
+
+def machine(wb: Workbench) -> dict[str, Any]:
+    with open("/proc/meminfo") as f:
+        total_kib = int(next(line for line in f if line.startswith("MemTotal")).split()[1])
+    version = wb.docker.version()
+    return {"cores": os.cpu_count(), "memory_gib": round(total_kib / 2**20, 1), "docker": version.get("Version"),
+            "docker_api": version.get("ApiVersion"), "python": platform.python_version(),
+            "kernel": platform.release()}
+
+
+def run(quick: bool, say: Any) -> dict[str, Any]:
+    sizes = QUICK if quick else FULL
+    figures: dict[str, Any] = {"quick": quick, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    with tempfile.TemporaryDirectory(prefix="wb-bench-") as home:
+        with Workbench(home=home, pool_size=0, idle_timeout=None) as wb:
+            wb.build_image(progress=lambda line: say(f"  {line.strip()}"))
+            figures["machine"] = machine(wb)
+            say("cold starts")
+            starts = cold_starts(wb, sizes["starts"])
+            figures["cold_start"] = {"p50": statistics.median(starts), "p95": percentile(starts, 95), "n": len(starts)}
+            say("execute round trips")
+            with wb.create(user_id="bench") as session:
+                sandboxed = roundtrips(lambda: session.execute("1"), sizes["roundtrips"])
+            bare = bare_ipykernel_roundtrips(sizes["roundtrips"])
+            figures["exec_roundtrip"] = {
+                "p50": statistics.median(sandboxed), "p95": percentile(sandboxed, 95),
+                "baseline_p50": statistics.median(bare), "baseline_p95": percentile(bare, 95),
+                "ratio": statistics.median(sandboxed) / statistics.median(bare),
+                "baseline": "bare local ipykernel over IPC, same run"}
+            say(f"offload of {sizes['offload_mb']} MB")
+            measured = offload.measure(wb, sizes["offload_mb"], sizes["offload_runs"])
+            figures["offload_100mb"] = {k: measured[k] for k in ("seconds", "floor_seconds", "ratio", "bytes",
+                                                                 "records", "mb_per_s", "floor_mb_per_s")}
+            figures["offload_100mb"]["floor"] = "pyarrow read_json (JSON Lines) + Arrow IPC write, same run"
+            say("tool calls from the sandbox")
+            calls = bridge.measure(wb, sizes["calls"])
+            figures["bulk_calls_per_s"] = {"single": calls["single"], "bulk": calls["bulk"],
+                                           "host_baseline": calls["host_baseline"], "calls": calls["calls"]}
+            say("idle session memory")
+            figures["idle_session_mib"] = sessions.idle_memory_mib(wb, sizes["idle"])
+        with Workbench(home=home, pool_size=2, idle_timeout=None) as wb:
+            say("warm-pool creates")
+            warm = sessions.warm_creates(wb, sizes["creates"])
+            figures["warm_create"] = {"p50": statistics.median(warm), "p95": percentile(warm, 95), "n": len(warm)}
+            say(f"live sessions, up to {sizes['live']}")
+            figures["live_sessions"] = sessions.live_sessions(wb, sizes["live"])
+    figures["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    return figures
+
+
+def table(figures: dict[str, Any]) -> Table:
+    ms = lambda s: f"{s * 1000:.1f} ms"  # noqa: E731
+    sec = lambda s: f"{s:.3f} s"  # noqa: E731
+    cold, warm, rt = figures["cold_start"], figures["warm_create"], figures["exec_roundtrip"]
+    off, calls, live = figures["offload_100mb"], figures["bulk_calls_per_s"], figures["live_sessions"]
+    t = Table("figure", "p50 / value", "p95", "baseline", "ratio", "target", title="workbench benchmarks")
+    t.add_row("cold start (create to first result)", sec(cold["p50"]), sec(cold["p95"]), "", "", "p50 <= 1.0 s")
+    t.add_row("warm-pool create", ms(warm["p50"]), ms(warm["p95"]), "", "", "p50 <= 50 ms")
+    t.add_row("execute round trip", ms(rt["p50"]), ms(rt["p95"]), f"{ms(rt['baseline_p50'])} bare ipykernel",
+              f"{rt['ratio']:.2f}", "<= 1.2")
+    t.add_row(f"offload {off['bytes'] / 1e6:.0f} MB to tables[id]", sec(off["seconds"]), "",
+              f"{sec(off['floor_seconds'])} pyarrow floor", f"{off['ratio']:.2f}", "<= 1 s / 100 MB; ratio <= 2")
+    t.add_row("tool calls/s from the sandbox, run_tool loop", f"{calls['single']:,.0f}", "",
+              f"{calls['host_baseline']:,.0f} host loop", "", "")
+    t.add_row("tool calls/s from the sandbox, run_tools bulk", f"{calls['bulk']:,.0f}", "", "", "", ">= 2,000")
+    t.add_row("idle session memory", f"{figures['idle_session_mib']:.1f} MiB", "", "", "", "<= 60 MiB")
+    t.add_row("live sessions reached", f"{live['reached']} of {live['target']}", "",
+              f"{live['create_rate_per_s']:.1f} creates/s", "", "300")
+    m = figures["machine"]
+    t.caption = (f"{m['cores']} cores, {m['memory_gib']} GiB, Docker {m['docker']}"
+                 + ("; --quick: small sizes, noisy figures" if figures["quick"] else ""))
+    return t
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run (under two minutes)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help=f"where to write the JSON (default {RESULTS})")
+    args = parser.parse_args()
+    console = Console(stderr=True)
+    started = time.monotonic()
+    figures = run(args.quick, lambda line: console.print(f"[dim]{time.monotonic() - started:6.1f}s[/dim] {line}"))
+    figures["wall_seconds"] = time.monotonic() - started
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(figures, indent=2) + "\n")
+    Console(width=None if sys.stdout.isatty() else 150).print(table(figures))
+    console.print(f"wrote {args.out} in {figures['wall_seconds']:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

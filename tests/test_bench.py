@@ -1,0 +1,32 @@
+"""The benchmark suite's quick mode runs end to end and writes sane figures (no timing is asserted here)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from workbench import Workbench
+
+
+def test_quick_benchmark_suite_writes_its_figures(wb: Workbench, tmp_path: Path) -> None:
+    out = tmp_path / "latest.json"
+    proc = subprocess.run([sys.executable, "-m", "workbench", "bench", "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "150"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "workbench benchmarks" in proc.stdout
+    figures = json.loads(out.read_text())
+    for key in ("cold_start", "warm_create"):
+        assert 0 < figures[key]["p50"] <= figures[key]["p95"]
+    rt = figures["exec_roundtrip"]
+    assert 0 < rt["p50"] <= rt["p95"] and rt["baseline_p50"] > 0 and rt["ratio"] > 0
+    off = figures["offload_100mb"]
+    assert off["seconds"] > 0 and off["floor_seconds"] > 0 and off["ratio"] > 0 and off["records"] > 0
+    assert figures["bulk_calls_per_s"]["single"] > 0 and figures["bulk_calls_per_s"]["bulk"] > 0
+    assert 1 < figures["idle_session_mib"] < 1024
+    live = figures["live_sessions"]
+    assert live["reached"] == live["target"] == 10 and live["first_failure"] is None
+    assert live["sample_answering"] >= 1 and live["create_rate_per_s"] > 0
+    machine = figures["machine"]
+    assert machine["cores"] >= 1 and machine["memory_gib"] > 0 and machine["docker"]
