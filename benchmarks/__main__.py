@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from benchmarks import bridge, offload, sessions
@@ -91,7 +92,7 @@ def table(figures: dict[str, Any]) -> Table:
     t.add_row("warm-pool create", ms(warm["p50"]), ms(warm["p95"]), "", "", "p50 <= 50 ms")
     t.add_row("execute round trip", ms(rt["p50"]), ms(rt["p95"]), f"{ms(rt['baseline_p50'])} bare ipykernel",
               f"{rt['ratio']:.2f}", "<= 1.2")
-    t.add_row(f"offload {off['bytes'] / 1e6:.0f} MB to tables[id]", sec(off["seconds"]), "",
+    t.add_row(escape(f"offload {off['bytes'] / 1e6:.0f} MB to tables[id]"), sec(off["seconds"]), "",
               f"{sec(off['floor_seconds'])} pyarrow floor", f"{off['ratio']:.2f}", "<= 1 s / 100 MB; ratio <= 2")
     t.add_row("tool calls/s from the sandbox, run_tool loop", f"{calls['single']:,.0f}", "",
               f"{calls['host_baseline']:,.0f} host loop", "", "")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
-import functools
 import itertools
 import secrets
 from collections.abc import Iterator
@@ -31,7 +30,7 @@ RESPONSES = ".responses"
 ENVELOPE_MAX = 2048  # bytes of the serialised envelope
 _OPTIONS = orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY
 _BATCH = 256 << 10  # bytes of records serialised by one orjson call
-_CHUNK = 8 << 20  # bytes of records handed to pyarrow at once, parsed while the next are serialised
+_CHUNK = 16 << 20  # bytes of records handed to pyarrow at once, parsed while the next are serialised
 _BLOCK = 4 << 20  # pyarrow JSON reader's block size: fewer, larger blocks parse faster on few cores
 
 

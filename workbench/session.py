@@ -18,8 +18,8 @@ from .files import Files
 from .kernel import Kernel
 from .offload import NotSerialisable, Routed, route
 from .results import ExecutionError, ExecutionResult, Output, ToolResult
-from .tools import ToolCallError, ToolContext
 from .store import LogEntry, SessionConfig, SessionRecord
+from .tools import ToolCallError, ToolContext
 
 if TYPE_CHECKING:
     from .client import Workbench
