@@ -111,6 +111,7 @@ def test_malformed_oversized_and_flooding_frames_do_not_stop_the_bridge(bridged:
     code = """
 import json, zmq
 raw = zmq.Context.instance().socket(zmq.DEALER)
+raw.setsockopt(zmq.RCVHWM, 100_000)
 raw.connect("ipc:///run/workbench/bridge")
 def ask(*frames):
     raw.send_multipart(list(frames))

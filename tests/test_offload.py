@@ -7,8 +7,11 @@ import decimal
 import hashlib
 import json
 import random
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -221,3 +224,43 @@ def test_execute_tools_runs_concurrently_in_order_and_can_sync_everything(tooled
     synced = tooled.execute_tools([("FETCH", {"kind": "flat", "n": 2})], sync_to_workbench=True)[0]
     assert synced.data == [{"a": 0, "b": 0.0, "c": "row0"}, {"a": 1, "b": 0.5, "c": "row1"}]
     assert synced.offload is not None and tooled.execute(f"len(tables[{synced.offload.id!r}])").text == "2"
+
+
+MEMORY_PROBE = """
+import sys, tempfile, threading, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+from benchmarks.offload import records
+from workbench import offload
+from workbench.files import Files
+
+def rss():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS"))
+
+data = records(float(sys.argv[1]))
+before = peak = rss()
+done = False
+def sample():
+    global peak
+    while not done:
+        peak = max(peak, rss())
+        time.sleep(0.002)
+sampler = threading.Thread(target=sample)
+sampler.start()
+routed = offload.route(data, files=Files(Path(tempfile.mkdtemp()), lambda: 1 << 40), threshold=20_000)
+done = True
+sampler.join()
+print(routed.offload.bytes, peak - before)
+"""
+
+
+def test_a_large_response_is_offloaded_without_copies_of_its_whole(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-c", MEMORY_PROBE, "150", str(root)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    json_bytes, extra = map(int, proc.stdout.split())
+    assert json_bytes > 140e6
+    # beyond the response object itself: the Arrow table and the chunks in flight, never several copies
+    assert extra < 2 * json_bytes, f"offloading {json_bytes >> 20} MiB took {extra >> 20} MiB more"

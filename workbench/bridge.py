@@ -35,6 +35,7 @@ MAX_REQUEST = 8 << 20  # bytes of one request; larger ones get an error reply
 MAX_FRAME = 64 << 20  # ZMQ drops a peer sending more than this in one message, before it is in memory
 MAX_PENDING = 4096  # calls one session may have waiting; more are refused at once
 CONCURRENCY = 32  # tool calls one session runs at the same time
+REPLY_QUEUE = 100_000  # replies queued for a sandbox not reading them yet (ZMQ drops beyond it: keep it large)
 SOCKET = "bridge"
 
 
@@ -168,6 +169,7 @@ class BridgeServer:
                     path = subject._kernel.runtime_dir / SOCKET
                     entry.socket.setsockopt(zmq.LINGER, 0)
                     entry.socket.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME)
+                    entry.socket.setsockopt(zmq.SNDHWM, REPLY_QUEUE)
                     entry.socket.bind(f"ipc://{path}")
                     if os.getuid() == 0:
                         os.chown(path, SANDBOX_UID, SANDBOX_UID)

@@ -67,6 +67,7 @@ def _socket() -> zmq.Socket:
     if sock is None:
         sock = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, 100_000)  # answers to a burst of calls must not be dropped
         sock.connect(BRIDGE)
         _local.socket = sock
     return sock
