@@ -2,7 +2,7 @@
 
 The container has no network; the socket (`/run/workbench/bridge` inside, a ROUTER bound by the host) is in
 the one folder mounted from the session's runtime dir, so each session reaches only its own bridge. The
-host side serves that session alone: every call goes through `Session.execute_tool`, which enforces the
+host side serves that session alone: every call goes through the session's tool call (as `Session.execute_tool`), which enforces the
 allowlist, runs the tool with the session's user context, routes large responses into the workspace and
 logs the call. Requests are JSON `{"id", "op": "call" | "list" | "schema", ...}`; every reply carries the
 request's id and either a result or an error, so a bad frame gets an error and the bridge keeps serving.
@@ -13,6 +13,7 @@ import heapq
 import itertools
 import logging
 import os
+import secrets
 import threading
 import time
 from collections import deque
@@ -47,7 +48,7 @@ class BridgeServer:
         self._pool = pool
         self._tool_timeout = tool_timeout
         self._context = zmq_context()
-        self._inbox = f"inproc://workbench-bridge-{id(self):x}"
+        self._inbox = f"inproc://workbench-bridge-{secrets.token_hex(8)}"
         self._local = threading.local()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
