@@ -47,6 +47,26 @@ def roundtrips(execute, n: int) -> list[float]:
     return times
 
 
+def bare_ipykernel_starts(n: int) -> list[float]:
+    """The baseline of a cold start: a local ipykernel process started, then its first result (no container)."""
+    times = []
+    for _ in range(n):
+        with tempfile.TemporaryDirectory(prefix="bk", dir="/tmp") as tmp:
+            started = time.perf_counter()
+            km = KernelManager(transport="ipc", ip=f"{tmp}/k", connection_file=f"{tmp}/kernel.json")
+            km.start_kernel(extra_arguments=["--HistoryManager.enabled=False"])
+            try:
+                kc = km.client()
+                kc.start_channels()
+                kc.wait_for_ready(timeout=60)
+                kc.execute_interactive("1", timeout=30, output_hook=lambda msg: None)
+                times.append(time.perf_counter() - started)
+                kc.stop_channels()
+            finally:
+                km.shutdown_kernel(now=True)
+    return times
+
+
 def bare_ipykernel_roundtrips(n: int) -> list[float]:
     with tempfile.TemporaryDirectory(prefix="bk", dir="/tmp") as tmp:
         km = KernelManager(transport="ipc", ip=f"{tmp}/k", connection_file=f"{tmp}/kernel.json")
