@@ -87,6 +87,7 @@ class Workbench:
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
         self._image_checked = False
+        self._python_mounts: dict[str, str] | None = None
         self.offload_threshold = offload_threshold
         self.tool_timeout = tool_timeout
         self.tools = ToolRegistry()
@@ -104,8 +105,19 @@ class Workbench:
     def build_image(self, progress: Callable[[str], None] = lambda _: None, force: bool = False) -> bool:
         """Build the kernel image when missing or stale. Returns True when it built."""
         built = images.ensure_image(self.docker, self.image, progress=progress, force=force)
-        self._image_checked = True
+        self._image_checked, self._python_mounts = True, None
         return built
+
+    def _check_image(self) -> None:
+        if not self._image_checked:
+            images.require_image(self.docker, self.image)
+            self._image_checked = True
+
+    def _read_only_mounts(self) -> dict[str, str]:
+        """The image's Python trees on the host, if copied (see image.python_mounts), found once."""
+        if self._python_mounts is None:
+            self._python_mounts = images.python_mounts(self.docker, self.image)
+        return self._python_mounts
 
     def tool(self, slug: str | None = None, *, toolkit: str = "default",
              description: str | None = None) -> Callable[[F], F]:
@@ -140,9 +152,7 @@ class Workbench:
                 'user_id="default" would share one user\'s data with every other caller; pass a real user id '
                 "(or allow_default_user=True for local experiments)"
             )
-        if not self._image_checked:
-            images.require_image(self.docker, self.image)
-            self._image_checked = True
+        self._check_image()
         config = SessionConfig(
             toolkits=toolkits or [], tools=tools or [], limits=self._limits(limits),
             offload_threshold=self.offload_threshold if offload_threshold is None else offload_threshold)
@@ -295,6 +305,7 @@ class Workbench:
             limits=limits,
             labels=labels,
             output_limit=self.output_limit,
+            read_only_mounts=self._read_only_mounts(),
         )
 
     def _remove_containers(self, session_id: str, kernel_id: str | None = None) -> None:

@@ -41,6 +41,7 @@ def run_sandbox(
     runtime_dir: Path,
     limits: Limits,
     labels: dict[str, str],
+    read_only_mounts: dict[str, str] | None = None,
 ) -> Container:
     """Start a locked-down kernel container: no network, no capabilities, read-only root, non-root, limited."""
     uid = sandbox_uid()
@@ -67,6 +68,7 @@ def run_sandbox(
             volumes={
                 str(workspace): {"bind": WORKSPACE, "mode": "rw"},
                 str(runtime_dir): {"bind": RUNTIME, "mode": "rw"},
+                **{host: {"bind": inside, "mode": "ro"} for host, inside in (read_only_mounts or {}).items()},
             },
             working_dir=WORKSPACE,
             labels={LABEL_MANAGED: "true", **labels},

@@ -91,6 +91,7 @@ def ensure_image(
     """Build the kernel image unless one built from the same inputs exists. Returns True when it built."""
     if not force and image_status(client, tag) == "current":
         progress(f"kernel image {tag} is up to date")
+        _copy_python(client, tag, progress)
         return False
     build_dir = default_home() / "build"
     build_dir.mkdir(parents=True, exist_ok=True)
@@ -111,8 +112,63 @@ def ensure_image(
                         ignore=shutil.ignore_patterns("__pycache__"))
         progress(f"building kernel image {tag}")
         _docker_build(client, context, tag, runtime, progress)
+    _copy_python(client, tag, progress)
     progress(f"kernel image {tag} ready")
     return True
+
+
+# The image's Python trees, copied to the host and bind-mounted read-only into every sandbox: this engine's
+# storage driver (fuse-overlayfs) makes each file a kernel imports slow to open, and a kernel imports about a
+# thousand of them (0.7 s through the storage driver, 0.45 s through a bind mount, measured here).
+PYTHON_TREES = ("usr/lib/python3.11", "usr/local/lib/python3.11")
+
+
+def python_mounts(client: docker.DockerClient, tag: str = DEFAULT_IMAGE) -> dict[str, str]:
+    """Host folder -> sandbox path of the image's Python trees, when they were copied (see ensure_image)."""
+    try:
+        image_id = client.images.get(tag).id
+    except ImageNotFound:
+        return {}
+    copy = _python_copy(image_id)
+    if not (copy / ".complete").exists():
+        return {}
+    return {str(copy / tree): "/" + tree for tree in PYTHON_TREES}
+
+
+def _python_copy(image_id: str) -> Path:
+    return default_home() / "cache" / "python" / image_id.split(":")[-1][:16]
+
+
+def _copy_python(client: docker.DockerClient, tag: str, progress: Progress) -> None:
+    """Copy the image's Python trees to the host once per image (and drop the copies of older images)."""
+    image_id = client.images.get(tag).id
+    target = _python_copy(image_id)
+    if (target / ".complete").exists():
+        return
+    progress("copying the image's Python trees to the host, to mount them read-only (faster imports)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=".partial-", dir=target.parent))
+    container = client.containers.create(tag, command=["true"], network_disabled=True)
+    try:
+        tar = subprocess.Popen(["tar", "-x", "--numeric-owner", "-C", str(partial), *PYTHON_TREES],
+                               stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert tar.stdin is not None
+        try:
+            for chunk in container.export(chunk_size=1 << 20):
+                tar.stdin.write(chunk)
+        finally:
+            tar.stdin.close()
+            error = tar.stderr.read().decode(errors="replace") if tar.stderr else ""
+            if tar.wait() != 0:
+                raise ImageBuildError(f"copying the image's Python trees failed: {error.strip()}")
+        (partial / ".complete").touch()
+        partial.rename(target)
+    finally:
+        container.remove(force=True)
+        shutil.rmtree(partial, ignore_errors=True)
+    for old in target.parent.iterdir():
+        if old != target:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _exists(client: docker.DockerClient, tag: str) -> bool:

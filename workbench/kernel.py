@@ -67,6 +67,7 @@ class Kernel:
         labels: dict[str, str] | None = None,
         output_limit: int = 1_000_000,
         start_timeout: float = 60.0,
+        read_only_mounts: dict[str, str] | None = None,
     ) -> None:
         self.docker = docker_client
         self.image = image
@@ -76,6 +77,7 @@ class Kernel:
         self.labels = dict(labels or {})
         self.output_limit = output_limit
         self.start_timeout = start_timeout
+        self.read_only_mounts = read_only_mounts or {}  # host folder -> sandbox path (the image's Python trees)
         self.kernel_id = secrets.token_hex(6)
         self.container: Container | None = None
         self.client: BlockingKernelClient | None = None
@@ -97,6 +99,7 @@ class Kernel:
         self.container = run_sandbox(
             self.docker, image=self.image, name=f"workbench-{self.kernel_id}", workspace=self.workspace,
             runtime_dir=self.runtime_dir, limits=self.limits, labels={LABEL_KERNEL: self.kernel_id, **self.labels},
+            read_only_mounts=self.read_only_mounts,
         )
         self._connect(info, self.start_timeout)
 
