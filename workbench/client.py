@@ -160,7 +160,12 @@ class Workbench:
         now = time.time()
         record = SessionRecord(session_id=warm[0] if warm else secrets.token_hex(6), user_id=user_id, status="open",
                                config=config, config_version=1, created_at=now, last_used_at=now)
-        self.store.add(record)
+        try:
+            self.store.add(record)
+        except BaseException:
+            if warm is not None:
+                warm[1].shutdown()
+            raise
         if warm is not None:
             kernel = warm[1]
         else:
