@@ -54,6 +54,7 @@ class BridgeServer:
         self._thread: threading.Thread | None = None
         self._orders: deque[tuple[str, Any, threading.Event]] = deque()
         self._bound: dict[str, os.stat_result] = {}  # session id -> its socket file, as bound
+        self._finished: dict[int, _Call] = {}  # call key -> call done on the pool, for the bridge thread to answer
 
     # called from any thread ---------------------------------------------------------------------------------------
 
@@ -125,7 +126,7 @@ class BridgeServer:
                             if not self._obey(served, by_socket, poller):
                                 return
                         else:  # [b"reply", key]: a call finished on the pool
-                            call = _Call.finished.pop(int(frames[1]), None)
+                            call = self._finished.pop(int(frames[1]), None)
                             if call is not None and call.served.calls.pop(call.key, None) is not None:
                                 call.served.reply(call.identity, call.reply)
                                 self._next(call.served, deadlines, counter)
@@ -231,7 +232,7 @@ class BridgeServer:
             log.exception("tool bridge: call failed")
             reply = {"id": request.get("id"), "ok": False, "kind": "error", "error": f"{type(exc).__name__}: {exc}"}
         call.reply = reply
-        _Call.finished[call.key] = call
+        self._finished[call.key] = call
         self._send([b"reply", str(call.key).encode()])
 
 
@@ -251,7 +252,6 @@ class _Served:
 
 
 class _Call:
-    finished: dict[int, _Call] = {}  # key -> call, between the pool and the bridge thread
     _keys = itertools.count()
 
     def __init__(self, served: _Served, identity: bytes, request: dict[str, Any], limit: float) -> None:
