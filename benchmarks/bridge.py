@@ -22,7 +22,7 @@ def measure(wb: Workbench, n: int = 5000) -> dict[str, Any]:
     def echo(x: int) -> dict:
         return {"x": x}
 
-    if "BENCH_ECHO" not in [t.slug for t in wb.tools.allowed(["bench"], [])]:
+    if "BENCH_ECHO" not in wb.tools:
         wb.tools.register(echo, slug="BENCH_ECHO", toolkit="bench")
     with wb.create(user_id="bench", toolkits=["bench"]) as session:
         session.execute("run_tools([('BENCH_ECHO', {'x': i}) for i in range(200)], progress=False)")  # warm up

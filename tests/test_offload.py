@@ -58,7 +58,7 @@ class Point:
 
 @pytest.fixture(scope="module")
 def tooled(wb: Workbench) -> Iterator[Session]:
-    if "FETCH" not in [t.slug for t in wb.tools.allowed(["data"], [])]:
+    if "FETCH" not in wb.tools:
         @wb.tool(slug="FETCH", toolkit="data")
         def fetch(kind: str, n: int = 10) -> Any:
             """Return test data of one shape."""

@@ -1,6 +1,8 @@
 """The warm pool: sessions take kernels started ahead of time, once each, per limits tier; leftovers are cleaned."""
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -65,20 +67,33 @@ def test_each_limits_tier_has_its_own_kernels(tmp_path: Path, wb: Workbench) -> 
         pooled.close()
 
 
+OWNER = """
+import os, sys, time
+from workbench import Workbench
+owner = Workbench(home=sys.argv[1], pool_size=1, idle_timeout=None)
+owner.create(user_id="alice").close()
+while owner.pool.count() < 1:
+    time.sleep(0.05)
+print("ready", flush=True)
+sys.stdin.readline()
+os._exit(0)  # dies without closing: its ready kernel is left behind
+"""
+
+
 def test_gc_removes_the_ready_kernels_of_a_workbench_that_is_gone(tmp_path: Path, wb: Workbench) -> None:
-    owner = Workbench(home=tmp_path, pool_size=1, idle_timeout=None, docker_client=wb.docker)
-    owner.create(user_id="alice").close()
-    wait_for(lambda: owner.pool.count() == 1)
+    owner = subprocess.Popen([sys.executable, "-c", OWNER, str(tmp_path)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
     neighbour = Workbench(home=tmp_path, pool_size=0, idle_timeout=None, docker_client=wb.docker)
-    assert neighbour.startup_gc.removed == []  # the owner is alive: its ready kernel is kept
-    owner.pool._stopped = True  # as if the owner died without closing (its pool can no longer hand it out)
-    from workbench.pool import _open_pools
-    _open_pools.discard(owner.pool.owner)
     try:
+        assert owner.stdout.readline().strip() == "ready"
+        assert neighbour.gc().removed == []  # the owner is alive: its ready kernel is kept
+        assert [LABEL_POOL in c.labels for c in containers(neighbour)] == [True]
+        owner.communicate("\n", timeout=30)
         assert [line.split(": ")[1] for line in neighbour.gc().removed] == ["warm pool of a workbench that is gone"]
         assert containers(neighbour) == []
     finally:
-        owner.close()
+        if owner.poll() is None:
+            owner.kill()
         neighbour.close()
 
 

@@ -25,6 +25,7 @@ import orjson
 import zmq
 
 from .container import SANDBOX_UID
+from .errors import SessionClosedError
 from .kernel import zmq_context
 
 if TYPE_CHECKING:
@@ -293,7 +294,10 @@ def _parse(payload: bytes) -> dict[str, Any]:
 
 
 def _describe(session: Session, request: dict[str, Any]) -> dict[str, Any]:
-    config = session._workbench.store.get(session.session_id).config
+    try:
+        config = session._current_config()
+    except SessionClosedError as exc:
+        return {"id": request.get("id"), "ok": False, "kind": "session_closed", "error": str(exc)}
     allowed = session._workbench.tools.allowed(config.toolkits, config.tools)
     if request["op"] == "list":
         return {"id": request.get("id"), "ok": True,

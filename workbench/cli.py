@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 from rich.table import Table
 
@@ -201,10 +202,8 @@ def exec_(session_id: str, code: str | None, path: click.utils.LazyFile | None, 
         out.print(result.text, markup=False)
     if result.error is not None:
         console.print(str(result.error), markup=False)
-    for note in ([f"timed out after {result.duration:.1f}s; the kernel was interrupted"] if result.timed_out else []) + (
-            [f"kernel died: {result.kernel_died}"] if result.kernel_died else []) + (
-            ["the kernel was restarted: variables were lost, files kept"] if result.state_lost else []):
-        console.print(f"[yellow]{note}[/yellow]")
+    for note in result.notes():
+        console.print(f"[yellow]{escape(note)}[/yellow]")
     wb.close()
     sys.exit(0 if result.ok else 1)
 

@@ -12,6 +12,7 @@ from typing import Any
 import zmq
 from jupyter_client import BlockingKernelClient
 
+from .errors import WorkbenchError
 from .results import ExecutionError, ExecutionResult, Output
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -79,7 +80,7 @@ class _Capped:
     def _spill_write(self, text: str) -> None:
         try:
             self.spill.write(text.encode())
-        except Exception:  # the workspace is full: keep the preview, drop the spill
+        except (WorkbenchError, OSError):  # the workspace is full or gone: keep the preview, drop the spill
             self.spill.abort()
             self.spill = None
 
@@ -246,7 +247,7 @@ def _cap_output(output: Output, index: int, outcome: Outcome) -> None:
                     writer.write(value.encode())
                 where = writer.path
                 outcome.result.spilled[key] = where
-            except Exception:  # the workspace is full: keep the preview only
+            except (WorkbenchError, OSError):  # the workspace is full or gone: keep the preview only
                 where = None
         output.data[mime] = capped.value(where)
         outcome.result.truncated[key] = capped.cut

@@ -70,13 +70,19 @@ class ExecutionResult(BaseModel):
             parts.append(self.text)
         if self.error is not None:
             parts.append(str(self.error))
-        if self.timed_out:
-            parts.append(f"[timed out after {self.duration:.1f}s; the kernel was interrupted]")
-        if self.kernel_died:
-            parts.append(f"[kernel died: {self.kernel_died}]")
-        if self.state_lost:
-            parts.append("[the kernel was restarted: variables were lost, files in the workspace were kept]")
+        parts += [f"[{note}]" for note in self.notes()]
         return "\n".join(parts)
+
+    def notes(self) -> list[str]:
+        """What happened to the kernel during the execution, in words: a timeout, its death, a restart."""
+        notes = []
+        if self.timed_out:
+            notes.append(f"timed out after {self.duration:.1f}s; the kernel was interrupted")
+        if self.kernel_died:
+            notes.append(f"kernel died: {self.kernel_died}")
+        if self.state_lost:
+            notes.append("the kernel was restarted: variables were lost, files in the workspace were kept")
+        return notes
 
 
 class OffloadEnvelope(BaseModel):

@@ -307,7 +307,6 @@ class Session:
 
     def _new_kernel(self) -> None:
         """Replace the session's kernel, wherever it runs, with a new one of the current limits."""
-        self._kernel.disconnect()
         self._workbench._remove_containers(self.session_id)
         self._kernel.restart()
         self._workbench.store.set_kernel(self.session_id, self._kernel.record())

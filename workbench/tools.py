@@ -107,6 +107,9 @@ class ToolRegistry:
         self._tools[tool.slug] = tool
         return tool
 
+    def __contains__(self, slug: object) -> bool:
+        return slug in self._tools
+
     def get(self, slug: str) -> Tool:
         try:
             return self._tools[slug]
