@@ -106,35 +106,56 @@ pairs = {
     assert run(session, "run_tool('NAP', {'i': 2, 'seconds': 0})").text == "(2, None)"  # still serving
 
 
+RAW = """
+import json, socket, struct
+def connect():
+    raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    raw.connect("/run/workbench/bridge")
+    raw.settimeout(20)
+    return raw
+def frame(body):
+    return struct.pack(">I", len(body)) + body
+def read(raw):
+    head = b""
+    while len(head) < 4:
+        chunk = raw.recv(4 - len(head))
+        if not chunk:
+            return None
+        head += chunk
+    size, body = struct.unpack(">I", head)[0], b""
+    while len(body) < size:
+        body += raw.recv(size - len(body))
+    return json.loads(body)
+def request(**fields):
+    return frame(json.dumps({"v": 1, **fields}).encode())
+"""
+
+
 def test_malformed_oversized_and_flooding_frames_do_not_stop_the_bridge(bridged: tuple[Session, Session]) -> None:
     session, _ = bridged
-    code = """
-import json, zmq
-raw = zmq.Context.instance().socket(zmq.DEALER)
-raw.setsockopt(zmq.RCVHWM, 100_000)
-raw.connect("ipc:///run/workbench/bridge")
-def ask(*frames):
-    raw.send_multipart(list(frames))
-    if not raw.poll(5000):
-        return None
-    return json.loads(raw.recv())["kind"]
-kinds = [ask(b"not json"), ask(b"[1, 2]"), ask(json.dumps({"id": 1, "op": "drop tables"}).encode()),
-         ask(b"{}", b"{}"), ask(b"x" * (9 << 20))]
-raw.send(b"y" * (65 << 20))   # past the hard cap: the host drops it unread
+    code = RAW + """
+raw = connect()
+def ask(body):
+    raw.sendall(frame(body))
+    return read(raw)["kind"]
+kinds = [ask(b"not json"), ask(b"[1, 2]"), ask(json.dumps({"v": 1, "id": 1, "op": "drop tables"}).encode()),
+         ask(b"{}"), ask(json.dumps({"v": 2, "id": 1, "op": "list"}).encode()), ask(b"x" * (7 << 20))]
+over = connect()
+over.sendall(struct.pack(">I", 65 << 20))   # past the limit: an error, then the connection is closed
+closing = (read(over)["kind"], read(over))
 flood = 6000
-for i in range(flood):
-    raw.send(json.dumps({"id": i, "op": "call", "slug": "NAP", "arguments": {"i": i, "seconds": 0.001}}).encode())
+raw.sendall(b"".join(request(id=i, op="call", slug="NAP", arguments={"i": i, "seconds": 0.001})
+                     for i in range(flood)))
 answers = {}
-got = 0
-while got < flood and raw.poll(20000):
-    kind = json.loads(raw.recv()).get("kind") or "ok"
+for _ in range(flood):
+    kind = read(raw).get("kind") or "ok"
     answers[kind] = answers.get(kind, 0) + 1
-    got += 1
-(kinds, got, sorted(answers))
+(kinds, closing, answers)
 """
-    kinds, got, answered = eval(run(session, code).text)  # noqa: S307
-    assert kinds == ["bad_request"] * 5
-    assert got == 6000 and answered == ["busy", "ok"]  # every call answered: run, or refused at once
+    kinds, closing, answered = eval(run(session, code).text)  # noqa: S307
+    assert kinds == ["bad_request"] * 6
+    assert closing == ("bad_request", None)
+    assert answered == {"ok": 6000}  # every call of the flood answered: the bridge reads no faster than it runs
     assert run(session, "run_tool('NAP', {'i': 3, 'seconds': 0})").text == "(3, None)"
 
 

@@ -1,309 +1,492 @@
-"""The tool bridge: code in a sandbox calls the host's tools through a ZMQ socket in its session's runtime dir.
+"""The tool bridge: code in a sandbox calls the host's tools through a Unix socket in its session's runtime dir.
 
-The container has no network; the socket (`/run/workbench/bridge` inside, a ROUTER bound by the host) is in
-the one folder mounted from the session's runtime dir, so each session reaches only its own bridge. The
-host side serves that session alone: every call goes through the session's tool call (as `Session.execute_tool`), which enforces the
-allowlist, runs the tool with the session's user context, routes large responses into the workspace and
-logs the call. Requests are JSON `{"id", "op": "call" | "list" | "schema", ...}`; every reply carries the
-request's id and either a result or an error, so a bad frame gets an error and the bridge keeps serving.
+The container has no network; the socket (`/run/workbench/bridge` inside) is in the one folder mounted from
+the session's runtime dir, so each session reaches only its own bridge. The wire format is in
+`bridge_protocol`. Every session's bridge is served by one asyncio loop on a thread of its own; calls run on a
+thread pool, handed out round-robin between sessions, and each call goes through the session's tool pipeline
+(allowlist, arguments, timeout, offload, log).
+
+The sandbox is hostile, so everything it can do to the bridge is bounded per session: connections, bytes
+buffered (requests over 256 KiB need one of a few permits), calls waiting and calls holding a thread (a call
+past its timeout is answered at once but counts until its thread really returns), and unread replies. A
+session over a bound is slowed (its sockets are not read) or its connection is closed; others are not
+affected. The socket is bound in a host-only folder, then renamed into the runtime dir, so no symlink the
+sandbox plants is ever followed.
 """
 from __future__ import annotations
 
-import heapq
+import asyncio
 import itertools
 import logging
 import os
 import secrets
+import socket
+import stat
 import threading
-import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any, Protocol
 
-import orjson
-import zmq
-
-from .container import SANDBOX_UID
-from .errors import SessionClosedError
-from .kernel import zmq_context
-
-if TYPE_CHECKING:
-    from .session import Session
+from . import bridge_protocol as wire
+from .container import sandbox_uid
 
 log = logging.getLogger(__name__)
 
-MAX_REQUEST = 8 << 20  # bytes of one request; larger ones get an error reply
-MAX_FRAME = 64 << 20  # ZMQ drops a peer sending more than this in one message, before it is in memory
-MAX_PENDING = 4096  # calls one session may have waiting; more are refused at once
-CONCURRENCY = 32  # tool calls one session runs at the same time
-REPLY_QUEUE = 100_000  # replies queued for a sandbox not reading them yet (ZMQ drops beyond it: keep it large)
-SOCKET = "bridge"
+CONCURRENCY = 32  # calls of one session holding a thread at once (abandoned ones too)
+THREADS = 256  # calls of all sessions running at once
+MAX_CONNECTIONS = 64  # open connections per session; more are closed at once
+MAX_WAITING = 1024  # calls of one session waiting for a thread; past it, its sockets are not read
+WAITING_BYTES = 16 << 20  # bytes of waiting small requests of one session; past it, likewise
+BIG = 256 << 10  # a request larger than this needs one of BIG_PERMITS, held until its call ends
+BIG_PERMITS = 4
+WRITE_HIGH = 8 << 20  # unread reply bytes past which a connection is no longer read
+WRITE_ABORT = 64 << 20  # unread reply bytes past which a connection is closed
+_BIND_TIMEOUT = 10.0
+
+
+class Endpoint(Protocol):
+    """What the bridge needs of a session."""
+
+    session_id: str
+
+    @property
+    def runtime_dir(self) -> Path: ...
+
+    def handle_bridge_request(self, request: wire.Request, abandoned: threading.Event) -> dict[str, Any]:
+        """Run one request in the calling thread and return its reply; `abandoned` is set when the bridge gave
+        up waiting (timeout), so the pipeline knows its answer will not be read."""
+        ...
 
 
 class BridgeServer:
-    """Serves the bridges of one Workbench's sessions from one thread polling their sockets; tools run on the
-    workbench's tool pool and their replies come back to that thread over an inproc socket."""
+    """Serves the bridges of one Workbench's sessions (see the module's docstring)."""
 
-    def __init__(self, pool: ThreadPoolExecutor, tool_timeout: Callable[[], float]) -> None:
-        self._pool = pool
+    def __init__(self, tool_timeout: Callable[[], float]) -> None:
         self._tool_timeout = tool_timeout
-        self._context = zmq_context()
-        self._inbox = f"inproc://workbench-bridge-{secrets.token_hex(8)}"
-        self._local = threading.local()
         self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._orders: deque[tuple[str, Any, threading.Event]] = deque()
-        self._bound: dict[str, os.stat_result] = {}  # session id -> its socket file, as bound
-        self._finished: dict[int, _Call] = {}  # call key -> call done on the pool, for the bridge thread to answer
+        self._pool = ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="workbench-bridge-call")
+        self._bound: dict[str, tuple[int, int]] = {}  # session id -> (st_dev, st_ino) of its socket as bound
+        self._state: _LoopState | None = None
 
     # called from any thread ---------------------------------------------------------------------------------------
 
-    def ensure(self, session: Session) -> None:
+    def ensure(self, session: Endpoint) -> None:
         """Serve this session's bridge from this process, (re)binding when its socket is gone or not ours (a
-        kernel restart recreates the runtime dir; another process may have bound it since)."""
-        path = session._kernel.runtime_dir / SOCKET
+        kernel restart recreates the runtime dir; another process may have bound it since; the loop may have
+        been restarted)."""
+        loop = self._running_loop()
         bound = self._bound.get(session.session_id)
-        try:
-            current = path.stat()
-            if bound is not None and (current.st_ino, current.st_dev) == (bound.st_ino, bound.st_dev):
-                return
-        except FileNotFoundError:
-            pass
-        self._order("bind", session)
+        if bound is not None:
+            try:
+                current = os.lstat(session.runtime_dir / wire.SOCKET)
+                if (current.st_dev, current.st_ino) == bound and stat.S_ISSOCK(current.st_mode):
+                    return
+            except OSError:
+                pass
+        future = asyncio.run_coroutine_threadsafe(self._bind(session), loop)
+        self._bound[session.session_id] = future.result(_BIND_TIMEOUT)
 
     def stop(self, session_id: str) -> None:
         """Stop serving a session (closed, or handed to another process)."""
-        if self._thread is not None:
-            self._order("unbind", session_id)
+        self._bound.pop(session_id, None)
+        with self._lock:
+            loop, state = self._loop, self._state
+        if loop is not None and state is not None and loop.is_running():
+            asyncio.run_coroutine_threadsafe(state.unbind(session_id), loop).result(_BIND_TIMEOUT)
 
     def close(self) -> None:
-        if self._thread is not None:
-            self._order("close", None)
-            self._thread.join(timeout=5)
-            self._thread = None
-
-    def _order(self, what: str, subject: Any) -> None:
         with self._lock:
-            if self._thread is None:
-                self._started = threading.Event()
-                self._thread = threading.Thread(target=self._run, name="workbench-bridge", daemon=True)
-                self._thread.start()
-                self._started.wait()
-            done = threading.Event()
-            self._orders.append((what, subject, done))
-        self._send([b"order"])
-        if not done.wait(10):
-            raise RuntimeError(f"the tool bridge did not {what} in time")
+            loop, thread, state = self._loop, self._thread, self._state
+            self._loop = self._thread = self._state = None
+        self._bound.clear()
+        if loop is not None and loop.is_running() and state is not None:
+            asyncio.run_coroutine_threadsafe(state.close(), loop).result(_BIND_TIMEOUT)
+            loop.call_soon_threadsafe(loop.stop)
+        if thread is not None:
+            thread.join(timeout=5)
+        self._pool.shutdown(wait=False)
 
-    def _send(self, frames: list[bytes]) -> None:
-        """To the bridge thread, from any thread (a PUSH socket per thread: ZMQ sockets are not thread-safe)."""
-        sock = getattr(self._local, "push", None)
-        if sock is None:
-            sock = self._local.push = self._context.socket(zmq.PUSH)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(self._inbox)
-        sock.send_multipart(frames)
+    def stats(self, session_id: str) -> dict[str, int]:
+        """What the bridge holds for a session now: connections, calls waiting and holding threads, bytes."""
+        loop, state = self._loop, self._state
+        if loop is None or state is None:
+            return {}
+        return asyncio.run_coroutine_threadsafe(state.stats(session_id), loop).result(_BIND_TIMEOUT)
 
-    # the bridge thread -------------------------------------------------------------------------------------------
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        """The bridge's loop, started on first use and again if its thread ever died (then every session is
+        bound anew on its next use)."""
+        with self._lock:
+            if self._loop is not None and self._thread is not None and self._thread.is_alive():
+                return self._loop
+            if self._thread is not None:
+                log.error("tool bridge: its loop had stopped; starting it again")
+            self._bound.clear()
+            loop = asyncio.new_event_loop()
+            loop.set_exception_handler(_log_loop_error)
+            self._state = _LoopState(loop, self._pool, self._tool_timeout)
+            started = threading.Event()
+            self._thread = threading.Thread(target=_serve, args=(loop, started), name="workbench-bridge",
+                                            daemon=True)
+            self._thread.start()
+            started.wait()
+            self._loop = loop
+            return loop
 
-    def _run(self) -> None:
-        inbox = self._context.socket(zmq.PULL)
-        inbox.bind(self._inbox)
-        self._started.set()
-        poller = zmq.Poller()
-        poller.register(inbox, zmq.POLLIN)
-        served: dict[str, _Served] = {}
-        by_socket: dict[zmq.Socket, _Served] = {}
-        deadlines: list[tuple[float, int, _Call]] = []
-        counter = itertools.count()
+    async def _bind(self, session: Endpoint) -> tuple[int, int]:
+        assert self._state is not None
+        return await self._state.bind(session)
+
+
+def _serve(loop: asyncio.AbstractEventLoop, started: threading.Event) -> None:
+    asyncio.set_event_loop(loop)
+    loop.call_soon(started.set)
+    try:
+        loop.run_forever()
+    except BaseException:  # the loop must not die quietly: the next ensure() starts another
+        log.exception("tool bridge: the loop stopped")
+    finally:
         try:
-            while True:
-                wait = max(0.0, deadlines[0][0] - time.monotonic()) * 1000 if deadlines else None
-                for sock, _ in poller.poll(wait):
-                    if sock is inbox:
-                        frames = inbox.recv_multipart()
-                        if frames[0] == b"order":
-                            if not self._obey(served, by_socket, poller):
-                                return
-                        else:  # [b"reply", key]: a call finished on the pool
-                            call = self._finished.pop(int(frames[1]), None)
-                            if call is not None and call.served.calls.pop(call.key, None) is not None:
-                                call.served.reply(call.identity, call.reply)
-                                self._next(call.served, deadlines, counter)
-                    else:
-                        entry = by_socket[sock]
-                        while True:
-                            try:
-                                frames = sock.recv_multipart(zmq.NOBLOCK)
-                            except zmq.Again:
-                                break
-                            self._receive(entry, frames, deadlines, counter)
-                now = time.monotonic()
-                while deadlines and deadlines[0][0] <= now:
-                    _, _, call = heapq.heappop(deadlines)
-                    if call.served.calls.pop(call.key, None) is not None:
-                        call.abandoned.set()
-                        call.served.reply(call.identity, {
-                            "id": call.request.get("id"), "ok": False, "kind": "timeout",
-                            "error": f"{call.request['slug']} did not answer within {call.limit:g}s"})
-                        self._next(call.served, deadlines, counter)
+            loop.close()
+        except Exception:  # closing a loop that failed: nothing more to save
+            pass
+
+
+def _log_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    exc = context.get("exception")
+    if isinstance(exc, OSError) and "accept" in context.get("message", ""):
+        log.warning("tool bridge: %s (%s); accepting again in a second", context["message"], exc)
+        return
+    log.error("tool bridge: %s", context.get("message"), exc_info=exc)
+
+
+def bind_socket(runtime_dir: Path) -> socket.socket:
+    """A listening Unix socket at `runtime_dir/bridge`, made without following anything the sandbox planted:
+    bound in a folder only this user can write (opened by descriptor, reached through /proc/self/fd, so the
+    path cannot be swapped), given to the sandbox's uid there, then renamed into place."""
+    runtime = os.open(runtime_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    private = f".host-{secrets.token_hex(8)}"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        os.mkdir(private, 0o700, dir_fd=runtime)
+        folder = os.open(private, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=runtime)
+        try:
+            info = os.fstat(folder)
+            if info.st_uid != os.getuid() or info.st_mode & 0o077:
+                raise OSError(f"the host-only folder in {runtime_dir} is not private")
+            sock.bind(f"/proc/self/fd/{folder}/{wire.SOCKET}")
+            os.chown(wire.SOCKET, sandbox_uid(), sandbox_uid(), dir_fd=folder, follow_symlinks=False)
+            os.chmod(wire.SOCKET, 0o600, dir_fd=folder)  # nobody but this user can add a link here
+            os.rename(wire.SOCKET, wire.SOCKET, src_dir_fd=folder, dst_dir_fd=runtime)
         finally:
-            for entry in served.values():
-                entry.socket.close(linger=0)
-            inbox.close(linger=0)
-
-    def _obey(self, served: dict[str, _Served], by_socket: dict[zmq.Socket, _Served], poller: zmq.Poller) -> bool:
-        while self._orders:
-            what, subject, done = self._orders.popleft()
+            os.close(folder)
             try:
-                if what == "close":
-                    done.set()
-                    return False
-                session_id = subject if what == "unbind" else subject.session_id
-                old = served.pop(session_id, None)
-                self._bound.pop(session_id, None)
-                if old is not None:
-                    poller.unregister(old.socket)
-                    by_socket.pop(old.socket, None)
-                    old.socket.close(linger=0)
-                if what == "bind":
-                    entry = _Served(subject, self._context.socket(zmq.ROUTER))
-                    path = subject._kernel.runtime_dir / SOCKET
-                    entry.socket.setsockopt(zmq.LINGER, 0)
-                    entry.socket.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME)
-                    entry.socket.setsockopt(zmq.SNDHWM, REPLY_QUEUE)
-                    entry.socket.bind(f"ipc://{path}")
-                    if os.getuid() == 0:
-                        os.chown(path, SANDBOX_UID, SANDBOX_UID)
-                    self._bound[session_id] = path.stat()
-                    served[session_id] = entry
-                    by_socket[entry.socket] = entry
-                    poller.register(entry.socket, zmq.POLLIN)
-            except Exception:
-                log.exception("tool bridge: could not %s", what)
-            finally:
-                done.set()
-        return True
+                os.rmdir(private, dir_fd=runtime)
+            except OSError:  # the sandbox moved it: it is empty and only this user can write into it
+                pass
+        sock.listen(128)
+        sock.setblocking(False)
+        return sock
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        os.close(runtime)
 
-    def _receive(self, entry: _Served, frames: list[bytes], deadlines: list, counter: Iterator[int]) -> None:
-        if len(frames) != 2:
-            if len(frames) > 1:
-                entry.reply(frames[0], {"id": None, "ok": False, "kind": "bad_request",
-                                        "error": "send one frame per request"})
-            return
-        identity, payload = frames
+
+class _LoopState:
+    """Everything the loop thread owns; touched only from that thread."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, pool: ThreadPoolExecutor,
+                 tool_timeout: Callable[[], float]) -> None:
+        self.loop, self.pool, self.tool_timeout = loop, pool, tool_timeout
+        self.endpoints: dict[str, _Served] = {}
+        self.ready: deque[_Served] = deque()  # sessions with calls waiting and a thread they may use
+        self.running = 0  # calls holding a pool thread, all sessions
+
+    async def bind(self, session: Endpoint) -> tuple[int, int]:
+        await self.unbind(session.session_id)
+        sock = bind_socket(session.runtime_dir)
+        served = _Served(self, session)
         try:
-            request = _parse(payload)
-        except _BadRequest as exc:
-            entry.reply(identity, {"id": exc.request_id, "ok": False, "kind": "bad_request", "error": str(exc)})
-            return
-        if request["op"] != "call":
-            entry.reply(identity, _describe(entry.session, request))
-            return
-        if len(entry.calls) + len(entry.backlog) >= MAX_PENDING:
-            entry.reply(identity, {"id": request.get("id"), "ok": False, "kind": "busy",
-                                   "error": f"more than {MAX_PENDING} calls are waiting on this session; "
-                                            "send fewer at once"})
-            return
-        entry.backlog.append(_Call(entry, identity, request, request.get("timeout") or self._tool_timeout()))
-        self._next(entry, deadlines, counter)
+            served.server = await self.loop.create_unix_server(lambda: _Connection(served), sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        self.endpoints[session.session_id] = served
+        info = os.lstat(session.runtime_dir / wire.SOCKET)
+        return info.st_dev, info.st_ino
 
-    def _next(self, entry: _Served, deadlines: list, counter: Iterator[int]) -> None:
-        """Start waiting calls while the session runs fewer than CONCURRENCY."""
-        while entry.backlog and len(entry.calls) < CONCURRENCY:
-            call = entry.backlog.popleft()
-            entry.calls[call.key] = call
-            heapq.heappush(deadlines, (time.monotonic() + call.limit, next(counter), call))
-            self._pool.submit(self._work, call)
+    async def unbind(self, session_id: str) -> None:
+        served = self.endpoints.pop(session_id, None)
+        if served is not None:
+            served.shut()
 
-    def _work(self, call: _Call) -> None:
-        """On the tool pool: run the call, hand the reply to the bridge thread."""
-        request = call.request
+    async def close(self) -> None:
+        for session_id in list(self.endpoints):
+            await self.unbind(session_id)
+
+    async def stats(self, session_id: str) -> dict[str, int]:
+        served = self.endpoints.get(session_id)
+        if served is None:
+            return {}
+        return {"connections": len(served.connections), "waiting": len(served.waiting),
+                "holding_threads": served.holding, "waiting_bytes": served.waiting_bytes,
+                "big_in_use": BIG_PERMITS - served.big_free,
+                "buffered": sum(len(c.buffer) for c in served.connections)}
+
+    def schedule(self, served: _Served) -> None:
+        if not served.queued and served.waiting and served.holding < CONCURRENCY:
+            served.queued = True
+            self.ready.append(served)
+        self.pump()
+
+    def pump(self) -> None:
+        """Give free threads to waiting calls, one session at a time in turn."""
+        while self.ready and self.running < THREADS:
+            served = self.ready.popleft()
+            served.queued = False
+            if served.closed or not served.waiting or served.holding >= CONCURRENCY:
+                continue
+            call = served.waiting.popleft()
+            served.waiting_bytes -= call.small_bytes
+            served.holding += 1
+            self.running += 1
+            call.timer = self.loop.call_later(call.limit, self.expire, call)
+            self.pool.submit(self.work, call)
+            if served.waiting and served.holding < CONCURRENCY:
+                served.queued = True
+                self.ready.append(served)
+            served.resume_if_room()
+
+    def work(self, call: _Call) -> None:
+        """On a pool thread: run the request through the session's pipeline."""
         try:
-            result = call.served.session._tool_call(request["slug"], request.get("arguments") or {},
-                                                    bool(request.get("sync")), None, call.abandoned)
-            reply: dict[str, Any] = {"id": request.get("id"), "ok": result.ok, "duration": result.duration}
-            if result.ok:
-                reply["data"] = result.data
-                reply["offload"] = result.offload.model_dump() if result.offload else None
-            else:
-                reply.update(kind=result.error_kind, error=result.error, retry_after=result.retry_after)
-        except Exception as exc:  # a bug here must still answer the sandbox
-            log.exception("tool bridge: call failed")
-            reply = {"id": request.get("id"), "ok": False, "kind": "error", "error": f"{type(exc).__name__}: {exc}"}
-        call.reply = reply
-        self._finished[call.key] = call
-        self._send([b"reply", str(call.key).encode()])
+            reply = call.served.session.handle_bridge_request(call.request, call.abandoned)
+        except Exception:  # a bug in the pipeline must still answer and free the slot
+            log.exception("tool bridge: a request failed on the host")
+            reply = wire.error_reply(call.request.id, "internal", "the host failed to handle this call; it was "
+                                     "logged there")
+        try:
+            self.loop.call_soon_threadsafe(self.finish, call, reply)
+        except RuntimeError:  # the loop is closed: nobody is left to answer
+            pass
+
+    def finish(self, call: _Call, reply: dict[str, Any]) -> None:
+        """On the loop: the call's thread returned."""
+        served = call.served
+        served.holding -= 1
+        self.running -= 1
+        if call.timer is not None:
+            call.timer.cancel()
+        if not call.answered:
+            call.answered = True
+            call.connection.send(reply)
+        call.request = None  # type: ignore[assignment]  # its body is not kept once answered
+        if call.big:
+            served.release_big()
+        self.schedule(served)
+
+    def expire(self, call: _Call) -> None:
+        """On the loop: the call's time is up. It is answered now; it keeps its thread (and its session's
+        count) until that thread returns."""
+        if call.answered:
+            return
+        call.answered = True
+        call.abandoned.set()
+        call.connection.send(wire.error_reply(
+            call.request.id, "timeout", f"{call.request.slug or call.request.op} did not answer within "
+                                        f"{call.limit:g}s"))
 
 
 class _Served:
-    """One session's bridge socket and its calls."""
+    """One session's listening socket, its connections and its calls."""
 
-    def __init__(self, session: Session, socket: zmq.Socket) -> None:
-        self.session, self.socket = session, socket
-        self.calls: dict[int, _Call] = {}  # running, by key
-        self.backlog: deque[_Call] = deque()
+    def __init__(self, state: _LoopState, session: Endpoint) -> None:
+        self.state, self.session = state, session
+        self.server: asyncio.AbstractServer | None = None
+        self.connections: set[_Connection] = set()
+        self.waiting: deque[_Call] = deque()
+        self.waiting_bytes = 0
+        self.holding = 0  # calls holding a thread, answered or not
+        self.queued = False  # in the state's ready queue
+        self.closed = False
+        self.big_free = BIG_PERMITS
+        self.big_waiting: deque[_Connection] = deque()
+        self.full: list[_Connection] = []  # connections not read because too much is waiting
 
-    def reply(self, identity: bytes, reply: dict[str, Any]) -> None:
-        try:
-            self.socket.send_multipart([identity, orjson.dumps(reply, default=str)], zmq.NOBLOCK)
-        except zmq.ZMQError as exc:  # the peer is gone or not reading: nothing to answer to
-            log.debug("tool bridge: reply dropped: %s", exc)
+    def accepts(self) -> bool:
+        return not self.closed and len(self.connections) < MAX_CONNECTIONS
+
+    def submit(self, connection: _Connection, request: wire.Request, size: int, big: bool) -> None:
+        limit = wire.bounded_timeout(request.timeout, self.state.tool_timeout())
+        call = _Call(self, connection, request, limit, 0 if big else size, big)
+        self.waiting.append(call)
+        self.waiting_bytes += call.small_bytes
+        self.state.schedule(self)
+
+    def has_room(self) -> bool:
+        return len(self.waiting) < MAX_WAITING and self.waiting_bytes < WAITING_BYTES
+
+    def resume_if_room(self) -> None:
+        if self.full and self.has_room():
+            full, self.full = self.full, []
+            for connection in full:
+                connection.unpause("full")
+
+    def take_big(self, connection: _Connection) -> bool:
+        if self.big_free > 0:
+            self.big_free -= 1
+            return True
+        self.big_waiting.append(connection)
+        return False
+
+    def release_big(self) -> None:
+        self.big_free += 1
+        while self.big_waiting and self.big_free > 0:
+            connection = self.big_waiting.popleft()
+            if not connection.gone:
+                connection.unpause("big")  # it takes the permit when it reads the frame's header again
+
+    def shut(self) -> None:
+        self.closed = True
+        if self.server is not None:
+            self.server.close()
+        for connection in list(self.connections):
+            connection.abort()
+        self.waiting.clear()
+        self.waiting_bytes = 0
 
 
 class _Call:
-    _keys = itertools.count()
-
-    def __init__(self, served: _Served, identity: bytes, request: dict[str, Any], limit: float) -> None:
-        self.served, self.identity, self.request, self.limit = served, identity, request, limit
-        self.key = next(self._keys)
+    def __init__(self, served: _Served, connection: _Connection, request: wire.Request, limit: float,
+                 small_bytes: int, big: bool) -> None:
+        self.served, self.connection, self.request, self.limit = served, connection, request, limit
+        self.small_bytes, self.big = small_bytes, big
         self.abandoned = threading.Event()
-        self.reply: dict[str, Any] = {}
-
-    def __lt__(self, other: _Call) -> bool:
-        return self.key < other.key
+        self.answered = False
+        self.timer: asyncio.TimerHandle | None = None
 
 
-class _BadRequest(Exception):
-    def __init__(self, message: str, request_id: Any = None) -> None:
-        super().__init__(message)
-        self.request_id = request_id
+_ids = itertools.count()
 
 
-def _parse(payload: bytes) -> dict[str, Any]:
-    if len(payload) > MAX_REQUEST:
-        raise _BadRequest(f"request of {len(payload):,} bytes is over the bridge's limit of {MAX_REQUEST:,}")
-    try:
-        request = orjson.loads(payload)
-    except orjson.JSONDecodeError as exc:
-        raise _BadRequest(f"request is not JSON: {exc}") from None
-    if not isinstance(request, dict):
-        raise _BadRequest("request must be a JSON object")
-    rid = request.get("id")
-    if request.get("op") not in ("call", "list", "schema"):
-        raise _BadRequest(f"unknown op {request.get('op')!r}: use call, list or schema", rid)
-    if request["op"] in ("call", "schema") and not isinstance(request.get("slug"), str):
-        raise _BadRequest("a call needs a tool slug (text)", rid)
-    if request["op"] == "call" and not isinstance(request.get("arguments") or {}, dict):
-        raise _BadRequest("arguments must be a JSON object", rid)
-    timeout = request.get("timeout")
-    if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
-        raise _BadRequest("timeout must be a positive number of seconds", rid)
-    return request
+class _Connection(asyncio.Protocol):
+    """One connection from the sandbox: frames in, replies out."""
 
+    def __init__(self, served: _Served) -> None:
+        self.served = served
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.offset = 0  # where the next frame starts in the buffer
+        self.holding_big = False  # this connection holds a permit for the big frame it is reading
+        self.paused: set[str] = set()
+        self.gone = False
 
-def _describe(session: Session, request: dict[str, Any]) -> dict[str, Any]:
-    try:
-        config = session._current_config()
-    except SessionClosedError as exc:
-        return {"id": request.get("id"), "ok": False, "kind": "session_closed", "error": str(exc)}
-    allowed = session._workbench.tools.allowed(config.toolkits, config.tools)
-    if request["op"] == "list":
-        return {"id": request.get("id"), "ok": True,
-                "data": [{"slug": t.slug, "toolkit": t.toolkit, "description": t.description} for t in allowed]}
-    for tool in allowed:
-        if tool.slug == request["slug"]:
-            return {"id": request.get("id"), "ok": True, "data": tool.describe()}
-    return {"id": request.get("id"), "ok": False, "kind": "not_found",
-            "error": f"no tool {request['slug']!r} is available to this session"}
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        if not self.served.accepts():  # too many: closed before anything is read
+            self.gone = True
+            transport.abort()
+            return
+        self.served.connections.add(self)
+        transport.set_write_buffer_limits(high=WRITE_HIGH)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.gone = True
+        self.served.connections.discard(self)
+        if self.holding_big:
+            self.holding_big = False
+            self.served.release_big()
+        self.buffer = bytearray()
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        self.frames()
+
+    def frames(self) -> None:
+        """Take every complete frame from the buffer, unless paused."""
+        buffer, served = self.buffer, self.served
+        while not self.paused and not self.gone:
+            if len(buffer) - self.offset < wire.HEADER:
+                break
+            size = int.from_bytes(buffer[self.offset:self.offset + wire.HEADER], "big")
+            if size > wire.MAX_REQUEST:
+                self.send(wire.error_reply(None, "bad_request", f"a frame of {size:,} bytes is over the bridge's "
+                                           f"limit of {wire.MAX_REQUEST:,}; the connection is closed"))
+                self.close()
+                return
+            big = size > BIG
+            if big and not self.holding_big:
+                if not served.take_big(self):
+                    self.pause("big")
+                    break
+                self.holding_big = True
+            end = self.offset + wire.HEADER + size
+            if len(buffer) < end:
+                break
+            payload = bytes(buffer[self.offset + wire.HEADER:end])
+            self.offset = end
+            self.holding_big = False  # the permit goes with the call
+            self.request(payload, big)
+            if not served.has_room():
+                served.full.append(self)
+                self.pause("full")
+        if self.offset:
+            del buffer[:self.offset]
+            self.offset = 0
+
+    def request(self, payload: bytes, big: bool) -> None:
+        try:
+            request = wire.parse_request(payload)
+        except wire.BadRequest as exc:
+            if big:
+                self.served.release_big()
+            self.send(wire.error_reply(exc.request_id, "bad_request", str(exc)))
+            return
+        self.served.submit(self, request, len(payload), big)
+
+    def send(self, reply: dict[str, Any]) -> None:
+        if self.gone or self.transport is None:
+            return
+        try:
+            frame = wire.encode(reply)
+        except TypeError:
+            frame = wire.encode(wire.error_reply(reply.get("id"), "internal", "the reply could not be encoded"))
+        self.transport.write(frame)
+        if self.transport.get_write_buffer_size() > WRITE_ABORT:
+            log.warning("tool bridge: session %s does not read its replies; closing its connection",
+                        self.served.session.session_id)
+            self.abort()
+
+    def pause(self, reason: str) -> None:
+        if not self.paused and self.transport is not None:
+            self.transport.pause_reading()
+        self.paused.add(reason)
+
+    def unpause(self, reason: str) -> None:
+        self.paused.discard(reason)
+        if not self.paused and not self.gone and self.transport is not None:
+            self.transport.resume_reading()
+            self.frames()
+
+    def pause_writing(self) -> None:  # the sandbox is not reading its replies: read no more requests for now
+        self.pause("writing")
+
+    def resume_writing(self) -> None:
+        self.unpause("writing")
+
+    def close(self) -> None:
+        self.gone = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        self.gone = True
+        if self.transport is not None:
+            self.transport.abort()

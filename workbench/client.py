@@ -92,7 +92,7 @@ class Workbench:
         self.tool_timeout = tool_timeout
         self.tools = ToolRegistry()
         self._tool_pool = ThreadPoolExecutor(max_workers=128, thread_name_prefix="workbench-tool")
-        self._bridge = BridgeServer(self._tool_pool, lambda: self.tool_timeout)
+        self._bridge = BridgeServer(lambda: self.tool_timeout)
         self.idle_timeout = idle_timeout
         self._stop = threading.Event()
         self.pool = WarmPool(self, pool_size)

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import Limits
-from .errors import SessionClosedError, SessionError, WorkspaceFullError
+from .bridge_protocol import MAX_INLINE, SLUG as _SLUG, Request as BridgeRequest, error_reply
+from .errors import FileError, SessionClosedError, SessionError, WorkspaceFullError
 from .execution import Callbacks
 from .files import Files
 from .kernel import Kernel
@@ -184,14 +185,54 @@ class Session:
         """
         return self._tool_call(slug, arguments, sync_to_workbench, timeout)
 
+    @property
+    def runtime_dir(self) -> Path:
+        """The host folder mounted at /run/workbench in the sandbox (kernel sockets, the tool bridge)."""
+        return self._kernel.runtime_dir
+
+    def handle_bridge_request(self, request: BridgeRequest, abandoned: threading.Event) -> dict[str, Any]:
+        """One request from the sandbox's tool bridge, run in this thread; the reply to send back."""
+        if request.op == "call":
+            assert request.slug is not None
+            result = self._tool_call(request.slug, request.arguments, request.sync, None, abandoned,
+                                     inline_limit=MAX_INLINE)
+            reply: dict[str, Any] = {"id": request.id, "ok": result.ok, "duration": result.duration}
+            if result.ok:
+                reply["data"] = result.data
+                reply["offload"] = result.offload.model_dump() if result.offload else None
+            else:
+                reply.update(kind=result.error_kind, error=result.error, retry_after=result.retry_after)
+            return reply
+        try:
+            config = self._current_config()
+        except SessionClosedError as exc:
+            return error_reply(request.id, "session_closed", str(exc))
+        allowed = self._workbench.tools.allowed(config.toolkits, config.tools)
+        if request.op == "list":
+            return {"id": request.id, "ok": True,
+                    "data": [{"slug": t.slug, "toolkit": t.toolkit, "description": t.description} for t in allowed]}
+        for tool in allowed:
+            if tool.slug == request.slug:
+                return {"id": request.id, "ok": True, "data": tool.describe()}
+        return error_reply(request.id, "not_found", f"no tool {request.slug!r} is available to this session")
+
     def _tool_call(self, slug: str, arguments: dict[str, Any] | None, sync_to_workbench: bool,
-                   timeout: float | None, abandoned: threading.Event | None = None) -> ToolResult:
-        """One tool call, logged. With `abandoned` (the bridge's calls), the tool runs in this thread and the
-        caller enforces the timeout, setting `abandoned` when it gave up."""
+                   timeout: float | None, abandoned: threading.Event | None = None,
+                   inline_limit: int | None = None) -> ToolResult:
+        """The one tool-call pipeline: allowlist, arguments, timeout, routing, and a log entry whatever happens.
+
+        With `abandoned` (the bridge's calls), the tool runs in this thread and the caller enforces the timeout,
+        setting `abandoned` when it gave up. `inline_limit` caps the bytes kept inline below the session's
+        offload threshold."""
         started = time.perf_counter()
         routed: Routed | None = None
         error: ToolCallError | None = None
+        shown = slug if isinstance(slug, str) and _SLUG.fullmatch(slug) else "<invalid slug>"
         try:
+            if shown != slug:
+                raise ToolCallError("not_found", "a tool slug is 1 to 128 letters, digits and _ . -")
+            if arguments is not None and not isinstance(arguments, dict):
+                raise ToolCallError("invalid_arguments", f"arguments must be a dict, not {type(arguments).__name__}")
             config = self._current_config()  # the allowlist as the store has it now
             tool = self._workbench.tools.check_allowed(slug, config.toolkits, config.tools)
             context = ToolContext(user_id=self.user_id, session_id=self.session_id, slug=slug)
@@ -201,8 +242,9 @@ class Session:
                 value = self._workbench._call_tool_here(tool, arguments, context)
             if abandoned is not None and abandoned.is_set():
                 raise ToolCallError("timeout", f"{slug} answered after its caller gave up")
-            routed = route(value, files=self.files, threshold=config.offload_threshold,
-                           always_offload=sync_to_workbench)
+            threshold = config.offload_threshold if inline_limit is None else min(config.offload_threshold,
+                                                                                  inline_limit)
+            routed = route(value, files=self.files, threshold=threshold, always_offload=sync_to_workbench)
         except ToolCallError as exc:
             error = exc
         except NotSerialisable as exc:
@@ -211,19 +253,30 @@ class Session:
             error = ToolCallError("workspace_full", str(exc))
         except SessionClosedError as exc:
             error = ToolCallError("session_closed", str(exc))
-        duration = time.perf_counter() - started
+        except (FileError, OSError) as exc:
+            error = ToolCallError("workspace_error", f"the response could not be written to the workspace: {exc}")
+        except Exception as exc:  # a bug here must still be answered and logged
+            self.log.exception("tool %s failed on the host", shown)
+            error = ToolCallError("internal", f"the host failed to handle this call ({type(exc).__name__}); it "
+                                  "was logged there")
+        finally:
+            duration = time.perf_counter() - started
+            status = error.kind if error else "ok" if routed is not None else "internal"
+            try:
+                self._workbench.store.log(self.session_id, "tool", status, duration, {
+                    "slug": shown, "error": str(error)[:2000] if error else None,
+                    "offload": routed.offload.id if routed and routed.offload else None,
+                    "bytes": routed.offload.bytes if routed and routed.offload else None,
+                }, touch=False)
+            except Exception:  # the store failing must not hide the call's outcome; it is logged here instead
+                self.log.exception("tool %s (%s): could not write its log entry", shown, status)
         if error is not None:
-            result = ToolResult(slug=slug, error=str(error), error_kind=error.kind, retry_after=error.retry_after,
+            result = ToolResult(slug=shown, error=str(error), error_kind=error.kind, retry_after=error.retry_after,
                                 duration=duration)
         else:
             assert routed is not None
             result = ToolResult(slug=slug, data=routed.data, offload=routed.offload, duration=duration)
-        self._workbench.store.log(self.session_id, "tool", error.kind if error else "ok", duration, {
-            "slug": slug, "error": str(error)[:2000] if error else None,
-            "offload": result.offload.id if result.offload else None,
-            "bytes": result.offload.bytes if result.offload else None,
-        }, touch=False)
-        self.log.debug("tool %s %s in %.3fs", slug, error.kind if error else "ok", duration)
+        self.log.debug("tool %s %s in %.3fs", shown, status, duration)
         return result
 
     def _current_config(self) -> SessionConfig:

@@ -1,7 +1,8 @@
 """run_tool, run_tools, list_tools, tool_schema: call the host's tools from the sandbox, through the bridge.
 
-The sandbox has no network: requests go over a ZMQ socket in /run/workbench, to the host, which checks the
-session's allowlist, runs the tool with the user's credentials (never seen here) and answers.
+The sandbox has no network: requests go over a Unix socket in /run/workbench to the host, which checks the
+session's allowlist, runs the tool with the user's credentials (never seen here) and answers. The wire
+format is in `protocol`.
 """
 from __future__ import annotations
 
@@ -9,17 +10,16 @@ import heapq
 import itertools
 import json
 import random
+import select
+import socket
 import threading
 import time
 from collections import deque
 from typing import Any
 
-import zmq
-
+from .protocol import HEADER, MAX_REQUEST, SANDBOX_PATH, VERSION
 from .responses import responses, tables
 
-BRIDGE = "ipc:///run/workbench/bridge"
-MAX_REQUEST = 8 << 20  # the host refuses larger requests
 ANSWER_GRACE = 30.0  # beyond a call's timeout, how long to wait for the host before giving up on an answer
 DEFAULT_TIMEOUT = 60.0
 
@@ -29,8 +29,8 @@ _ids = itertools.count(1)
 
 class ToolError(Exception):
     """Why a tool call failed. `kind`: not_found, not_allowed, invalid_arguments, tool_error, rate_limited,
-    timeout, not_serialisable, workspace_full, busy, bad_request or no_answer. Returned, not raised: `raise
-    error` if you want it raised."""
+    timeout, not_serialisable, workspace_full, workspace_error, session_closed, busy, bad_request, internal or
+    no_answer. Returned, not raised: `raise error` if you want it raised."""
 
     def __init__(self, kind: str, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
@@ -61,24 +61,96 @@ class Offloaded:
         return f"<offloaded response {self.id}: {what} in /workspace/{self.path}>"
 
 
-def _socket() -> zmq.Socket:
-    """One DEALER socket per thread (ZMQ sockets are not thread-safe)."""
-    sock = getattr(_local, "socket", None)
-    if sock is None:
-        sock = zmq.Context.instance().socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.RCVHWM, 100_000)  # answers to a burst of calls must not be dropped
-        sock.connect(BRIDGE)
-        _local.socket = sock
-    return sock
+class _Connection:
+    """A connection to the bridge, non-blocking: replies are read while requests are sent, so neither side
+    waits on the other."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.sock.connect(SANDBOX_PATH)
+        except OSError:
+            self.sock.close()
+            raise
+        self.sock.setblocking(False)
+        self.poller = select.poll()
+        self.poller.register(self.sock, select.POLLIN)
+        self.out = bytearray()
+        self.sent = 0
+        self.inbox = bytearray()
+        self.closed = False
+
+    def queue(self, request: dict[str, Any]) -> None:
+        self.out += _encode(request)
+
+    def pump(self, timeout: float) -> list[dict[str, Any]]:
+        """Send what is queued and read what arrived, waiting at most `timeout` seconds for either."""
+        want = select.POLLIN | (select.POLLOUT if self.sent < len(self.out) else 0)
+        self.poller.modify(self.sock, want)
+        events = self.poller.poll(max(0.0, timeout) * 1000)
+        replies: list[dict[str, Any]] = []
+        for _, event in events:
+            if event & select.POLLOUT:
+                try:
+                    self.sent += self.sock.send(memoryview(self.out)[self.sent:self.sent + (1 << 20)])
+                except BlockingIOError:
+                    pass
+                if self.sent == len(self.out) or self.sent > (8 << 20):
+                    del self.out[:self.sent]
+                    self.sent = 0
+            if event & (select.POLLIN | select.POLLHUP | select.POLLERR):
+                try:
+                    data = self.sock.recv(1 << 20)
+                except BlockingIOError:
+                    data = None
+                if data == b"":
+                    self.close()
+                    raise ConnectionError("the bridge closed the connection")
+                if data:
+                    self.inbox += data
+                    replies += self._frames()
+        return replies
+
+    def _frames(self) -> list[dict[str, Any]]:
+        frames, start = [], 0
+        while len(self.inbox) - start >= HEADER:
+            size = int.from_bytes(self.inbox[start:start + HEADER], "big")
+            if len(self.inbox) - start - HEADER < size:
+                break
+            frames.append(json.loads(self.inbox[start + HEADER:start + HEADER + size]))
+            start += HEADER + size
+        del self.inbox[:start]
+        return frames
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.sock.close()
+            if getattr(_local, "connection", None) is self:
+                _local.connection = None
+
+
+def _connection() -> _Connection:
+    """This thread's connection to the bridge, opened again when the host closed it (a kernel restart, a host
+    process that took the session over)."""
+    connection = getattr(_local, "connection", None)
+    if connection is not None and not connection.closed:
+        try:
+            connection.pump(0)  # notices a connection the host closed since the last call
+        except OSError:
+            connection = None
+    if connection is None or connection.closed:
+        connection = _local.connection = _Connection()
+    return connection
 
 
 def _encode(request: dict[str, Any]) -> bytes:
+    request["v"] = VERSION
     payload = json.dumps(request, default=str).encode()
     if len(payload) > MAX_REQUEST:
         raise ToolError("bad_request", f"the request is {len(payload):,} bytes; the bridge takes at most "
                                        f"{MAX_REQUEST:,}: write large inputs to a file and pass its path")
-    return payload
+    return len(payload).to_bytes(HEADER, "big") + payload
 
 
 def _outcome(reply: dict[str, Any]) -> tuple[Any, ToolError | None]:
@@ -89,18 +161,30 @@ def _outcome(reply: dict[str, Any]) -> tuple[Any, ToolError | None]:
     return None, ToolError(reply.get("kind") or "error", reply.get("error") or "failed", reply.get("retry_after"))
 
 
+def _no_answer(why: str) -> dict[str, Any]:
+    return {"ok": False, "kind": "no_answer", "error": why}
+
+
 def _ask(request: dict[str, Any], wait: float) -> dict[str, Any]:
-    """Send one request and wait for its answer (other answers on this socket are stale: dropped)."""
-    sock = _socket()
+    """Send one request and wait for its answer (other answers on this connection are stale: dropped)."""
     request["id"] = next(_ids)
-    sock.send(_encode(request))
+    payload = _encode(request)
+    try:
+        connection = _connection()
+    except OSError as exc:
+        return _no_answer(f"cannot reach the tool bridge: {exc}")
+    connection.out += payload
     deadline = time.monotonic() + wait
-    while (left := deadline - time.monotonic()) > 0:
-        if sock.poll(left * 1000):
-            reply = json.loads(sock.recv())
-            if reply.get("id") == request["id"]:
-                return reply
-    return {"ok": False, "kind": "no_answer", "error": f"the host did not answer within {wait:.0f}s"}
+    try:
+        while (left := deadline - time.monotonic()) > 0:
+            for reply in connection.pump(left):
+                if reply.get("id") == request["id"]:
+                    return reply
+    except OSError as exc:
+        connection.close()
+        return _no_answer(f"the tool bridge closed the connection ({exc}); the host may be restarting")
+    connection.close()  # a half-sent request or a late answer must not confuse the next call
+    return _no_answer(f"the host did not answer within {wait:.0f}s")
 
 
 def run_tool(slug: str, arguments: dict[str, Any] | None = None, *, timeout: float | None = None,
@@ -152,13 +236,22 @@ def run_tools(calls: list[Any], *, max_workers: int = 16, retries: int = 3, time
     waiting: list[tuple[float, int]] = []  # (due, index) of rate-limited calls
     inflight: dict[int, tuple[int, float]] = {}  # request id -> (index, deadline)
     wait = (timeout or DEFAULT_TIMEOUT) + ANSWER_GRACE
-    sock = _socket()
+    connection: _Connection | None = None
     shown = _Progress(total) if progress and total else None
     done = errors = retried = 0
     while done < total:
         now = time.monotonic()
         while waiting and waiting[0][0] <= now:
             ready.append(heapq.heappop(waiting)[1])
+        if ready and (connection is None or connection.closed):
+            try:
+                connection = _connection()
+            except OSError as exc:  # the bridge cannot be reached: every call still to make fails alike
+                for index in ready:
+                    results[index] = (None, ToolError("no_answer", f"cannot reach the tool bridge: {exc}"))
+                done, errors = done + len(ready), errors + len(ready)
+                ready.clear()
+                continue
         while ready and len(inflight) < max(1, max_workers):
             index = ready.popleft()
             slug, arguments = normalised[index]
@@ -167,19 +260,24 @@ def run_tools(calls: list[Any], *, max_workers: int = 16, retries: int = 3, time
                 continue
             rid = next(_ids)
             try:
-                sock.send(_encode({"id": rid, "op": "call", "slug": slug, "arguments": arguments,
-                                   "timeout": timeout, "sync": sync_to_workbench}))
+                assert connection is not None
+                connection.queue({"id": rid, "op": "call", "slug": slug, "arguments": arguments,
+                                  "timeout": timeout, "sync": sync_to_workbench})
             except ToolError as error:
                 results[index], done, errors = (None, error), done + 1, errors + 1
                 continue
             inflight[rid] = (index, now + wait)
         next_due = min([d for d, _ in waiting[:1]] + [deadline for _, deadline in inflight.values()] + [now + 0.25])
-        if inflight and sock.poll(max(0.0, next_due - time.monotonic()) * 1000):
-            while True:
-                try:
-                    reply = json.loads(sock.recv(zmq.NOBLOCK))
-                except zmq.Again:
-                    break
+        if inflight and connection is not None:
+            try:
+                replies = connection.pump(next_due - time.monotonic())
+            except OSError as exc:  # calls already sent may have run: they are not sent again
+                for index, _ in inflight.values():
+                    results[index] = (None, ToolError("no_answer", f"the tool bridge closed the connection ({exc})"))
+                done, errors = done + len(inflight), errors + len(inflight)
+                inflight.clear()
+                replies = []
+            for reply in replies:
                 entry = inflight.pop(reply.get("id"), None)
                 if entry is None:
                     continue  # an answer to a call given up on
