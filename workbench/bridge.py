@@ -252,8 +252,10 @@ class _LoopState:
             served.queued = False
             if served.closed or not served.waiting or served.holding >= CONCURRENCY:
                 continue
-            call = served.waiting.popleft()
-            served.waiting_bytes -= call.small_bytes
+            call = served.next_live_call()
+            served.resume_if_room()
+            if call is None:
+                continue
             served.holding += 1
             self.running += 1
             call.timer = self.loop.call_later(call.limit, self.expire, call)
@@ -261,7 +263,6 @@ class _LoopState:
             if served.waiting and served.holding < CONCURRENCY:
                 served.queued = True
                 self.ready.append(served)
-            served.resume_if_room()
 
     def work(self, call: _Call) -> None:
         """On a pool thread: run the request through the session's pipeline."""
@@ -328,6 +329,18 @@ class _Served:
         self.waiting.append(call)
         self.waiting_bytes += call.small_bytes
         self.state.schedule(self)
+
+    def next_live_call(self) -> _Call | None:
+        """The next waiting call whose connection is still open (nobody would read the others' answers: they
+        are dropped unrun)."""
+        while self.waiting:
+            call = self.waiting.popleft()
+            self.waiting_bytes -= call.small_bytes
+            if not call.connection.gone:
+                return call
+            if call.big:
+                self.release_big()
+        return None
 
     def has_room(self) -> bool:
         return len(self.waiting) < MAX_WAITING and self.waiting_bytes < WAITING_BYTES
@@ -430,15 +443,16 @@ class _Connection(asyncio.Protocol):
             end = self.offset + wire.HEADER + size
             if len(buffer) < end:
                 break
-            payload = bytes(buffer[self.offset + wire.HEADER:end])
+            with memoryview(buffer) as view:
+                payload = bytes(view[self.offset + wire.HEADER:end])
             self.offset = end
             self.holding_big = False  # the permit goes with the call
             self.request(payload, big)
             if not served.has_room():
                 served.full.append(self)
                 self.pause("full")
-        if self.offset:
-            del buffer[:self.offset]
+        if self.offset:  # a new buffer, so that one large frame's memory is not kept for the connection's life
+            self.buffer = buffer[self.offset:]
             self.offset = 0
 
     def request(self, payload: bytes, big: bool) -> None:

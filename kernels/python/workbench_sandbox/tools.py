@@ -87,7 +87,7 @@ class _Connection:
         """Send what is queued and read what arrived, waiting at most `timeout` seconds for either."""
         want = select.POLLIN | (select.POLLOUT if self.sent < len(self.out) else 0)
         self.poller.modify(self.sock, want)
-        events = self.poller.poll(max(0.0, timeout) * 1000)
+        events = self.poller.poll(min(max(0.0, timeout), 3600.0) * 1000)  # poll takes at most 2^31 ms
         replies: list[dict[str, Any]] = []
         for _, event in events:
             if event & select.POLLOUT:
@@ -131,17 +131,30 @@ class _Connection:
 
 
 def _connection() -> _Connection:
-    """This thread's connection to the bridge, opened again when the host closed it (a kernel restart, a host
-    process that took the session over)."""
+    """This thread's connection to the bridge."""
     connection = getattr(_local, "connection", None)
-    if connection is not None and not connection.closed:
-        try:
-            connection.pump(0)  # notices a connection the host closed since the last call
-        except OSError:
-            connection = None
     if connection is None or connection.closed:
         connection = _local.connection = _Connection()
     return connection
+
+
+def _send_now(payload: bytes) -> _Connection:
+    """Send a request on this thread's connection, opening it again when the host closed it since the last
+    call (a kernel restart, a host process that took the session over): nothing was delivered then."""
+    for attempt in (0, 1):
+        connection = _connection()
+        try:
+            sent = connection.sock.send(payload) if not connection.out else 0
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            connection.close()
+            if attempt:
+                raise
+            continue
+        connection.out += payload[sent:]
+        return connection
+    raise AssertionError("unreachable")
 
 
 def _encode(request: dict[str, Any]) -> bytes:
@@ -170,10 +183,9 @@ def _ask(request: dict[str, Any], wait: float) -> dict[str, Any]:
     request["id"] = next(_ids)
     payload = _encode(request)
     try:
-        connection = _connection()
+        connection = _send_now(payload)
     except OSError as exc:
         return _no_answer(f"cannot reach the tool bridge: {exc}")
-    connection.out += payload
     deadline = time.monotonic() + wait
     try:
         while (left := deadline - time.monotonic()) > 0:
