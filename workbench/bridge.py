@@ -19,6 +19,7 @@ import asyncio
 import itertools
 import logging
 import os
+import resource
 import secrets
 import socket
 import stat
@@ -100,12 +101,11 @@ class BridgeServer:
 
     def close(self) -> None:
         with self._lock:
-            loop, thread, state = self._loop, self._thread, self._state
+            loop, thread = self._loop, self._thread
             self._loop = self._thread = self._state = None
         self._bound.clear()
-        if loop is not None and loop.is_running() and state is not None:
-            asyncio.run_coroutine_threadsafe(state.close(), loop).result(_BIND_TIMEOUT)
-            loop.call_soon_threadsafe(loop.stop)
+        if loop is not None and loop.is_running():
+            loop.call_soon_threadsafe(loop.stop)  # the loop's thread closes its sockets as it ends
         if thread is not None:
             thread.join(timeout=5)
         self._pool.shutdown(wait=False)
@@ -130,8 +130,8 @@ class BridgeServer:
             loop.set_exception_handler(_log_loop_error)
             self._state = _LoopState(loop, self._pool, self._tool_timeout)
             started = threading.Event()
-            self._thread = threading.Thread(target=_serve, args=(loop, started), name="workbench-bridge",
-                                            daemon=True)
+            self._thread = threading.Thread(target=_serve, args=(loop, self._state, started),
+                                            name="workbench-bridge", daemon=True)
             self._thread.start()
             started.wait()
             self._loop = loop
@@ -142,7 +142,7 @@ class BridgeServer:
         return await self._state.bind(session)
 
 
-def _serve(loop: asyncio.AbstractEventLoop, started: threading.Event) -> None:
+def _serve(loop: asyncio.AbstractEventLoop, state: _LoopState, started: threading.Event) -> None:
     asyncio.set_event_loop(loop)
     loop.call_soon(started.set)
     try:
@@ -150,10 +150,12 @@ def _serve(loop: asyncio.AbstractEventLoop, started: threading.Event) -> None:
     except BaseException:  # the loop must not die quietly: the next ensure() starts another
         log.exception("tool bridge: the loop stopped")
     finally:
-        try:
+        try:  # close every socket it served, so that sandboxes reconnect to the next loop's
+            loop.run_until_complete(state.close())
+            loop.run_until_complete(asyncio.sleep(0))
             loop.close()
-        except Exception:  # closing a loop that failed: nothing more to save
-            pass
+        except BaseException:
+            log.exception("tool bridge: could not close the loop's sockets")
 
 
 def _log_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
@@ -207,6 +209,10 @@ class _LoopState:
         self.endpoints: dict[str, _Served] = {}
         self.ready: deque[_Served] = deque()  # sessions with calls waiting and a thread they may use
         self.running = 0  # calls holding a pool thread, all sessions
+        self.connections = 0  # open connections, all sessions
+        # a quarter of the process's descriptors at most, whatever the sandboxes do: the rest stay for kernel
+        # clients and files
+        self.max_connections = max(256, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4)
 
     async def bind(self, session: Endpoint) -> tuple[int, int]:
         await self.unbind(session.session_id)
@@ -321,7 +327,8 @@ class _Served:
         self.full: list[_Connection] = []  # connections not read because too much is waiting
 
     def accepts(self) -> bool:
-        return not self.closed and len(self.connections) < MAX_CONNECTIONS
+        return (not self.closed and len(self.connections) < MAX_CONNECTIONS
+                and self.state.connections < self.state.max_connections)
 
     def submit(self, connection: _Connection, request: wire.Request, size: int, big: bool) -> None:
         limit = wire.bounded_timeout(request.timeout, self.state.tool_timeout())
@@ -408,11 +415,14 @@ class _Connection(asyncio.Protocol):
             transport.abort()
             return
         self.served.connections.add(self)
+        self.served.state.connections += 1
         transport.set_write_buffer_limits(high=WRITE_HIGH)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.gone = True
-        self.served.connections.discard(self)
+        if self in self.served.connections:
+            self.served.connections.discard(self)
+            self.served.state.connections -= 1
         if self.holding_big:
             self.holding_big = False
             self.served.release_big()

@@ -15,7 +15,14 @@ import re
 from typing import Annotated, Any, Literal, get_args
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+)
 
 VERSION = 1
 SOCKET = "bridge"  # its name in the runtime dir
@@ -75,7 +82,7 @@ def parse_request(payload: bytes) -> Request:
     try:
         raw = orjson.loads(payload)
     except orjson.JSONDecodeError:
-        raise BadRequest("request is not JSON (or nests too deep, or holds an integer past 64 bits)") from None
+        raise BadRequest("request is not JSON (or nests too deep)") from None
     if not isinstance(raw, dict):
         raise BadRequest("request must be a JSON object")
     rid = raw.get("id")

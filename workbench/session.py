@@ -11,8 +11,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .bridge_protocol import MAX_INLINE, error_reply
+from .bridge_protocol import SLUG as _SLUG
+from .bridge_protocol import Request as BridgeRequest
 from .config import Limits
-from .bridge_protocol import MAX_INLINE, SLUG as _SLUG, Request as BridgeRequest, error_reply
 from .errors import FileError, SessionClosedError, SessionError, WorkspaceFullError
 from .execution import Callbacks
 from .files import Files

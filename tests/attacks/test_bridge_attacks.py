@@ -67,7 +67,7 @@ def pair(wb: Workbench) -> Iterator[tuple[Session, Session]]:
 def run(session: Session, code: str, timeout: float = 120) -> Any:
     result = session.execute(code, timeout=timeout)
     assert result.error is None and not result.timed_out, str(result)
-    return eval(result.text) if result.text is not None else None  # noqa: S307 - literals printed by the kernel
+    return eval(result.text) if result.text is not None else None
 
 
 def victim_is_served(victim: Session) -> float:
@@ -233,3 +233,17 @@ def _rss() -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise AssertionError("no VmRSS")
+
+
+def test_a_bridge_loop_that_dies_is_started_again(wb: Workbench, pair: tuple[Session, Session]) -> None:
+    attacker, victim = pair
+    loop = wb._bridge._running_loop()
+    loop.call_soon_threadsafe(_raise_system_exit)  # the worst a bug in the loop could do: end its thread
+    time.sleep(0.5)
+    assert not loop.is_running()
+    assert run(attacker, "run_tool('ATTACK_SLEEP', {'pad': 'again'})") == (5, None)  # bound anew, served
+    victim_is_served(victim)
+
+
+def _raise_system_exit() -> None:
+    raise SystemExit("a bug in the bridge loop")

@@ -7,7 +7,7 @@ import shutil
 from .responses import responses, tables
 from .tools import Offloaded, ToolError, list_tools, run_tool, run_tools, tool_schema
 
-__all__ = ["responses", "tables", "run_tool", "run_tools", "list_tools", "tool_schema", "ToolError", "Offloaded"]
+__all__ = ["Offloaded", "ToolError", "list_tools", "responses", "run_tool", "run_tools", "tables", "tool_schema"]
 
 _MPL_CACHE = "/opt/workbench/mplcache"
 

@@ -88,14 +88,14 @@ class Tables(_Loaded):
         if path is None:
             raise KeyError(f"no table {rid!r} in {RESPONSES_DIR}")
         import pyarrow as pa
-        import pyarrow.ipc as ipc
+        from pyarrow import ipc
 
         return ipc.open_file(pa.memory_map(path)).read_all()
 
     def _load(self, path: str) -> Any:
         import pandas as pd
         import pyarrow as pa
-        import pyarrow.ipc as ipc
+        from pyarrow import ipc
 
         table = ipc.open_file(pa.memory_map(path)).read_all()
         return table.to_pandas(types_mapper=pd.ArrowDtype)
