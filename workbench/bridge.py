@@ -16,6 +16,7 @@ sandbox plants is ever followed.
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
 import logging
 import os
@@ -89,7 +90,11 @@ class BridgeServer:
             except OSError:
                 pass
         future = asyncio.run_coroutine_threadsafe(self._bind(session), loop)
-        self._bound[session.session_id] = future.result(_BIND_TIMEOUT)
+        try:
+            self._bound[session.session_id] = future.result(_BIND_TIMEOUT)
+        except Exception as exc:  # what the sandbox did to its runtime dir must not fail the execution
+            log.warning("tool bridge: cannot serve session %s (%s: %s); its tool calls will fail until this "
+                        "is fixed", session.session_id, type(exc).__name__, exc)
 
     def stop(self, session_id: str) -> None:
         """Stop serving a session (closed, or handed to another process)."""
@@ -183,7 +188,14 @@ def bind_socket(runtime_dir: Path) -> socket.socket:
             sock.bind(f"/proc/self/fd/{folder}/{wire.SOCKET}")
             os.chown(wire.SOCKET, sandbox_uid(), sandbox_uid(), dir_fd=folder, follow_symlinks=False)
             os.chmod(wire.SOCKET, 0o600, dir_fd=folder)  # nobody but this user can add a link here
-            os.rename(wire.SOCKET, wire.SOCKET, src_dir_fd=folder, dst_dir_fd=runtime)
+            try:
+                os.rename(wire.SOCKET, wire.SOCKET, src_dir_fd=folder, dst_dir_fd=runtime)
+            except (IsADirectoryError, OSError) as exc:
+                if exc.errno not in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                # the sandbox made a folder there: moved aside (in its own runtime dir), not entered
+                os.rename(wire.SOCKET, f".displaced-{secrets.token_hex(8)}", src_dir_fd=runtime, dst_dir_fd=runtime)
+                os.rename(wire.SOCKET, wire.SOCKET, src_dir_fd=folder, dst_dir_fd=runtime)
         finally:
             os.close(folder)
             try:

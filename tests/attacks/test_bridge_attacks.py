@@ -247,3 +247,39 @@ def test_a_bridge_loop_that_dies_is_started_again(wb: Workbench, pair: tuple[Ses
 
 def _raise_system_exit() -> None:
     raise SystemExit("a bug in the bridge loop")
+
+
+def test_what_a_sandbox_puts_at_its_bridge_path_never_fails_an_execute(pair: tuple[Session, Session]) -> None:
+    attacker, victim = pair
+    # a folder where the socket goes: moved aside, the socket bound again, the cell runs
+    result = attacker.execute("import os; os.remove('/run/workbench/bridge'); os.makedirs('/run/workbench/bridge/x')")
+    assert result.error is None
+    assert run(attacker, "run_tool('ATTACK_SLEEP', {'pad': 'dir'})") == (3, None)
+    victim_is_served(victim)
+
+
+def test_a_full_runtime_dir_only_cuts_its_own_sandbox_off(pair: tuple[Session, Session]) -> None:
+    attacker, victim = pair
+    assert os.path.ismount(attacker.runtime_dir), "the runtime dir must be a size-capped filesystem of its own"
+    # filled to the brim: the bridge cannot be bound again, the execution still runs, only its tool calls fail
+    attacker.execute("""
+import os
+os.remove('/run/workbench/bridge')
+try:
+    with open('/run/workbench/fill', 'wb') as f:
+        while True:
+            f.write(b'x' * (1 << 20))
+except OSError:
+    pass
+i = 0
+try:
+    while True:
+        os.mkdir(f'/run/workbench/d{i}'); i += 1
+except OSError:
+    pass
+""", timeout=60)
+    result = attacker.execute("1 + 1")
+    assert result.text == "2"
+    attacker.restart()
+    assert run(attacker, "run_tool('ATTACK_SLEEP', {'pad': 'back'})") == (4, None)
+    victim_is_served(victim)
