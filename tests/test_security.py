@@ -29,6 +29,13 @@ def test_no_capabilities_and_no_new_privileges(session: Session) -> None:
     assert fields["NoNewPrivs"].strip() == "1"
 
 
+def test_seccomp_is_reported_and_on_when_the_engine_says_so(wb: Workbench, session: Session) -> None:
+    status = run(session, "print(open('/proc/self/status').read())")
+    fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+    engine_has_seccomp = any(option.startswith("name=seccomp") for option in wb.engine_security)
+    assert (fields["Seccomp"].strip() == "2") == engine_has_seccomp  # 2: a filter is applied
+
+
 def test_no_network(session: Session) -> None:
     assert run(session, "import os\nprint(sorted(os.listdir('/sys/class/net')))") == "['lo']"
     out = run(

@@ -24,7 +24,7 @@ from . import image as images
 from .config import DEFAULT_IMAGE, Limits, default_home, default_runtime_root
 from .bridge import BridgeServer
 from .container import LABEL_KERNEL
-from .docker_client import connect
+from .docker_client import connect, security_options
 from .errors import DockerUnavailableError, SessionClosedError, SessionError, SessionNotFoundError
 from .kernel import Kernel
 from .pool import LABEL_POOL, WarmPool, owner_alive
@@ -80,6 +80,8 @@ class Workbench:
         self.execute_timeout = execute_timeout
         self.output_limit = output_limit
         self.docker = docker_client or connect()
+        self.engine_security = security_options(self.docker)
+        """The engine's security options as it reports them (seccomp, AppArmor, user namespaces...)."""
         self.runtime_root = default_runtime_root()
         # Containers are labelled with their home so that two workbenches on one engine never touch each other's.
         self.home_label = hashlib.sha256(str(self.home.resolve()).encode()).hexdigest()[:16]
