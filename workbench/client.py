@@ -23,7 +23,7 @@ from requests import RequestException
 from . import image as images
 from .config import DEFAULT_IMAGE, Limits, default_home, default_runtime_root
 from .bridge import BridgeServer
-from .container import LABEL_KERNEL
+from .container import LABEL_KERNEL, check_sandbox_uid, private_dir
 from .docker_client import connect
 from .errors import DockerUnavailableError, SessionClosedError, SessionError, SessionNotFoundError
 from .kernel import Kernel
@@ -31,6 +31,7 @@ from .pool import LABEL_POOL, WarmPool, owner_alive
 from .session import Session
 from .store import SessionConfig, SessionRecord, Store
 from .tools import RateLimited, Tool, ToolCallError, ToolContext, ToolRegistry
+from .workspace import Workspace, quota_support, release_runtime_dir
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -81,6 +82,11 @@ class Workbench:
         self.output_limit = output_limit
         self.docker = docker_client or connect()
         self.runtime_root = default_runtime_root()
+        # Private to the host user: another host uid reaches no workspace, kernel.json (its HMAC key) or bridge.
+        check_sandbox_uid()
+        for root in (self.home, self.workspaces_root, self.runtime_root):
+            private_dir(root)
+        self.disk_quota = quota_support(self.workspaces_root)[0]  # warns once when workspaces are plain folders
         # Containers are labelled with their home so that two workbenches on one engine never touch each other's.
         self.home_label = hashlib.sha256(str(self.home.resolve()).encode()).hexdigest()[:16]
         self.store = Store(self.home / "workbench.db")
@@ -101,6 +107,10 @@ class Workbench:
         if idle_timeout:
             self._reaper = threading.Thread(target=self._reap, name="workbench-reaper", daemon=True)
             self._reaper.start()
+
+    @property
+    def workspaces_root(self) -> Path:
+        return self.home / "workspaces"
 
     def build_image(self, progress: Callable[[str], None] = lambda _: None, force: bool = False) -> bool:
         """Build the kernel image when missing or stale. Returns True when it built."""
@@ -230,6 +240,8 @@ class Workbench:
                 continue
             if _remove(container):
                 report.removed.append(f"{container.name}: {reason}")
+            if record is None or record.status != "open" or reason.startswith("kernel "):
+                self._release_runtime_dir(session_id)
         if self.idle_timeout:
             idle_before = time.time() - self.idle_timeout
             for record in self.store.list():
@@ -237,10 +249,27 @@ class Workbench:
                     continue
                 if self.store.release_kernel(record.session_id, record.kernel.kernel_id, idle_before=idle_before):
                     self._remove_containers(record.session_id, record.kernel.kernel_id)
+                    self._release_runtime_dir(record.session_id)
                     report.stopped.append(record.session_id)
                     log.info("stopped the kernel of session %s, idle since %s", record.session_id,
                              time.ctime(record.last_used_at), extra={"session_id": record.session_id})
         return report
+
+    def _release_runtime_dir(self, session_id: str) -> None:
+        """Unmount and remove a session's runtime dir once no kernel of it runs (checked again just before, as
+        another process may have started one on the session's next use)."""
+        if not session_id or "/" in session_id or session_id.startswith("."):
+            return
+        try:
+            record = self.store.get(session_id)
+            if record.status == "open" and record.kernel is not None:
+                return
+        except SessionNotFoundError:
+            pass
+        try:
+            release_runtime_dir(self.runtime_root / session_id)
+        except OSError as exc:
+            log.warning("could not remove the runtime dir of session %s: %s", session_id, exc)
 
     def _reap(self) -> None:
         assert self.idle_timeout
@@ -305,7 +334,7 @@ class Workbench:
         return Kernel(
             self.docker,
             image=self.image,
-            workspace=self.home / "workspaces" / session_id,
+            workspace=Workspace(self.workspaces_root / session_id, limits.workspace_size),
             runtime_dir=self.runtime_root / session_id,
             limits=limits,
             labels=labels,
