@@ -25,7 +25,7 @@ from .config import DEFAULT_IMAGE, Limits, default_home, default_runtime_root
 from .bridge import BridgeServer
 from .container import LABEL_KERNEL, check_sandbox_uid, private_dir
 from .docker_client import connect
-from .errors import DockerUnavailableError, SessionClosedError, SessionError, SessionNotFoundError
+from .errors import DockerUnavailableError, SessionClosedError, SessionError, SessionNotFoundError, WorkbenchError
 from .kernel import Kernel
 from .pool import LABEL_POOL, WarmPool, owner_alive
 from .session import Session
@@ -242,6 +242,7 @@ class Workbench:
                 report.removed.append(f"{container.name}: {reason}")
             if record is None or record.status != "open" or reason.startswith("kernel "):
                 self._release_runtime_dir(session_id)
+            self._release_workspace(session_id, record, pooled=LABEL_POOL in container.labels)
         if self.idle_timeout:
             idle_before = time.time() - self.idle_timeout
             for record in self.store.list():
@@ -270,6 +271,18 @@ class Workbench:
             release_runtime_dir(self.runtime_root / session_id)
         except OSError as exc:
             log.warning("could not remove the runtime dir of session %s: %s", session_id, exc)
+
+    def _release_workspace(self, session_id: str, record: SessionRecord | None, pooled: bool) -> None:
+        """A closed session's workspace is unmounted (kept); a dead warm pool's never-used one is removed."""
+        if not session_id or "/" in session_id or session_id.startswith("."):
+            return
+        try:
+            if record is not None and record.status != "open":
+                Workspace(self.workspaces_root / session_id, record.config.limits.workspace_size).unmount()
+            elif record is None and pooled:
+                Workspace(self.workspaces_root / session_id, self.limits.workspace_size).destroy()
+        except (OSError, WorkbenchError) as exc:
+            log.warning("could not release the workspace of session %s: %s", session_id, exc)
 
     def _reap(self) -> None:
         assert self.idle_timeout

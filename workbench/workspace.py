@@ -182,19 +182,23 @@ class Workspace:
 
     def _create_image(self) -> None:
         """A sparse image whose ext4 has at least `size` bytes free (ext4's own overhead comes on top)."""
-        target = _image_sizes.get(self.size, self.size + self.size // 32 + (256 << 10))
-        for _ in range(4):
+        target = _image_sizes.get(self.size, self.size + self.size // 25 + (128 << 10))
+        for _ in range(6):
             fd = os.open(self.image, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             try:
                 os.ftruncate(fd, target)
             finally:
                 os.close(fd)
-            _run([*_MKFS, "-E", f"root_owner={SANDBOX_UID}:{SANDBOX_UID}", str(self.image)])
-            free = _free_bytes(self.image)
-            if free >= self.size:
+            _run([*_MKFS, *_layout(self.size), "-E", f"root_owner={SANDBOX_UID}:{SANDBOX_UID}", str(self.image)])
+            fields = _dumpe2fs(self.image)
+            block = int(fields["Block size"])
+            free = int(fields["Free blocks"]) * block
+            # ext4 keeps min(2%, 4096 blocks) back for delayed allocation: not available to files
+            wanted = self.size + min(self.size // 50, 4096 * block)
+            if free >= wanted:
                 _image_sizes[self.size] = target
                 return
-            target += (self.size - free) + (self.size - free) // 8 + (64 << 10)
+            target += (wanted - free) + (wanted - free) // 8 + 4 * block
         raise WorkspaceError(f"could not make a filesystem of {self.size} bytes at {self.image}")
 
     def _mount(self) -> None:
@@ -242,17 +246,12 @@ class Workspace:
             raise SessionError("unmount the workspace before resizing it offline")
         self._resize_offline(size)
 
-    def _target(self, size: int) -> int:
-        current = os.stat(self.image).st_size
-        return max(size + 4096, current + (size - self.size) + (size - self.size) // 16) if size > self.size \
-            else size + (current - self.size)
-
     def _grow_online(self, size: int) -> bool:
         device = self._loop_device()
         if device is None:
             return False
         before = os.stat(self.image).st_size
-        os.truncate(self.image, self._target(size))
+        os.truncate(self.image, before + (size - self.size) + (size - self.size) // 16)
         try:
             _run(["losetup", "-c", device])
             _run(["resize2fs", device])
@@ -272,19 +271,28 @@ class Workspace:
         else:
             raise SessionError("the workspace image is still in use; stop its kernel first")
         subprocess.run(["e2fsck", "-f", "-p", str(self.image)], check=False, capture_output=True, timeout=300)
-        target = self._target(size)
-        blocks = _block_size(self.image)
-        if target > os.stat(self.image).st_size:
-            os.truncate(self.image, target)
-            _run(["resize2fs", str(self.image)])
-        else:
-            proc = subprocess.run(["resize2fs", str(self.image), f"{target // blocks}"], check=False, capture_output=True,
-                                  text=True, timeout=300)
-            if proc.returncode != 0:
-                raise SessionError(f"cannot shrink the workspace to {size} bytes: {proc.stderr.strip()}")
-            os.truncate(self.image, target)
-        if _free_bytes(self.image) + 0 < min(size, self.size):
-            log.warning("workspace %s: fewer free bytes than asked after resizing", self.path.name)
+        before = _dumpe2fs(self.image)
+        block = int(before["Block size"])
+        # blocks the files hold: neither free nor ext4's own (inode tables, journal, bitmaps)
+        files = (int(before["Block count"]) - int(before["Free blocks"])
+                 - int(before.get("Overhead clusters", "0"))) * block
+        target = _image_sizes.get(size, size + size // 25 + (128 << 10))
+        for _ in range(6):
+            if target >= os.stat(self.image).st_size:
+                os.truncate(self.image, target)
+                _run(["resize2fs", str(self.image)])
+            else:
+                proc = subprocess.run(["resize2fs", str(self.image), str(target // block)], check=False,
+                                      capture_output=True, text=True, timeout=300)
+                if proc.returncode != 0:
+                    raise SessionError(f"cannot shrink the workspace to {size} bytes (its files, or the journal "
+                                       f"and inodes of its filesystem, need more): {proc.stderr.strip()}")
+                os.truncate(self.image, target // block * block)
+            free = int(_dumpe2fs(self.image)["Free blocks"]) * block
+            wanted = size + min(size // 50, 4096 * block)
+            if free + max(files, 0) >= wanted:
+                break
+            target += (wanted - free - files) + (wanted - free - files) // 8 + 4 * block
         self.size = size
 
     def _loop_device(self) -> str | None:
@@ -312,6 +320,17 @@ class Workspace:
                 raise WorkspaceError(f"could not remove the workspace {self.path}: {exc}") from exc
 
 
+def _layout(size: int) -> list[str]:
+    """mkfs options that keep ext4's overhead small: a journal of about 1/64 of the size (none below 16 MiB),
+    and fewer inodes on small filesystems than mke2fs's "small" type (which takes 6% for them)."""
+    small = size < 512 << 20  # mke2fs makes 1 KiB blocks below this
+    if size < 16 << 20:
+        journal = ["-O", "^has_journal"]
+    else:
+        journal = ["-J", f"size={max(1 if small else 4, min(64, size // (64 << 20)))}"]
+    return [*journal, *(["-i", "8192"] if small else [])]
+
+
 def _is_empty_dir(path: Path) -> bool:
     try:
         fd = fstree.open_dir(path)
@@ -330,15 +349,6 @@ def _dumpe2fs(image: Path) -> dict[str, str]:
         if sep:
             fields[key.strip()] = value.strip()
     return fields
-
-
-def _free_bytes(image: Path) -> int:
-    fields = _dumpe2fs(image)
-    return int(fields["Free blocks"]) * int(fields["Block size"])
-
-
-def _block_size(image: Path) -> int:
-    return int(_dumpe2fs(image)["Block size"])
 
 
 # runtime dirs ----------------------------------------------------------------------------------------------------
