@@ -23,7 +23,7 @@ from requests import RequestException
 from . import image as images
 from .config import DEFAULT_IMAGE, Limits, default_home, default_runtime_root
 from .bridge import BridgeServer
-from .container import LABEL_KERNEL, check_sandbox_uid, private_dir
+from .container import LABEL_KERNEL, RUNTIME, check_sandbox_uid, private_dir
 from .docker_client import connect
 from .errors import DockerUnavailableError, SessionClosedError, SessionError, SessionNotFoundError, WorkbenchError
 from .kernel import Kernel
@@ -241,7 +241,7 @@ class Workbench:
             if _remove(container):
                 report.removed.append(f"{container.name}: {reason}")
             if record is None or record.status != "open" or reason.startswith("kernel "):
-                self._release_runtime_dir(session_id)
+                self._release_runtime_dir(session_id, _runtime_source(container))
             self._release_workspace(session_id, record, pooled=LABEL_POOL in container.labels)
         if self.idle_timeout:
             idle_before = time.time() - self.idle_timeout
@@ -256,11 +256,14 @@ class Workbench:
                              time.ctime(record.last_used_at), extra={"session_id": record.session_id})
         return report
 
-    def _release_runtime_dir(self, session_id: str) -> None:
-        """Unmount and remove a session's runtime dir once no kernel of it runs (checked again just before, as
-        another process may have started one on the session's next use)."""
-        if not session_id or "/" in session_id or session_id.startswith("."):
-            return
+    def _release_runtime_dir(self, session_id: str, path: Path | None = None) -> None:
+        """Unmount and remove a session's runtime dir (`path`, by default the one under the runtime root) once
+        no kernel of it runs (checked again just before, as another process may have started one on the
+        session's next use)."""
+        if path is None:
+            if not session_id or "/" in session_id or session_id.startswith("."):
+                return
+            path = self.runtime_root / session_id
         try:
             record = self.store.get(session_id)
             if record.status == "open" and record.kernel is not None:
@@ -268,7 +271,7 @@ class Workbench:
         except SessionNotFoundError:
             pass
         try:
-            release_runtime_dir(self.runtime_root / session_id)
+            release_runtime_dir(path)
         except OSError as exc:
             log.warning("could not remove the runtime dir of session %s: %s", session_id, exc)
 
@@ -380,6 +383,14 @@ class Workbench:
 def _age(container: Container) -> float:
     created = datetime.fromisoformat(container.attrs["Created"])
     return time.time() - created.timestamp()
+
+
+def _runtime_source(container: Container) -> Path | None:
+    """The host folder a kernel container had as its runtime dir (as this process mounted it, not the sandbox)."""
+    for mount in container.attrs.get("Mounts") or []:
+        if mount.get("Destination") == RUNTIME and mount.get("Type") == "bind" and mount.get("Source"):
+            return Path(mount["Source"])
+    return None
 
 
 def _remove(container: Container) -> bool:

@@ -15,16 +15,21 @@ from pathlib import Path
 
 import pytest
 
-from workbench import Session, Workbench
-from workbench import fstree
-from workbench.container import SANDBOX_UID
-from workbench.errors import FileError, PathOutsideWorkspaceError, SessionError, WorkspaceFullError
+from workbench import Session, Workbench, fstree
+from workbench.container import SANDBOX_UID, private_dir
+from workbench.errors import (
+    FileError,
+    PathOutsideWorkspaceError,
+    SessionError,
+    WorkbenchError,
+    WorkspaceFullError,
+)
 from workbench.files import Files
 from workbench.offload import route
-from workbench.workspace import RUNTIME_SIZE, is_mount
+from workbench.workspace import RUNTIME_SIZE, Workspace, _probe, is_mount
 
 MiB = 1 << 20
-root_only = pytest.mark.skipif(os.getuid() != 0, reason="per-session filesystems need the host side to run as root")
+root_only = pytest.mark.skipif(not _probe(None)[0], reason="no per-session filesystems here: " + _probe(None)[1])
 
 
 def run(session: Session, code: str, timeout: float = 120) -> str:
@@ -240,7 +245,7 @@ def test_sandboxes_run_as_a_uid_no_host_account_has_and_another_host_user_reache
         proc = subprocess.run(
             [python, "-I", "-c", probe, str(session.workspace / "secret.txt"), str(runtime / "kernel.json"),
              str(wb.home / "workbench.db"), str(session.workspace), str(runtime / "bridge")],
-            user=other, group=other, capture_output=True, text=True, timeout=60, cwd="/")
+            check=False, user=other, group=other, capture_output=True, text=True, timeout=60, cwd="/")
         lines = proc.stdout.split("\n")
         assert proc.returncode == 0, proc.stderr
         assert [line.split()[0] for line in lines if line] == ["refused"] * 5, (other, proc.stdout)
@@ -334,3 +339,38 @@ def test_workspace_size_can_be_changed_and_not_below_what_is_used(wb: Workbench)
         assert 45 * MiB <= seen() <= 52 * MiB
         assert s.files.read("keep.bin") == b"k" * (3 * MiB)
         assert s.limits.workspace_size == 48 * MiB
+
+
+@root_only
+def test_two_processes_never_mount_a_workspace_twice(tmp_path: Path) -> None:
+    root = tmp_path / "workspaces"
+    private_dir(root)
+    disk = Workspace(root / "shared", 8 * MiB)
+    disk.ensure()
+    disk.unmount()  # as after a host restart: the image is there, nothing is mounted
+    assert not is_mount(disk.path)
+    code = ("import sys; from pathlib import Path; from workbench.workspace import Workspace\n"
+            "Workspace(Path(sys.argv[1]), 8 << 20).ensure()")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(disk.path)]) for _ in range(4)]
+    assert [proc.wait(timeout=60) for proc in procs] == [0] * 4
+    mounted = [line for line in _mounts().splitlines() if line.split()[4] == str(disk.path)]
+    assert len(mounted) == 1 and is_mount(disk.path)
+    disk.destroy()
+    assert not os.path.lexists(disk.image) and not os.path.lexists(disk.path)
+
+
+def test_a_runtime_root_that_is_a_symlink_or_someone_elses_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    with pytest.raises(WorkbenchError, match="symlink"):
+        private_dir(tmp_path / "link")
+    loose = tmp_path / "loose"
+    loose.mkdir(mode=0o755)
+    private_dir(loose)  # an existing root is made private
+    assert stat.S_IMODE(loose.stat().st_mode) == 0o700
+    if os.getuid() == 0:
+        theirs = tmp_path / "theirs"
+        theirs.mkdir()
+        os.chown(theirs, 54321, 54321)
+        with pytest.raises(WorkbenchError, match="owned by uid 54321"):
+            private_dir(theirs)
