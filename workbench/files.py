@@ -60,6 +60,7 @@ class _Budget:
         self.used: int | None = None
         self.counted_at = 0.0
         self.writers = 0  # host writes in flight (a recount waits until there are none)
+        self.reserved = 0  # bytes promised to writers in flight and not written yet
 
     def usage(self, files: Files) -> int:
         """Bytes used now (the lock held)."""
@@ -118,8 +119,12 @@ class Files:
         given back when the new one is in place.
         """
         with self.writer(path) as out:
+            if isinstance(data, (bytes, bytearray, memoryview, str)):
+                data = data.encode() if isinstance(data, str) else data
+                out.reserve(memoryview(data).nbytes)  # all or nothing: concurrent writes cannot starve each other
             for chunk in _chunks(data):
                 out.write(chunk)
+        assert out.info is not None
         return out.info
 
     def writer(self, path: str | PurePath) -> Writer:
@@ -393,7 +398,24 @@ class Writer(io.RawIOBase):
         with self._budget.lock:
             self._budget.writers += 1
         self.written = 0
+        self._reserved = 0
         self.info: FileInfo | None = None
+
+    def reserve(self, size: int) -> None:
+        """Claim room for `size` bytes now (WorkspaceFullError if there is none); writes draw from it."""
+        cap = self._files.capacity()
+        budget = self._budget
+        with budget.lock:
+            used = budget.usage(self._files) + budget.reserved
+            if used + size > cap:
+                raise self._full(cap, used)
+            budget.reserved += size
+            self._reserved += size
+
+    def _full(self, cap: int, used: int) -> WorkspaceFullError:
+        return WorkspaceFullError(
+            f"writing {self.path} would take the workspace past its size cap of {_human(cap)} "
+            f"({_human(max(cap - used, 0))} left); remove files or raise limits.workspace_size")
 
     def writable(self) -> bool:
         return True
@@ -409,11 +431,12 @@ class Writer(io.RawIOBase):
         cap = self._files.capacity()
         budget = self._budget
         with budget.lock:
-            used = budget.usage(self._files)
+            drawn = min(self._reserved, size)
+            used = budget.usage(self._files) + budget.reserved - drawn
             if used + size > cap:
-                raise WorkspaceFullError(
-                    f"writing {self.path} would take the workspace past its size cap of {_human(cap)} "
-                    f"({_human(max(cap - used, 0))} left); remove files or raise limits.workspace_size")
+                raise self._full(cap, used)
+            self._reserved -= drawn
+            budget.reserved -= drawn
             done = 0
             try:
                 with _mapped(self.path):
@@ -433,6 +456,8 @@ class Writer(io.RawIOBase):
             os.close(fd)
         with budget.lock:
             budget.writers -= 1
+            budget.reserved -= self._reserved
+            self._reserved = 0
             if budget.used is not None and not keep:
                 budget.used -= self.written
         os.close(self._parent)
