@@ -84,9 +84,9 @@ class Workbench:
         self.runtime_root = default_runtime_root()
         # Private to the host user: another host uid reaches no workspace, kernel.json (its HMAC key) or bridge.
         check_sandbox_uid()
-        for root in (self.home, self.workspaces_root, self.runtime_root):
+        for root in (self.home, self.workspaces_root, self.home / "disks", self.runtime_root):
             private_dir(root)
-        self.disk_quota = quota_support(self.workspaces_root)[0]  # warns once when workspaces are plain folders
+        self.disk_quota = quota_support(self.home / "disks")[0]  # warns once when workspaces are plain folders
         # Containers are labelled with their home so that two workbenches on one engine never touch each other's.
         self.home_label = hashlib.sha256(str(self.home.resolve()).encode()).hexdigest()[:16]
         self.store = Store(self.home / "workbench.db")
@@ -111,6 +111,11 @@ class Workbench:
     @property
     def workspaces_root(self) -> Path:
         return self.home / "workspaces"
+
+    def _disk(self, session_id: str, size: int) -> Workspace:
+        """A session's workspace: the folder `workspaces/<id>`, and where supported the filesystem image
+        `disks/<id>.img` mounted there."""
+        return Workspace(self.workspaces_root / session_id, size, image=self.home / "disks" / f"{session_id}.img")
 
     def build_image(self, progress: Callable[[str], None] = lambda _: None, force: bool = False) -> bool:
         """Build the kernel image when missing or stale. Returns True when it built."""
@@ -281,9 +286,9 @@ class Workbench:
             return
         try:
             if record is not None and record.status != "open":
-                Workspace(self.workspaces_root / session_id, record.config.limits.workspace_size).unmount()
+                self._disk(session_id, record.config.limits.workspace_size).unmount()
             elif record is None and pooled:
-                Workspace(self.workspaces_root / session_id, self.limits.workspace_size).destroy()
+                self._disk(session_id, self.limits.workspace_size).destroy()
         except (OSError, WorkbenchError) as exc:
             log.warning("could not release the workspace of session %s: %s", session_id, exc)
 
@@ -350,7 +355,7 @@ class Workbench:
         return Kernel(
             self.docker,
             image=self.image,
-            workspace=Workspace(self.workspaces_root / session_id, limits.workspace_size),
+            workspace=self._disk(session_id, limits.workspace_size),
             runtime_dir=self.runtime_root / session_id,
             limits=limits,
             labels=labels,

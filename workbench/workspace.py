@@ -1,7 +1,7 @@
 """Where a session's files live, with a real size cap: its workspace and its kernel's runtime dir.
 
 When the host side runs as root and loop devices work (checked once at start-up), each workspace is an ext4
-filesystem image, a sparse file `<home>/workspaces/<session id>.img` sized for `limits.workspace_size` of
+filesystem image, a sparse file `<home>/disks/<session id>.img` sized for `limits.workspace_size` of
 usable space, loop-mounted (nosuid, nodev, discard: deleted files give the host its disk back) at the
 workspace folder before any container starts. A write past the cap fails inside the sandbox with ENOSPC and
 the host disk is untouched; usage is one statvfs. Each kernel's runtime dir (kernel.json, the IPC sockets, the
@@ -80,14 +80,14 @@ def _probe(root: Path | None) -> tuple[bool, str]:
     if root is None:
         return True, ""
     probe = root / f".probe-{os.getpid()}"
+    disk = Workspace(probe, 1 << 20)
     try:
-        disk = Workspace(probe, 1 << 20)
         prepare_dir(probe)
         disk._create_image()
         disk._mount()
         disk.destroy()
     except (OSError, WorkbenchError, subprocess.SubprocessError) as exc:
-        Workspace(probe, 1 << 20).destroy(quiet=True)
+        disk.destroy(quiet=True)
         return False, f"a filesystem image could not be mounted ({exc})"
     return True, ""
 
@@ -142,9 +142,9 @@ def _run(args: list[str]) -> str:
 class Workspace:
     """A session's workspace folder on the host, with its size cap (a filesystem image where supported)."""
 
-    def __init__(self, path: Path, size: int, quota: bool | None = None) -> None:
+    def __init__(self, path: Path, size: int, quota: bool | None = None, image: Path | None = None) -> None:
         self.path = path
-        self.image = path.with_name(path.name + ".img")
+        self.image = image or path.with_name(path.name + ".img")  # in a folder only the host user enters
         self.size = size
         self._quota = quota  # None: decided on ensure() (image when supported and the folder is new)
 
@@ -160,7 +160,7 @@ class Workspace:
         Safe from several threads and processes at once; a no-op when it already is."""
         if self._quota is False or (self._quota and self.mounted()):
             return
-        with _locked(self.path.parent):
+        with _locked(self.image.parent):
             if os.path.lexists(self.image):
                 self._quota = True
                 if not self.mounted():

@@ -217,7 +217,7 @@ def test_sandboxes_run_as_a_uid_no_host_account_has_and_another_host_user_reache
         pwd.getpwuid(uid)
     with pytest.raises(KeyError):
         grp.getgrgid(uid)
-    for root in (wb.home, wb.home / "workspaces", wb.runtime_root):
+    for root in (wb.home, wb.home / "workspaces", wb.home / "disks", wb.runtime_root):
         info = os.lstat(root)
         assert stat.S_ISDIR(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o700 and info.st_uid == os.getuid()
     session.execute("1")  # the bridge socket is bound for the session's first execution
