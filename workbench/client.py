@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 import secrets
 import threading
@@ -20,6 +21,7 @@ from docker.models.containers import Container
 from pydantic import BaseModel, Field
 from requests import RequestException
 
+from . import fstree
 from . import image as images
 from .config import DEFAULT_IMAGE, Limits, default_home, default_runtime_root
 from .bridge import BridgeServer
@@ -45,6 +47,8 @@ class GcReport(BaseModel):
 
     removed: list[str] = Field(default_factory=list, description="containers removed, as 'name: reason'")
     stopped: list[str] = Field(default_factory=list, description="sessions whose idle kernel was stopped")
+    over_cap: list[str] = Field(default_factory=list, description="sessions whose kernel was stopped for filling "
+                                "its workspace past workspace_size (plain-folder workspaces: no filesystem quota)")
 
 
 class Workbench:
@@ -259,7 +263,39 @@ class Workbench:
                     report.stopped.append(record.session_id)
                     log.info("stopped the kernel of session %s, idle since %s", record.session_id,
                              time.ctime(record.last_used_at), extra={"session_id": record.session_id})
+        self._watch_plain_workspaces(report)
         return report
+
+    def _watch_plain_workspaces(self, report: GcReport) -> None:
+        """The watchdog where a workspace is a plain folder (no filesystem image, so no quota the kernel meets):
+        a running kernel whose workspace holds more than its cap is stopped; the host refuses writes until files
+        are removed, and the next use starts a new kernel."""
+        for record in self.store.list():
+            if record.kernel is None:
+                continue
+            cap = record.config.limits.workspace_size
+            disk = self._disk(record.session_id, cap)
+            if disk.quota:
+                continue
+            try:
+                fd = fstree.open_dir(disk.path)
+            except OSError:
+                continue
+            try:
+                used = fstree.usage(fd)
+            except OSError as exc:
+                log.warning("could not measure the workspace of session %s: %s", record.session_id, exc)
+                continue
+            finally:
+                os.close(fd)
+            if used <= cap:
+                continue
+            if self.store.release_kernel(record.session_id, record.kernel.kernel_id):
+                self._remove_containers(record.session_id, record.kernel.kernel_id)
+                self._release_runtime_dir(record.session_id)
+                report.over_cap.append(record.session_id)
+                log.warning("stopped the kernel of session %s: its workspace holds %d bytes, past its cap of %d",
+                            record.session_id, used, cap, extra={"session_id": record.session_id})
 
     def _release_runtime_dir(self, session_id: str, path: Path | None = None) -> None:
         """Unmount and remove a session's runtime dir (`path`, by default the one under the runtime root) once

@@ -3,6 +3,7 @@ another host user cannot enter, and every OS error on a workspace path a workben
 from __future__ import annotations
 
 import grp
+import json
 import os
 import pwd
 import stat
@@ -374,3 +375,40 @@ def test_a_runtime_root_that_is_a_symlink_or_someone_elses_is_refused(tmp_path: 
         os.chown(theirs, 54321, 54321)
         with pytest.raises(WorkbenchError, match="owned by uid 54321"):
             private_dir(theirs)
+
+
+WATCHDOG = """
+import json, os, sys
+os.environ["WORKBENCH_DISK_QUOTA"] = "off"
+from workbench import Workbench
+from workbench.errors import WorkspaceFullError
+out = {}
+with Workbench(home=sys.argv[1], pool_size=0, idle_timeout=None) as wb:
+    out["quota"] = wb.disk_quota
+    s = wb.create(user_id="filler", limits={"workspace_size": "10m"})
+    r = s.execute("open('big', 'wb').write(b'x' * (30 << 20))")  # no filesystem stops it here
+    out["kernel_wrote"] = r.error is None
+    try:
+        s.files.write("host.bin", b"y" * 1024)
+        out["host_write"] = "ok"
+    except WorkspaceFullError:
+        out["host_write"] = "refused"
+    out["over_cap"] = wb.gc().over_cap == [s.session_id]
+    out["kernel_after"] = wb.store.get(s.session_id).kernel
+    s.files.remove("big")
+    out["next"] = s.execute("1 + 1").text
+    s.close(delete_workspace=True)
+    out["closed"] = wb.store.get(s.session_id).status
+print(json.dumps(out))
+"""
+
+
+def test_without_a_filesystem_quota_a_watchdog_stops_a_kernel_past_its_cap(wb: Workbench, tmp_path: Path) -> None:
+    # a process of its own: the quota is decided once per process (WORKBENCH_DISK_QUOTA=off turns it off)
+    proc = subprocess.run([sys.executable, "-c", WATCHDOG, str(tmp_path / "home")], capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out == {"quota": False, "kernel_wrote": True, "host_write": "refused", "over_cap": True,
+                   "kernel_after": None, "next": "2", "closed": "closed"}
+    assert "no per-session disk quota" in proc.stderr  # said once, at start-up
