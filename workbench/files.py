@@ -6,6 +6,7 @@ between the check and the open is refused, never followed out.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
@@ -219,13 +220,17 @@ class Files:
             try:
                 info = os.stat(name, dir_fd=parent, follow_symlinks=False)
                 if stat.S_ISDIR(info.st_mode):
-                    fstree.rmtree(name, dir_fd=parent)
+                    try:
+                        fstree.rmtree(name, dir_fd=parent)
+                    finally:
+                        self._budget.forget()  # a plain folder is counted again on the next write
                 else:
                     os.unlink(name, dir_fd=parent)
+                    with self._budget.lock:
+                        if self._budget.used is not None and stat.S_ISREG(info.st_mode):
+                            self._budget.used = max(0, self._budget.used - info.st_size)
             except FileNotFoundError:
                 raise WorkspaceFileNotFoundError(f"no file {rel} in the workspace") from None
-            finally:
-                self._budget.forget()  # a plain folder is counted again on the next write
 
     def usage(self) -> int:
         """Bytes held by the workspace's files: its filesystem's used blocks when it is an image (no walk), else
@@ -341,8 +346,9 @@ class Files:
 
 
 def _info_of(info: os.stat_result, rel: str) -> FileInfo:
-    kind = ("dir" if stat.S_ISDIR(info.st_mode) else "file" if stat.S_ISREG(info.st_mode)
-            else "symlink" if stat.S_ISLNK(info.st_mode) else "other")
+    kind: Literal["file", "dir", "symlink", "other"] = (
+        "dir" if stat.S_ISDIR(info.st_mode) else "file" if stat.S_ISREG(info.st_mode)
+        else "symlink" if stat.S_ISLNK(info.st_mode) else "other")
     return FileInfo(path=rel, type=kind, size=info.st_size if kind == "file" else 0, modified=info.st_mtime)
 
 
@@ -394,6 +400,7 @@ class Writer(io.RawIOBase):
                                    0o644, dir_fd=parent)
         except BaseException:
             os.close(parent)
+            io.RawIOBase.close(self)  # nothing to abort: never counted as a writer
             raise
         with self._budget.lock:
             self._budget.writers += 1
@@ -503,10 +510,8 @@ class Writer(io.RawIOBase):
             self.close()
 
     def __del__(self) -> None:  # a writer dropped without close() must not put a partial file in place
-        try:
+        with contextlib.suppress(Exception):  # nothing can be reported from a finaliser
             self.abort()
-        except Exception:
-            pass
 
 
 def _chunks(data: Data) -> Iterator[bytes]:
