@@ -254,9 +254,9 @@ def test_sandboxes_run_as_a_uid_no_host_account_has_and_another_host_user_reache
 
 @root_only
 def test_the_reaper_leaves_no_runtime_dir_and_no_mount(wb: Workbench, tmp_path: Path) -> None:
-    reaper = Workbench(home=wb.home, idle_timeout=1, pool_size=0, docker_client=wb.docker)
+    reaper = Workbench(home=tmp_path, idle_timeout=1, pool_size=0, docker_client=wb.docker)
     try:
-        s = wb.create(user_id="idle-user")
+        s = reaper.create(user_id="idle-user")
         s.files.write("kept.txt", b"kept")
         s.execute("x = 1")
         runtime = s._kernel.runtime_dir
@@ -264,7 +264,7 @@ def test_the_reaper_leaves_no_runtime_dir_and_no_mount(wb: Workbench, tmp_path: 
         deadline = time.monotonic() + 20  # the reaper's thread stops the kernel once idle past one second
         while os.path.lexists(runtime) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert wb.store.get(s.session_id).kernel is None
+        assert reaper.store.get(s.session_id).kernel is None
         assert not os.path.lexists(runtime) and f" {runtime} " not in _mounts()
         # after a host restart nothing is mounted: the next use mounts the workspace again, before the kernel
         s._kernel.disk.unmount()
