@@ -15,6 +15,7 @@ Nothing outside this module knows about loop devices or mounts.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -165,13 +166,23 @@ class Workspace:
                 self._quota = True
                 if not self.mounted():
                     prepare_dir(self.path)
-                    self._mount()
+                    try:
+                        self._mount()
+                    except WorkspaceError:  # e.g. left unclean by a host crash: repaired, then tried again
+                        subprocess.run(["e2fsck", "-p", "-f", str(self.image)], check=False, capture_output=True,
+                                       timeout=600)
+                        self._mount()
                 return
             fresh = not os.path.lexists(self.path) or _is_empty_dir(self.path)
             if self._quota is None and fresh and quota_support()[0]:
                 prepare_dir(self.path)
-                self._create_image()
-                self._mount()
+                try:
+                    self._create_image()
+                    self._mount()
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.unlink(self.image)  # no half-made image taken for the workspace next time
+                    raise
                 self._quota = True
                 return
             self._quota = False
