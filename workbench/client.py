@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 import secrets
 import threading
@@ -20,17 +21,19 @@ from docker.models.containers import Container
 from pydantic import BaseModel, Field
 from requests import RequestException
 
+from . import fstree
 from . import image as images
 from .config import DEFAULT_IMAGE, Limits, default_home, default_runtime_root
 from .bridge import BridgeServer
-from .container import LABEL_KERNEL
+from .container import LABEL_KERNEL, RUNTIME, check_sandbox_uid, private_dir
 from .docker_client import connect, security_options
-from .errors import DockerUnavailableError, SessionClosedError, SessionError, SessionNotFoundError
+from .errors import DockerUnavailableError, SessionClosedError, SessionError, SessionNotFoundError, WorkbenchError
 from .kernel import Kernel
 from .pool import LABEL_POOL, WarmPool, owner_alive
 from .session import Session
 from .store import SessionConfig, SessionRecord, Store
 from .tools import RateLimited, Tool, ToolCallError, ToolContext, ToolRegistry
+from .workspace import Workspace, quota_support, release_runtime_dir
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -44,6 +47,8 @@ class GcReport(BaseModel):
 
     removed: list[str] = Field(default_factory=list, description="containers removed, as 'name: reason'")
     stopped: list[str] = Field(default_factory=list, description="sessions whose idle kernel was stopped")
+    over_cap: list[str] = Field(default_factory=list, description="sessions whose kernel was stopped for filling "
+                                "its workspace past workspace_size (plain-folder workspaces: no filesystem quota)")
 
 
 class Workbench:
@@ -83,6 +88,11 @@ class Workbench:
         self.engine_security = security_options(self.docker)
         """The engine's security options as it reports them (seccomp, AppArmor, user namespaces...)."""
         self.runtime_root = default_runtime_root()
+        # Private to the host user: another host uid reaches no workspace, kernel.json (its HMAC key) or bridge.
+        check_sandbox_uid()
+        for root in (self.home, self.workspaces_root, self.home / "disks", self.runtime_root):
+            private_dir(root)
+        self.disk_quota = quota_support(self.home / "disks")[0]  # warns once when workspaces are plain folders
         # Containers are labelled with their home so that two workbenches on one engine never touch each other's.
         self.home_label = hashlib.sha256(str(self.home.resolve()).encode()).hexdigest()[:16]
         self.store = Store(self.home / "workbench.db")
@@ -103,6 +113,15 @@ class Workbench:
         if idle_timeout:
             self._reaper = threading.Thread(target=self._reap, name="workbench-reaper", daemon=True)
             self._reaper.start()
+
+    @property
+    def workspaces_root(self) -> Path:
+        return self.home / "workspaces"
+
+    def _disk(self, session_id: str, size: int) -> Workspace:
+        """A session's workspace: the folder `workspaces/<id>`, and where supported the filesystem image
+        `disks/<id>.img` mounted there."""
+        return Workspace(self.workspaces_root / session_id, size, image=self.home / "disks" / f"{session_id}.img")
 
     def build_image(self, progress: Callable[[str], None] = lambda _: None, force: bool = False) -> bool:
         """Build the kernel image when missing or stale. Returns True when it built."""
@@ -232,6 +251,9 @@ class Workbench:
                 continue
             if _remove(container):
                 report.removed.append(f"{container.name}: {reason}")
+            if record is None or record.status != "open" or reason.startswith("kernel "):
+                self._release_runtime_dir(session_id, _runtime_source(container))
+            self._release_workspace(session_id, record, pooled=LABEL_POOL in container.labels)
         if self.idle_timeout:
             idle_before = time.time() - self.idle_timeout
             for record in self.store.list():
@@ -239,10 +261,74 @@ class Workbench:
                     continue
                 if self.store.release_kernel(record.session_id, record.kernel.kernel_id, idle_before=idle_before):
                     self._remove_containers(record.session_id, record.kernel.kernel_id)
+                    self._release_runtime_dir(record.session_id)
                     report.stopped.append(record.session_id)
                     log.info("stopped the kernel of session %s, idle since %s", record.session_id,
                              time.ctime(record.last_used_at), extra={"session_id": record.session_id})
+        self._watch_plain_workspaces(report)
         return report
+
+    def _watch_plain_workspaces(self, report: GcReport) -> None:
+        """The watchdog where a workspace is a plain folder (no filesystem image, so no quota the kernel meets):
+        a running kernel whose workspace holds more than its cap is stopped; the host refuses writes until files
+        are removed, and the next use starts a new kernel."""
+        for record in self.store.list():
+            if record.kernel is None:
+                continue
+            cap = record.config.limits.workspace_size
+            disk = self._disk(record.session_id, cap)
+            if disk.quota:
+                continue
+            try:
+                fd = fstree.open_dir(disk.path)
+            except OSError:
+                continue
+            try:
+                used = fstree.usage(fd)
+            except OSError as exc:
+                log.warning("could not measure the workspace of session %s: %s", record.session_id, exc)
+                continue
+            finally:
+                os.close(fd)
+            if used <= cap:
+                continue
+            if self.store.release_kernel(record.session_id, record.kernel.kernel_id):
+                self._remove_containers(record.session_id, record.kernel.kernel_id)
+                self._release_runtime_dir(record.session_id)
+                report.over_cap.append(record.session_id)
+                log.warning("stopped the kernel of session %s: its workspace holds %d bytes, past its cap of %d",
+                            record.session_id, used, cap, extra={"session_id": record.session_id})
+
+    def _release_runtime_dir(self, session_id: str, path: Path | None = None) -> None:
+        """Unmount and remove a session's runtime dir (`path`, by default the one under the runtime root) once
+        no kernel of it runs (checked again just before, as another process may have started one on the
+        session's next use)."""
+        if path is None:
+            if not session_id or "/" in session_id or session_id.startswith("."):
+                return
+            path = self.runtime_root / session_id
+        try:
+            record = self.store.get(session_id)
+            if record.status == "open" and record.kernel is not None:
+                return
+        except SessionNotFoundError:
+            pass
+        try:
+            release_runtime_dir(path)
+        except OSError as exc:
+            log.warning("could not remove the runtime dir of session %s: %s", session_id, exc)
+
+    def _release_workspace(self, session_id: str, record: SessionRecord | None, pooled: bool) -> None:
+        """A closed session's workspace is unmounted (kept); a dead warm pool's never-used one is removed."""
+        if not session_id or "/" in session_id or session_id.startswith("."):
+            return
+        try:
+            if record is not None and record.status != "open":
+                self._disk(session_id, record.config.limits.workspace_size).unmount()
+            elif record is None and pooled:
+                self._disk(session_id, self.limits.workspace_size).destroy()
+        except (OSError, WorkbenchError) as exc:
+            log.warning("could not release the workspace of session %s: %s", session_id, exc)
 
     def _reap(self) -> None:
         assert self.idle_timeout
@@ -307,7 +393,7 @@ class Workbench:
         return Kernel(
             self.docker,
             image=self.image,
-            workspace=self.home / "workspaces" / session_id,
+            workspace=self._disk(session_id, limits.workspace_size),
             runtime_dir=self.runtime_root / session_id,
             limits=limits,
             labels=labels,
@@ -340,6 +426,14 @@ class Workbench:
 def _age(container: Container) -> float:
     created = datetime.fromisoformat(container.attrs["Created"])
     return time.time() - created.timestamp()
+
+
+def _runtime_source(container: Container) -> Path | None:
+    """The host folder a kernel container had as its runtime dir (as this process mounted it, not the sandbox)."""
+    for mount in container.attrs.get("Mounts") or []:
+        if mount.get("Destination") == RUNTIME and mount.get("Type") == "bind" and mount.get("Source"):
+            return Path(mount["Source"])
+    return None
 
 
 def _remove(container: Container) -> bool:

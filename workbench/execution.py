@@ -57,8 +57,12 @@ class _Capped:
             self._spill_write(text)
         elif self._spill_open is not None and self.total > self.limit:
             self._spill_open, opener = None, self._spill_open
-            self.spill = opener()
-            self._spill_write("".join(self.head) + "".join(self.tail) + text)  # nothing was cut yet
+            try:
+                self.spill = opener()
+            except (WorkbenchError, OSError):  # e.g. the sandbox put a file or symlink at .outputs: no spill
+                self.spill = None
+            if self.spill is not None:
+                self._spill_write("".join(self.head) + "".join(self.tail) + text)  # nothing was cut yet
         if self.head_len < self.half:
             take = text[: self.half - self.head_len]
             self.head.append(take)
@@ -88,7 +92,10 @@ class _Capped:
         """Close the spill file; its workspace path, if the whole text is there."""
         if self.spill is None:
             return None
-        self.spill.close()
+        try:
+            self.spill.close()
+        except (WorkbenchError, OSError):  # the workspace filled up or changed under it: no spill file
+            return None
         return self.spill.path
 
     def value(self, spilled: str | None = None) -> str:

@@ -6,13 +6,15 @@ between the check and the open is refused, never followed out.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
 import posixpath
 import secrets
-import shutil
 import stat
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePath
@@ -20,11 +22,19 @@ from typing import BinaryIO, Literal
 
 from pydantic import BaseModel
 
-from .container import SANDBOX_UID, WORKSPACE, prepare_dir
-from .errors import FileError, PathOutsideWorkspaceError, WorkspaceFileNotFoundError, WorkspaceFullError
+from . import fstree
+from .container import WORKSPACE, hand_over, prepare_dir
+from .errors import (
+    FileError,
+    PathOutsideWorkspaceError,
+    WorkspaceFileNotFoundError,
+    WorkspaceFullError,
+)
+from .workspace import Workspace
 
 CHUNK = 1024 * 1024
-_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+RECOUNT = 60.0  # seconds after which a plain folder's running count is taken again (the kernel writes too)
+_DIR = fstree.DIR_FLAGS
 
 
 class FileInfo(BaseModel):
@@ -39,12 +49,65 @@ class FileInfo(BaseModel):
 Data = bytes | str | BinaryIO | Iterable[bytes]
 
 
+class _Budget:
+    """What host writes may still put in one workspace, shared by every Files object of that folder in this
+    process. Each chunk is charged under the lock before it is written, so concurrent writers never take the
+    workspace past its cap together. An image's usage is one statvfs; a plain folder's is a running count, taken
+    by one walk and then moved by each host write (and taken again after RECOUNT seconds, since the kernel
+    writes there too)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.used: int | None = None
+        self.counted_at = 0.0
+        self.writers = 0  # host writes in flight (a recount waits until there are none)
+        self.reserved = 0  # bytes promised to writers in flight and not written yet
+
+    def usage(self, files: Files) -> int:
+        """Bytes used now (the lock held)."""
+        disk = files.disk
+        if disk is not None and disk.quota:
+            return disk.usage()
+        stale = time.monotonic() - self.counted_at > RECOUNT
+        if self.used is None or (stale and self.writers == 0):
+            self.used = _walk_usage(files.root)
+            self.counted_at = time.monotonic()
+        return self.used
+
+    def forget(self) -> None:
+        with self.lock:
+            if self.writers == 0:
+                self.used = None
+
+
+_budgets: dict[str, _Budget] = {}
+_budgets_lock = threading.Lock()
+
+
+def _budget(root: Path) -> _Budget:
+    with _budgets_lock:
+        return _budgets.setdefault(str(root), _Budget())
+
+
+def _walk_usage(root: Path) -> int:
+    try:
+        fd = fstree.open_dir(root)
+    except FileNotFoundError:
+        return 0
+    try:
+        return fstree.usage(fd)
+    finally:
+        os.close(fd)
+
+
 class Files:
     """Files of one workspace; paths are relative to it (`/workspace/...` as the sandbox sees them works too)."""
 
-    def __init__(self, root: Path, size_cap: Callable[[], int]) -> None:
+    def __init__(self, root: Path, size_cap: Callable[[], int], disk: Workspace | None = None) -> None:
         self.root = root
+        self.disk = disk  # the workspace's disk (mounted on demand), or None for a plain folder
         self._size_cap = size_cap
+        self._budget = _budget(root)
 
     # public API --------------------------------------------------------------------------------------------------
 
@@ -52,11 +115,17 @@ class Files:
         """Write a file (bytes, str, a binary file object or an iterable of byte chunks), streamed to disk.
 
         Missing folders are created. The file is replaced atomically: a write that fails or would take the
-        workspace past its size cap leaves no partial file and the previous content in place.
+        workspace past its size cap leaves no partial file and the previous content in place. While it is
+        written, the new content takes room beside the old (as on any filesystem); the old file's room is
+        given back when the new one is in place.
         """
         with self.writer(path) as out:
+            if isinstance(data, (bytes, bytearray, memoryview, str)):
+                data = data.encode() if isinstance(data, str) else data
+                out.reserve(memoryview(data).nbytes)  # all or nothing: concurrent writes cannot starve each other
             for chunk in _chunks(data):
                 out.write(chunk)
+        assert out.info is not None
         return out.info
 
     def writer(self, path: str | PurePath) -> Writer:
@@ -66,17 +135,14 @@ class Files:
         if rel == ".":
             raise FileError("cannot write to the workspace folder itself: give a file path")
         parent_rel, name = posixpath.split(rel)
-        cap = self._size_cap()
-        with self._dir(parent_rel, create=True) as parent:
+        with self._dir(parent_rel, create=True) as parent, _mapped(rel):
             try:
                 previous = os.stat(name, dir_fd=parent, follow_symlinks=False)
                 if stat.S_ISDIR(previous.st_mode):
                     raise FileError(f"{rel} is a folder")
-                previous_size = previous.st_size
             except FileNotFoundError:
-                previous_size = 0
-            room = cap - (self.usage() - previous_size)
-            return Writer(os.dup(parent), name, rel, room, cap)
+                pass
+            return Writer(self, os.dup(parent), name, rel)
 
     @contextmanager
     def open(self, path: str | PurePath) -> Iterator[BinaryIO]:
@@ -90,11 +156,12 @@ class Files:
             except FileNotFoundError:
                 raise WorkspaceFileNotFoundError(f"no file {rel} in the workspace") from None
             except OSError as exc:
-                raise self._refusal(rel, exc) from None
+                raise _refusal(rel, exc) from None
         with os.fdopen(fd, "rb") as handle:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise FileError(f"{rel} is not a regular file")
-            yield handle
+            with _mapped(rel):
+                yield handle
 
     def read(self, path: str | PurePath) -> bytes:
         """The whole file as bytes (use `open` to stream a large one)."""
@@ -111,21 +178,23 @@ class Files:
         entries: list[FileInfo] = []
         if rel != ".":
             parent_rel, name = posixpath.split(rel)
-            with self._dir(parent_rel) as parent:
+            with self._dir(parent_rel) as parent, _mapped(rel):
                 try:
                     info = self._info(parent, name, rel)
                 except FileNotFoundError:
                     raise WorkspaceFileNotFoundError(f"no file or folder {rel} in the workspace") from None
                 if info.type != "dir":
                     return [info]
-        with self._dir(rel) as folder:
+        with self._dir(rel) as folder, _mapped(rel):
             if recursive:
-                for dirpath, dirnames, filenames, dirfd in os.fwalk(".", dir_fd=folder, follow_symlinks=False):
-                    for name in dirnames + filenames:
-                        entries.append(self._info(dirfd, name, _join(rel, dirpath, name)))
+                for entry in fstree.walk(folder):
+                    entries.append(_info_of(entry.stat, _join(rel, ".", entry.rel)))
             else:
                 for name in os.listdir(folder):
-                    entries.append(self._info(folder, name, _join(rel, ".", name)))
+                    try:
+                        entries.append(self._info(folder, name, _join(rel, ".", name)))
+                    except FileNotFoundError:
+                        pass  # removed by the kernel meanwhile
         return sorted(entries, key=lambda entry: entry.path)
 
     def exists(self, path: str | PurePath) -> bool:
@@ -133,7 +202,7 @@ class Files:
         rel = self._relative(path, follow_last=False)
         parent_rel, name = posixpath.split(rel)
         try:
-            with self._dir(parent_rel) as parent:
+            with self._dir(parent_rel) as parent, _mapped(rel):
                 if name in ("", "."):
                     return True
                 os.stat(name, dir_fd=parent, follow_symlinks=False)
@@ -147,28 +216,35 @@ class Files:
         if rel == ".":
             raise FileError("cannot remove the workspace folder itself")
         parent_rel, name = posixpath.split(rel)
-        with self._dir(parent_rel) as parent:
+        with self._dir(parent_rel) as parent, _mapped(rel):
             try:
                 info = os.stat(name, dir_fd=parent, follow_symlinks=False)
                 if stat.S_ISDIR(info.st_mode):
-                    shutil.rmtree(name, dir_fd=parent)
+                    try:
+                        fstree.rmtree(name, dir_fd=parent)
+                    finally:
+                        self._budget.forget()  # a plain folder is counted again on the next write
                 else:
                     os.unlink(name, dir_fd=parent)
+                    with self._budget.lock:
+                        if self._budget.used is not None and stat.S_ISREG(info.st_mode):
+                            self._budget.used = max(0, self._budget.used - info.st_size)
             except FileNotFoundError:
                 raise WorkspaceFileNotFoundError(f"no file {rel} in the workspace") from None
 
     def usage(self) -> int:
-        """Bytes held by the workspace's files."""
-        total = 0
+        """Bytes held by the workspace's files: its filesystem's used blocks when it is an image (no walk), else
+        the running count of its files' sizes."""
+        if self.disk is not None:
+            self.disk.ensure()
         if not self.root.exists():
             return 0
-        for _, _, filenames, dirfd in os.fwalk(self.root, follow_symlinks=False):
-            for name in filenames:
-                try:
-                    total += os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_size
-                except FileNotFoundError:
-                    pass
-        return total
+        with self._budget.lock, _mapped("."):
+            return self._budget.usage(self)
+
+    def capacity(self) -> int:
+        """The workspace's size cap in bytes."""
+        return self._size_cap()
 
     # path handling -----------------------------------------------------------------------------------------------
 
@@ -211,7 +287,10 @@ class Files:
                 hops += 1
                 if hops > 40:
                     raise FileError(f"{shown}: too many levels of symlinks")
-                target = os.readlink(here)
+                try:
+                    target = os.readlink(here)
+                except OSError as exc:
+                    raise _refusal(shown, exc) from None
                 if target.startswith("/"):
                     if target != WORKSPACE and not target.startswith(WORKSPACE + "/"):
                         raise PathOutsideWorkspaceError(
@@ -225,12 +304,16 @@ class Files:
     @contextmanager
     def _dir(self, rel: str, create: bool = False) -> Iterator[int]:
         """A descriptor of the folder at a checked relative path, opened without following any symlink."""
-        if create:
+        if self.disk is not None:
+            self.disk.ensure()  # an image is mounted again after a host restart or a close
+        elif create:
             prepare_dir(self.root)
         try:
             fd = os.open(self.root, _DIR)
         except FileNotFoundError:
             raise WorkspaceFileNotFoundError("the workspace does not exist (any more)") from None
+        except OSError as exc:
+            raise _refusal(".", exc) from None
         try:
             for part in [] if rel in ("", ".") else rel.split("/"):
                 try:
@@ -238,11 +321,19 @@ class Files:
                 except FileNotFoundError:
                     if not create:
                         raise WorkspaceFileNotFoundError(f"no folder {rel} in the workspace") from None
-                    os.mkdir(part, 0o755, dir_fd=fd)
-                    child = os.open(part, _DIR, dir_fd=fd)
-                    _hand_over(child)
+                    try:
+                        os.mkdir(part, 0o755, dir_fd=fd)
+                    except FileExistsError:
+                        pass  # made meanwhile (by another writer or the kernel): opened below, if a folder
+                    except OSError as exc:
+                        raise _refusal(rel, exc) from None
+                    try:
+                        child = os.open(part, _DIR, dir_fd=fd)
+                        hand_over(child)
+                    except OSError as exc:
+                        raise _refusal(rel, exc) from None
                 except OSError as exc:
-                    raise self._refusal(rel, exc) from None
+                    raise _refusal(rel, exc) from None
                 os.close(fd)
                 fd = child
             yield fd
@@ -250,35 +341,88 @@ class Files:
             os.close(fd)
 
     @staticmethod
-    def _refusal(rel: str, exc: OSError) -> FileError:
-        if exc.errno == errno.ELOOP:
-            return PathOutsideWorkspaceError(f"{rel} changed into a symlink while being opened; refused")
-        if exc.errno == errno.ENOTDIR:
-            return FileError(f"a part of {rel} is not a folder")
-        if exc.errno == errno.EISDIR:
-            return FileError(f"{rel} is a folder")
-        return FileError(f"{rel}: {exc.strerror}")
-
-    @staticmethod
     def _info(dirfd: int, name: str, rel: str) -> FileInfo:
-        info = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
-        kind = ("dir" if stat.S_ISDIR(info.st_mode) else "file" if stat.S_ISREG(info.st_mode)
-                else "symlink" if stat.S_ISLNK(info.st_mode) else "other")
-        return FileInfo(path=rel, type=kind, size=info.st_size if kind == "file" else 0, modified=info.st_mtime)
+        return _info_of(os.stat(name, dir_fd=dirfd, follow_symlinks=False), rel)
+
+
+def _info_of(info: os.stat_result, rel: str) -> FileInfo:
+    kind: Literal["file", "dir", "symlink", "other"] = (
+        "dir" if stat.S_ISDIR(info.st_mode) else "file" if stat.S_ISREG(info.st_mode)
+        else "symlink" if stat.S_ISLNK(info.st_mode) else "other")
+    return FileInfo(path=rel, type=kind, size=info.st_size if kind == "file" else 0, modified=info.st_mtime)
+
+
+def _refusal(rel: str, exc: OSError) -> FileError:
+    """The workbench error for an OS error on a workspace path."""
+    code = exc.errno
+    if isinstance(exc, FileError):
+        return exc
+    if code == errno.ENOENT:
+        return WorkspaceFileNotFoundError(f"no file or folder {rel} in the workspace")
+    if code == errno.ELOOP:
+        return PathOutsideWorkspaceError(f"{rel}: a symlink is in the way (changed while being opened?); refused")
+    if code == errno.ENOTDIR:
+        return FileError(f"a part of {rel} is not a folder")
+    if code == errno.EISDIR:
+        return FileError(f"{rel} is a folder")
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return WorkspaceFullError(f"the workspace is full (writing {rel}): remove files or raise "
+                                  "limits.workspace_size")
+    if code == errno.ENAMETOOLONG:
+        return FileError(f"a name in {rel[:100]}... is too long (at most 255 bytes a name)")
+    return FileError(f"{rel[:300]}: {exc.strerror or exc}")
+
+
+@contextmanager
+def _mapped(rel: str) -> Iterator[None]:
+    """OS errors on a workspace path become workbench errors (FileError and its kinds)."""
+    try:
+        yield
+    except FileError:
+        raise
+    except OSError as exc:
+        raise _refusal(rel, exc) from None
 
 
 class Writer(io.RawIOBase):
-    """A workspace file being written: a temporary file renamed into place on close, removed on error."""
+    """A workspace file being written: a temporary file renamed into place on close, removed on error. Each
+    write is charged to the workspace's budget before it reaches the disk."""
 
-    def __init__(self, parent: int, name: str, rel: str, room: int, cap: int) -> None:
+    def __init__(self, files: Files, parent: int, name: str, rel: str) -> None:
         super().__init__()
-        self._parent, self._name, self.path, self._room, self._cap = parent, name, rel, room, cap
+        self._files, self._parent, self._name, self.path = files, parent, name, rel
+        self._budget = files._budget
         self._temp = f".{name[:200]}.{secrets.token_hex(4)}.part"
-        fd = os.open(self._temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
-                     dir_fd=parent)
-        self._file = os.fdopen(fd, "wb")
+        self._fd: int | None = None
+        try:
+            with _mapped(rel):
+                self._fd = os.open(self._temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                   0o644, dir_fd=parent)
+        except BaseException:
+            os.close(parent)
+            io.RawIOBase.close(self)  # nothing to abort: never counted as a writer
+            raise
+        with self._budget.lock:
+            self._budget.writers += 1
         self.written = 0
+        self._reserved = 0
         self.info: FileInfo | None = None
+
+    def reserve(self, size: int) -> None:
+        """Claim room for `size` bytes now (WorkspaceFullError if there is none); writes draw from it."""
+        cap = self._files.capacity()
+        budget = self._budget
+        with budget.lock:
+            used = budget.usage(self._files) + budget.reserved
+            if used + size > cap:
+                raise self._full(cap, used)
+            budget.reserved += size
+            self._reserved += size
+
+    def _full(self, cap: int, used: int) -> WorkspaceFullError:
+        return WorkspaceFullError(
+            f"writing {self.path} would take the workspace past its size cap of {_human(cap)} "
+            f"({_human(max(cap - used, 0))} left); remove files or raise limits.workspace_size")
 
     def writable(self) -> bool:
         return True
@@ -287,42 +431,77 @@ class Writer(io.RawIOBase):
         return self.written
 
     def write(self, data: bytes | bytearray | memoryview) -> int:  # type: ignore[override]
-        size = len(data) if not isinstance(data, memoryview) else data.nbytes
-        if self.written + size > self._room:
-            raise WorkspaceFullError(
-                f"writing {self.path} would take the workspace past its size cap of {_human(self._cap)} "
-                f"({_human(max(self._room, 0))} left); remove files or raise limits.workspace_size"
-            )
-        self.written += size
-        return self._file.write(data)
+        if self._fd is None:
+            raise ValueError("write to a closed workspace file")
+        view = memoryview(data).cast("B")
+        size = view.nbytes
+        cap = self._files.capacity()
+        budget = self._budget
+        with budget.lock:
+            drawn = min(self._reserved, size)
+            used = budget.usage(self._files) + budget.reserved - drawn
+            if used + size > cap:
+                raise self._full(cap, used)
+            self._reserved -= drawn
+            budget.reserved -= drawn
+            done = 0
+            try:
+                with _mapped(self.path):
+                    while done < size:
+                        done += os.write(self._fd, view[done:])
+            finally:
+                self.written += done
+                disk = self._files.disk
+                if budget.used is not None and not (disk is not None and disk.quota):
+                    budget.used += done
+        return size
+
+    def _finish(self, keep: bool) -> None:
+        fd, self._fd = self._fd, None
+        budget = self._budget
+        if fd is not None:
+            os.close(fd)
+        with budget.lock:
+            budget.writers -= 1
+            budget.reserved -= self._reserved
+            self._reserved = 0
+            if budget.used is not None and not keep:
+                budget.used -= self.written
+        os.close(self._parent)
+        super().close()
 
     def abort(self) -> None:
         """Drop what was written; the previous file, if any, stays."""
         if self.closed:
             return
-        self._file.close()
         try:
             os.unlink(self._temp, dir_fd=self._parent)
-        except FileNotFoundError:
+        except OSError:
             pass
-        os.close(self._parent)
-        super().close()
+        self._finish(keep=False)
 
     def close(self) -> None:
         """Put the file in place."""
         if self.closed:
             return
         try:
-            self._file.flush()
-            _hand_over(self._file.fileno())
-            self._file.close()
-            os.replace(self._temp, self._name, src_dir_fd=self._parent, dst_dir_fd=self._parent)
-            self.info = Files._info(self._parent, self._name, self.path)
+            with _mapped(self.path):
+                assert self._fd is not None
+                hand_over(self._fd)
+                try:
+                    replaced = os.stat(self._name, dir_fd=self._parent, follow_symlinks=False)
+                    freed = replaced.st_size if stat.S_ISREG(replaced.st_mode) else 0
+                except FileNotFoundError:
+                    freed = 0
+                os.replace(self._temp, self._name, src_dir_fd=self._parent, dst_dir_fd=self._parent)
+                self.info = Files._info(self._parent, self._name, self.path)
         except BaseException:
             self.abort()
             raise
-        os.close(self._parent)
-        super().close()
+        with self._budget.lock:
+            if self._budget.used is not None:
+                self._budget.used -= freed
+        self._finish(keep=True)
 
     def __exit__(self, exc_type: object, *rest: object) -> None:
         if exc_type is not None:
@@ -331,10 +510,8 @@ class Writer(io.RawIOBase):
             self.close()
 
     def __del__(self) -> None:  # a writer dropped without close() must not put a partial file in place
-        try:
+        with contextlib.suppress(Exception):  # nothing can be reported from a finaliser
             self.abort()
-        except Exception:
-            pass
 
 
 def _chunks(data: Data) -> Iterator[bytes]:
@@ -354,12 +531,6 @@ def _chunks(data: Data) -> Iterator[bytes]:
             if not isinstance(chunk, (bytes, bytearray)):
                 raise FileError(f"chunks to write must be bytes, not {type(chunk).__name__}")
             yield bytes(chunk)
-
-
-def _hand_over(fd: int) -> None:
-    """Give a file or folder the host side created to the sandbox user, so the kernel can change it."""
-    if os.getuid() == 0:
-        os.fchown(fd, SANDBOX_UID, SANDBOX_UID)
 
 
 def _join(base: str, dirpath: str, name: str) -> str:

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import resource
 import secrets
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -18,11 +18,12 @@ from jupyter_client import BlockingKernelClient
 from requests import RequestException
 
 from .config import Limits
-from .container import LABEL_KERNEL, RUNTIME, exit_reason, prepare_dir, run_sandbox
-from .errors import DockerUnavailableError, KernelStartError
+from .container import LABEL_KERNEL, RUNTIME, exit_reason, hand_over, run_sandbox
+from .errors import DockerUnavailableError, KernelStartError, WorkbenchError
 from .execution import Callbacks, Outcome, Spill, run_cell
 from .results import ExecutionResult
 from .store import KernelRecord
+from .workspace import Workspace, release_runtime_dir, reset_runtime_dir
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ class Kernel:
         docker_client: docker.DockerClient,
         *,
         image: str,
-        workspace: Path,
+        workspace: Path | Workspace,
         runtime_dir: Path,
         limits: Limits,
         labels: dict[str, str] | None = None,
@@ -71,7 +72,10 @@ class Kernel:
     ) -> None:
         self.docker = docker_client
         self.image = image
-        self.workspace = workspace
+        # the workspace's disk (a filesystem image where supported; a plain folder when given a path)
+        self.disk = workspace if isinstance(workspace, Workspace) else Workspace(workspace, limits.workspace_size,
+                                                                                   quota=False)
+        self.workspace = self.disk.path
         self.runtime_dir = runtime_dir
         self.limits = limits
         self.labels = dict(labels or {})
@@ -87,15 +91,19 @@ class Kernel:
 
     def start(self) -> None:
         """Start the container and wait until the kernel answers."""
-        prepare_dir(self.workspace)
-        if self.runtime_dir.exists():
-            shutil.rmtree(self.runtime_dir)
-        prepare_dir(self.runtime_dir)
+        try:
+            self.disk.ensure()  # mounted before any container starts
+            reset_runtime_dir(self.runtime_dir)  # a fresh, size-limited dir: nothing of a previous kernel
+        except OSError as exc:
+            raise KernelStartError(f"could not prepare the kernel's folders: {exc}") from exc
         info = {"transport": "ipc", "key": secrets.token_hex(32), "signature_scheme": "hmac-sha256",
                 "kernel_name": "python3", **{port: n for n, port in enumerate(_PORTS, start=1)}}
-        connection = self.runtime_dir / "kernel.json"
-        connection.write_text(json.dumps({**info, "ip": f"{RUNTIME}/k"}))
-        connection.chmod(0o644)
+        # the runtime dir is new and no container runs on it yet; still, never follow a link there
+        fd = os.open(self.runtime_dir / "kernel.json",
+                     os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            hand_over(fd)  # readable by the kernel only (the runtime dir is 0700 as well)
+            out.write(json.dumps({**info, "ip": f"{RUNTIME}/k"}))
         self.container = run_sandbox(
             self.docker, image=self.image, name=f"workbench-{self.kernel_id}", workspace=self.workspace,
             runtime_dir=self.runtime_dir, limits=self.limits, labels={LABEL_KERNEL: self.kernel_id, **self.labels},
@@ -220,7 +228,10 @@ class Kernel:
             except APIError as exc:
                 log.warning("could not remove container %s: %s", self.container.short_id, exc)
             self.container = None
-        shutil.rmtree(self.runtime_dir, ignore_errors=True)
+        try:
+            release_runtime_dir(self.runtime_dir)  # unmounted and removed, whatever the kernel left in it
+        except (OSError, WorkbenchError) as exc:
+            log.warning("could not remove the runtime dir %s: %s", self.runtime_dir, exc)
 
     def restart(self) -> None:
         """A new kernel on the same workspace: files are kept, variables are not."""

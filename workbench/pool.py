@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-import shutil
 import threading
 from collections import deque
 from typing import TYPE_CHECKING
@@ -129,4 +128,4 @@ class WarmPool:
 def _discard(kernel: Kernel) -> None:
     """Remove a pooled kernel that no session ever held, with its (empty) workspace."""
     kernel.shutdown()
-    shutil.rmtree(kernel.workspace, ignore_errors=True)
+    kernel.disk.destroy(quiet=True)

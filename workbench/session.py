@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -15,7 +14,7 @@ from .bridge_protocol import MAX_INLINE, error_reply
 from .bridge_protocol import SLUG as _SLUG
 from .bridge_protocol import Request as BridgeRequest
 from .config import Limits
-from .errors import FileError, SessionClosedError, SessionError, WorkspaceFullError
+from .errors import FileError, SessionClosedError, SessionError, WorkbenchError, WorkspaceFullError
 from .execution import Callbacks
 from .files import Files
 from .kernel import Kernel
@@ -23,6 +22,7 @@ from .offload import NotSerialisable, Routed, route
 from .results import ExecutionError, ExecutionResult, Output, ToolResult
 from .store import LogEntry, SessionConfig, SessionRecord
 from .tools import ToolCallError, ToolContext
+from .workspace import NeedsOffline
 
 if TYPE_CHECKING:
     from .client import Workbench
@@ -83,7 +83,7 @@ class Session:
         self._config_cache: tuple[int, SessionConfig] | None = None  # (store data_version, config)
         self.closed = False
         self.log = logging.LoggerAdapter(log, {"session_id": self.session_id})
-        self.files = Files(kernel.workspace, lambda: self.config.limits.workspace_size)
+        self.files = Files(kernel.workspace, lambda: self.config.limits.workspace_size, disk=kernel.disk)
         """The workspace's files, read and written on the host: `write`, `read`, `open`, `list`, `exists`,
         `remove`."""
 
@@ -157,6 +157,8 @@ class Session:
             if needs_restart and not restart_if_needed:
                 raise SessionError("changing pids or tmp_size needs a new container, which loses the kernel's "
                                    "variables: pass restart_if_needed=True")
+            if new_limits.workspace_size != self.limits.workspace_size:
+                needs_restart |= self._resize_workspace(new_limits.workspace_size, restart_if_needed)
             config = SessionConfig(
                 toolkits=self.config.toolkits if toolkits is None else toolkits,
                 tools=self.config.tools if tools is None else tools,
@@ -319,19 +321,47 @@ class Session:
             self._new_kernel()
 
     def close(self, delete_workspace: bool = False) -> None:
-        """Stop the kernel and remove its container; the workspace is kept unless `delete_workspace`."""
+        """Stop the kernel and remove its container; the workspace is kept unless `delete_workspace`.
+
+        The session is marked closed first; removing what it leaves behind never raises (a problem is logged)."""
         with self._lock:
             if self.closed:
                 return
-            self._workbench._bridge.stop(self.session_id)
-            self._kernel.shutdown()
-            # another process may have started the session's current kernel: remove every container it has had
-            self._workbench._remove_containers(self.session_id)
             self.closed = True
             self._workbench.store.set_status(self.session_id, "closed")
             self._workbench._forget(self.session_id)
-            if delete_workspace:
-                shutil.rmtree(self.workspace, ignore_errors=True)
+            steps: list[tuple[str, Callable[[], Any]]] = [
+                ("stop its bridge", lambda: self._workbench._bridge.stop(self.session_id)),
+                ("stop its kernel", self._kernel.shutdown),
+                # another process may have started the session's current kernel: remove every container it had
+                ("remove its containers", lambda: self._workbench._remove_containers(self.session_id)),
+                ("release its runtime dir", lambda: self._workbench._release_runtime_dir(self.session_id)),
+                ("delete its workspace" if delete_workspace else "unmount its workspace",
+                 self._kernel.disk.destroy if delete_workspace else self._kernel.disk.unmount),
+            ]
+            for what, step in steps:
+                try:
+                    step()
+                except Exception as exc:  # noqa: BLE001 -- closing goes on; the problem is logged
+                    self.log.warning("closing session: could not %s: %s", what, exc)
+
+    def _resize_workspace(self, size: int, restart_if_needed: bool) -> bool:
+        """Give the workspace a new size cap; True when its kernel had to be stopped for it (offline resize)."""
+        disk = self._kernel.disk
+        try:
+            disk.resize(size)
+            return False
+        except NeedsOffline:
+            if not restart_if_needed:
+                raise
+        self._workbench._remove_containers(self.session_id)
+        self._kernel.shutdown()
+        try:
+            disk.unmount()
+            disk.resize(size, offline_ok=True)
+        except (OSError, WorkbenchError) as exc:
+            raise SessionError(f"could not resize the workspace: {exc}") from exc
+        return True
 
     def _sync(self, config: bool = True) -> None:
         """Catch up with what another process or the idle reaper did to this session, and make sure a kernel
