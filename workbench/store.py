@@ -1,20 +1,21 @@
 """The session store: SQLite under WORKBENCH_HOME, the one source of truth for sessions, configs and logs."""
 from __future__ import annotations
 
-import atexit
+import functools
 import json
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from .config import Limits
-from .errors import ConflictError, SessionNotFoundError
+from .errors import ConflictError, SessionNotFoundError, StoreError
 
-LOG_DELAY = 0.5  # seconds a tool call's log entry may wait to be written with others
+F = TypeVar("F", bound=Callable[..., Any])
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -84,29 +85,79 @@ class LogEntry(BaseModel):
     created_at: float
 
 
+def _guarded(method: F) -> F:
+    """Every sqlite3 error (and a row that no longer parses) leaves the Store as a StoreError naming the file."""
+    @functools.wraps(method)
+    def guarded(self: Store, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except (sqlite3.Error, ValidationError, json.JSONDecodeError) as exc:
+            raise self._error(exc) from exc
+
+    return guarded  # type: ignore[return-value]
+
+
 class Store:
-    """Thread-safe access to the SQLite file; several processes may share it (WAL mode)."""
+    """Thread-safe access to the SQLite file; several processes may share it (WAL mode).
+
+    Every write is committed before the call returns (WAL with synchronous=NORMAL: it survives the death of the
+    process; only a crash of the machine may lose the last ones). Log entries are group-committed: concurrent
+    callers queue their entries, and whichever gets the connection first commits all queued ones in one
+    transaction while the others wait for it, so bulk tool calls stay fast.
+    """
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
-        self._db.row_factory = sqlite3.Row
-        self._lock = threading.Lock()
-        self._pending: list[tuple] = []  # tool-call log entries not written yet
-        atexit.register(self.flush)
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; no fsync per execution log
-            self._db.executescript(_SCHEMA)
-            columns = {row["name"] for row in self._db.execute("PRAGMA table_info(sessions)")}
-            if "busy_until" not in columns:  # a store written by an earlier version
-                self._db.execute("ALTER TABLE sessions ADD COLUMN busy_until REAL NOT NULL DEFAULT 0")
-        path.chmod(0o600)  # it holds the kernels' connection keys
+        self.path = path
+        self._db: sqlite3.Connection | None = None
+        self._lock = threading.Lock()  # the connection
+        self._queue = threading.Lock()  # the entries waiting for a commit
+        self._pending: list[tuple] = []
+        self._touched: dict[str, float] = {}  # session -> when an execution last used it, with the pending entries
+        self._queued = 0  # sequence number of the last entry queued
+        self._committed = 0  # ... and of the last one committed
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+            self._db.row_factory = sqlite3.Row
+            with self._lock:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")  # durable against process death; fsync at checkpoints
+                self._db.executescript(_SCHEMA)
+                columns = {row["name"] for row in self._db.execute("PRAGMA table_info(sessions)")}
+                if "busy_until" not in columns:  # a store written by an earlier version
+                    self._db.execute("ALTER TABLE sessions ADD COLUMN busy_until REAL NOT NULL DEFAULT 0")
+            path.chmod(0o600)  # it holds the kernels' connection keys
+        except (sqlite3.Error, OSError) as exc:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+            raise self._error(exc) from exc
 
+    def _error(self, exc: BaseException) -> StoreError:
+        if self._db is None and not isinstance(exc, (sqlite3.DatabaseError, OSError)):
+            return StoreError(f"the session store {self.path} is closed")
+        text = str(exc)
+        if isinstance(exc, sqlite3.OperationalError) and "locked" in text:
+            hint = "another process holds it too long; try again"
+        elif isinstance(exc, (sqlite3.DatabaseError, ValidationError, json.JSONDecodeError)) and not isinstance(
+                exc, sqlite3.OperationalError):
+            hint = ("the file is damaged or not a workbench store: move it aside (a new store starts empty; running "
+                    "kernels are left alone by gc) or restore it from a backup")
+        else:
+            hint = "check that the file and its folder exist, are writable and that the disk is not full"
+        return StoreError(f"session store {self.path}: {type(exc).__name__}: {text[:300]}; {hint}")
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise StoreError(f"the session store {self.path} is closed")
+        return self._db
+
+    @_guarded
     def _exec(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
         with self._lock:
-            return self._db.execute(sql, args)
+            return self._connection().execute(sql, args)
 
+    @_guarded
     def add(self, record: SessionRecord) -> None:
         self._exec(
             "INSERT INTO sessions (session_id, user_id, status, config, config_version, kernel, created_at, "
@@ -116,12 +167,14 @@ class Store:
              record.created_at, record.last_used_at),
         )
 
+    @_guarded
     def get(self, session_id: str) -> SessionRecord:
         row = self._exec("SELECT * FROM sessions WHERE session_id = ?", (session_id,)).fetchone()
         if row is None:
             raise SessionNotFoundError(f"no session {session_id!r}")
         return _record(row)
 
+    @_guarded
     def list(self, user_id: str | None = None, status: str | None = "open") -> list[SessionRecord]:
         sql, args = "SELECT * FROM sessions WHERE 1=1", []
         if user_id is not None:
@@ -130,6 +183,7 @@ class Store:
             sql, args = sql + " AND status = ?", [*args, status]
         return [_record(row) for row in self._exec(sql + " ORDER BY created_at", tuple(args)).fetchall()]
 
+    @_guarded
     def update_config(self, session_id: str, config: SessionConfig, expected_version: int) -> int:
         """Store a new config if the stored one is still `expected_version`; returns the new version."""
         cursor = self._exec(
@@ -145,14 +199,17 @@ class Store:
             )
         return expected_version + 1
 
+    @_guarded
     def set_kernel(self, session_id: str, kernel: KernelRecord | None) -> None:
         self._exec("UPDATE sessions SET kernel = ? WHERE session_id = ?",
                    (kernel.model_dump_json() if kernel else None, session_id))
 
+    @_guarded
     def mark_busy(self, session_id: str, until: float) -> None:
         """Keep the idle reaper away from a session whose cell may run until `until`."""
         self._exec("UPDATE sessions SET busy_until = ? WHERE session_id = ?", (until, session_id))
 
+    @_guarded
     def release_kernel(self, session_id: str, kernel_id: str, idle_before: float | None = None) -> bool:
         """Forget the session's kernel if it is still `kernel_id` (and, given `idle_before`, unused since then).
 
@@ -167,52 +224,85 @@ class Store:
             args += (idle_before, time.time())
         return self._exec(sql, args).rowcount == 1
 
+    @_guarded
     def set_status(self, session_id: str, status: str) -> None:
         self._exec("UPDATE sessions SET status = ?, kernel = NULL WHERE session_id = ?", (status, session_id))
 
+    @_guarded
     def data_version(self) -> int:
         """Changes whenever another connection (another process) commits: nothing to re-read while it stays."""
         return self._exec("PRAGMA data_version").fetchone()[0]
 
+    @_guarded
     def log(self, session_id: str, kind: str, status: str, duration: float, detail: dict[str, Any],
             touch: bool = True) -> None:
-        """Record an execution or tool call. An execution (`touch`) also marks the session used (its kernel is
-        not idle) and is written at once; tool calls, which come in bulk, are written in batches, at the latest
-        with the next execution, `logs()` or `close()`, or after LOG_DELAY seconds."""
+        """Record an execution or tool call, committed before this returns. An execution (`touch`) also marks the
+        session used (its kernel is not idle)."""
         now = time.time()
         entry = (session_id, kind, status, duration, json.dumps(detail, default=str), now)
-        with self._lock:
+        with self._queue:
             self._pending.append(entry)
-            if not touch and len(self._pending) < 512 and now - self._pending[0][5] < LOG_DELAY:
-                return
-            self._db.execute("BEGIN")
-            self._flush()
             if touch:
-                self._db.execute("UPDATE sessions SET last_used_at = ?, busy_until = 0 WHERE session_id = ?",
-                                 (now, session_id))
-            self._db.execute("COMMIT")
+                self._touched[session_id] = now
+            self._queued += 1
+            mine = self._queued
+        self._commit(mine)
 
-    def flush(self) -> None:
-        """Write the log entries still waiting."""
+    def _commit(self, upto: int) -> None:
+        """Make sure entry `upto` is committed: by committing everything queued, unless a caller that had the
+        connection before did so already (group commit: one transaction for all who queued meanwhile)."""
         with self._lock:
-            if self._pending:
-                self._flush()
+            with self._queue:
+                if self._committed >= upto:
+                    return
+                batch, self._pending = self._pending, []
+                touched, self._touched = self._touched, {}
+                last = self._queued
+            db = self._connection()
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    db.executemany("INSERT INTO logs (session_id, kind, status, duration, detail, created_at) "
+                                   "VALUES (?, ?, ?, ?, ?, ?)", batch)
+                    db.executemany("UPDATE sessions SET last_used_at = ?, busy_until = 0 WHERE session_id = ?",
+                                   [(when, session) for session, when in touched.items()])
+                    db.execute("COMMIT")
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+            except BaseException:
+                with self._queue:  # the next caller tries them again
+                    self._pending[:0] = batch
+                    for session, when in touched.items():
+                        self._touched.setdefault(session, when)
+                raise
+            with self._queue:
+                self._committed = last
 
-    def _flush(self) -> None:
-        self._db.executemany("INSERT INTO logs (session_id, kind, status, duration, detail, created_at) "
-                             "VALUES (?, ?, ?, ?, ?, ?)", self._pending)
-        self._pending.clear()
+    @_guarded
+    def flush(self) -> None:
+        """Commit the log entries still queued (there are only any while another thread is committing them)."""
+        with self._queue:
+            queued = self._queued
+        self._commit(queued)
 
+    @_guarded
     def logs(self, session_id: str, limit: int = 1000) -> list[LogEntry]:
-        self.flush()
         rows = self._exec("SELECT * FROM logs WHERE session_id = ? ORDER BY id DESC LIMIT ?",
                           (session_id, limit)).fetchall()
         return [LogEntry(**{**dict(row), "detail": json.loads(row["detail"])}) for row in reversed(rows)]
 
     def close(self) -> None:
-        self.flush()
-        with self._lock:
-            self._db.close()
+        """Commit what is queued and close the file; later calls raise StoreError. Closing twice is fine."""
+        if self._db is None:
+            return
+        try:
+            self.flush()
+        finally:
+            with self._lock:
+                if self._db is not None:
+                    self._db.close()
+                    self._db = None
 
 
 def _record(row: sqlite3.Row) -> SessionRecord:
