@@ -88,7 +88,7 @@ class _Capped:
 
     def _spill_write(self, text: str) -> None:
         try:
-            self.spill.write(text.encode())
+            self.spill.write(text.encode(errors="replace"))
         except (WorkbenchError, OSError):  # the workspace is full or gone: keep the preview, drop the spill
             self.spill.abort()
             self.spill = None
@@ -118,6 +118,7 @@ class Outcome:
 
     result: ExecutionResult
     reply_seen: bool = False
+    idle_seen: bool = False
     started: bool = False  # the kernel said it runs our cell (status busy or execute_input for our request)
     dead: str | None = None  # the container's exit reason, when it died
     unresponsive: bool = False  # timed out and did not answer the interrupt either
@@ -207,6 +208,7 @@ def run_cell(
                         idle_seen = True
                 except Malformed as exc:
                     outcome.drop(f"{msg['msg_type']}: {exc}")
+    outcome.idle_seen = idle_seen
     for name, capped in outcome.streams.items():
         spilled = capped.finish()
         setattr(result, name, capped.value(spilled))
@@ -410,7 +412,7 @@ def _spill_value(outcome: Outcome, index: int, mime: str, text: str) -> str | No
             data = None
     try:
         with outcome.spill(f"result{index}.{extension}") as writer:
-            writer.write(data if data is not None else text.encode(errors="surrogatepass"))
+            writer.write(data if data is not None else text.encode(errors="replace"))
         return str(writer.path)
     except (WorkbenchError, OSError):  # the workspace is full or gone: keep the preview only
         return None

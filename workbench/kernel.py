@@ -153,6 +153,8 @@ class Kernel:
     def _connect(self, info: dict, timeout: float | None) -> None:
         client = _Client(context=zmq_context())
         client.load_connection_info({**info, "ip": str(self.runtime_dir / "k")})
+        # the standard library's parser: orjson peaks at 12 times a message's size (165 MB for a 10 MB image)
+        client.session.unpacker = "json"
         client.start_channels(hb=False, stdin=False)
         self.client, self.connection = client, info
         if timeout is None:
@@ -162,6 +164,17 @@ class Kernel:
         except BaseException:
             self.shutdown()
             raise
+
+    def _reconnect(self) -> None:
+        """New channels to the same kernel (the old ones may be broken)."""
+        assert self.connection is not None
+        info = self.connection
+        self.disconnect()
+        self._connect(info, timeout=None)
+        try:
+            self._wait_ready(5.0)
+        except KernelStartError:
+            log.warning("kernel %s did not answer after reconnecting", self.kernel_id)
 
     def _wait_ready(self, timeout: float) -> None:
         assert self.client is not None
@@ -260,6 +273,11 @@ class Kernel:
             exit_reason=self.exit_reason, callbacks=callbacks or Callbacks(), spill=spill,
         )
         result = outcome.result
+        if outcome.reply_seen and not outcome.idle_seen and outcome.dead is None:
+            # iopub lost messages: a flood past the queues, or a message over MAX_MESSAGE, after which libzmq
+            # drops the connection for good (a protocol error is not reconnected). Connect again.
+            log.warning("kernel %s: its iopub messages stopped arriving; reconnecting", self.kernel_id)
+            self._reconnect()
         if result.not_started:
             log.warning("kernel %s: the cell did not start within its timeout (the kernel runs another cell); "
                         "nothing was interrupted", self.kernel_id)
