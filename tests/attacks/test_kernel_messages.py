@@ -133,7 +133,8 @@ def test_thirty_big_images_are_spilled_as_files_not_held_in_memory(fresh: Sessio
         assert path.endswith(".png") and f"/workspace/{path}" in output.data["image/png"]
         head = (fresh.workspace / path).read_bytes()[:24]
         assert head == b"\x89PNG\r\n\x1a\n" + bytes([i]) * 16 and (fresh.workspace / path).stat().st_size == 10_000_024
-    assert fresh.execute("len(open(%r, 'rb').read())" % result.spilled["results[0].image/png"]).text == "10000024"
+    first = result.spilled["results[0].image/png"]
+    assert fresh.execute(f"len(open({first!r}, 'rb').read())").text == "10000024"
 
 
 def test_a_message_too_big_for_the_host_is_dropped_without_hanging(fresh: Session) -> None:
