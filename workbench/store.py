@@ -1,8 +1,11 @@
 """The session store: SQLite under WORKBENCH_HOME, the one source of truth for sessions, configs and logs."""
 from __future__ import annotations
 
+import fcntl
 import functools
 import json
+import os
+import secrets
 import sqlite3
 import threading
 import time
@@ -16,6 +19,9 @@ from .config import Limits
 from .errors import ConflictError, SessionNotFoundError, StoreError
 
 F = TypeVar("F", bound=Callable[..., Any])
+LOG_DELAY = 0.5  # seconds a journaled tool call may wait to be copied into the logs table with others
+LOG_BATCH = 512  # ... or until this many wait
+JOURNAL_ROTATE = 64 * 1024**2  # bytes after which a fully copied journal is replaced by a new one
 _INSERT_LOG = "INSERT INTO logs (session_id, kind, status, duration, detail, created_at) VALUES (?, ?, ?, ?, ?, ?)"
 
 _SCHEMA = """
@@ -42,6 +48,10 @@ CREATE TABLE IF NOT EXISTS logs (
     created_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS logs_session ON logs (session_id, id);
+CREATE TABLE IF NOT EXISTS journal_marks (  -- how far each tool-call journal has been copied into logs
+    name   TEXT PRIMARY KEY,
+    offset INTEGER NOT NULL
+);
 """
 
 
@@ -93,7 +103,7 @@ def _guarded(method: F) -> F:
     def guarded(self: Store, *args: Any, **kwargs: Any) -> Any:
         try:
             return method(self, *args, **kwargs)
-        except (sqlite3.Error, ValidationError, json.JSONDecodeError) as exc:
+        except (sqlite3.Error, ValidationError, json.JSONDecodeError, OSError) as exc:
             raise self._error(exc) from exc
 
     return guarded  # type: ignore[return-value]
@@ -102,10 +112,12 @@ def _guarded(method: F) -> F:
 class Store:
     """Thread-safe access to the SQLite file; several processes may share it (WAL mode).
 
-    Every write is committed before the call returns (WAL with synchronous=NORMAL: it survives the death of the
-    process; only a crash of the machine may lose the last ones). Log entries are group-committed: concurrent
-    callers queue their entries, and whichever gets the connection first commits all queued ones in one
-    transaction while the others wait for it, so bulk tool calls stay fast.
+    Every write is durable before the call returns, against the death of the process (not of the machine):
+    sessions and executions are committed (WAL with synchronous=NORMAL), group-committed when several threads log
+    at once (whichever gets the connection commits everyone's queued entries in one transaction while the others
+    wait for it). A tool call, which comes in bulk, is appended to this Store's journal file (one write()) and
+    copied into the logs table in batches (LOG_BATCH entries or LOG_DELAY seconds, the next execution, `logs()`,
+    `flush()` or `close()`); the journal of a process that died is copied by the next Store opened on the file.
     """
 
     def __init__(self, path: Path) -> None:
@@ -117,6 +129,10 @@ class Store:
         self._touched: dict[str, float] = {}  # session -> when an execution last used it, with the pending entries
         self._queued = 0  # sequence number of the last entry queued
         self._committed = 0  # ... and of the last one committed
+        self._journals = path.parent / f"{path.name}.journals"  # not "-journal": SQLite's own name
+        self._journal: tuple[int, str] | None = None  # this Store's journal: its descriptor, its name
+        self._journal_size = 0
+        self._journal_oldest = 0.0  # when the oldest tool call not yet in the logs table was journaled
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
@@ -131,7 +147,8 @@ class Store:
                 if "busy_until" not in columns:  # a store written by an earlier version
                     self._db.execute("ALTER TABLE sessions ADD COLUMN busy_until REAL NOT NULL DEFAULT 0")
             path.chmod(0o600)  # it holds the kernels' connection keys
-        except (sqlite3.Error, OSError) as exc:
+            self._recover()
+        except (sqlite3.Error, OSError, ValueError) as exc:
             if self._db is not None:
                 self._db.close()
                 self._db = None
@@ -240,17 +257,49 @@ class Store:
     @_guarded
     def log(self, session_id: str, kind: str, status: str, duration: float, detail: dict[str, Any],
             touch: bool = True) -> None:
-        """Record an execution or tool call, committed before this returns. An execution (`touch`) also marks the
-        session used (its kernel is not idle)."""
+        """Record an execution or tool call, durably before this returns. An execution (`touch`) also marks the
+        session used (its kernel is not idle) and is committed at once; a tool call (`touch=False`) is journaled
+        and copied into the logs table with others."""
         now = time.time()
         entry = (session_id, kind, status, duration, json.dumps(detail, default=str), now)
         with self._queue:
+            self._queued += 1
+            mine = self._queued
             self._pending.append(entry)
             if touch:
                 self._touched[session_id] = now
-            self._queued += 1
-            mine = self._queued
+            else:
+                if self._journal is None:
+                    self._open_journal()
+                assert self._journal is not None
+                line = (json.dumps(entry) + "\n").encode()
+                try:
+                    written = os.write(self._journal[0], line)
+                except BaseException:
+                    self._pending.pop()
+                    raise
+                if written != len(line):
+                    raise OSError(f"short write to the journal: {written} of {len(line)} bytes")
+                self._journal_size += written
+                if len(self._pending) == 1 or not self._journal_oldest:
+                    self._journal_oldest = now
+                if len(self._pending) < LOG_BATCH and now - self._journal_oldest < LOG_DELAY:
+                    return  # journaled: it survives this process; copied into the table later
         self._commit(mine)
+
+    def _open_journal(self) -> None:
+        """Create this Store's journal, locked for as long as it lives (an unlocked journal is a dead one's)."""
+        self._journals.mkdir(mode=0o700, exist_ok=True)
+        name = f"{os.getpid()}-{secrets.token_hex(6)}.log"
+        fresh = self._journals / f"{name}.new"
+        fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.rename(fresh, self._journals / name)  # only now can a recovery find it, already locked
+        except BaseException:
+            os.close(fd)
+            raise
+        self._journal, self._journal_size = (fd, name), 0
 
     def _commit(self, upto: int) -> None:
         """Make sure entry `upto` is committed: by committing everything queued, unless a caller that had the
@@ -261,23 +310,24 @@ class Store:
                     return
                 batch, self._pending = self._pending, []
                 touched, self._touched = self._touched, {}
+                mark = (self._journal[1], self._journal_size) if self._journal is not None else None
+                self._journal_oldest = 0.0
                 last = self._queued
             db = self._connection()
             try:
-                if len(batch) == 1 and not touched:  # alone: a statement is its own transaction
-                    db.execute(_INSERT_LOG, batch[0])
-                else:
-                    db.execute("BEGIN")  # writes first: waiting for the write lock cannot deadlock
-                    try:
-                        db.executemany(_INSERT_LOG, batch)
-                        if touched:
-                            db.executemany("UPDATE sessions SET last_used_at = ?, busy_until = 0 "
-                                           "WHERE session_id = ?", [(when, sid) for sid, when in touched.items()])
-                        db.execute("COMMIT")
-                    except BaseException:
-                        if db.in_transaction:
-                            db.execute("ROLLBACK")
-                        raise
+                db.execute("BEGIN")  # writes first: waiting for the write lock cannot deadlock
+                try:
+                    db.executemany(_INSERT_LOG, batch)
+                    if touched:
+                        db.executemany("UPDATE sessions SET last_used_at = ?, busy_until = 0 WHERE session_id = ?",
+                                       [(when, sid) for sid, when in touched.items()])
+                    if mark is not None:
+                        db.execute("INSERT OR REPLACE INTO journal_marks (name, offset) VALUES (?, ?)", mark)
+                    db.execute("COMMIT")
+                except BaseException:
+                    if db.in_transaction:
+                        db.execute("ROLLBACK")
+                    raise
             except BaseException:
                 with self._queue:  # the next caller tries them again
                     self._pending[:0] = batch
@@ -285,27 +335,97 @@ class Store:
                         self._touched.setdefault(session, when)
                 raise
             with self._queue:
-                self._committed = last
+                self._committed = max(self._committed, last)
+                retire = None
+                if (mark is not None and mark[1] > JOURNAL_ROTATE and self._journal is not None
+                        and self._journal[1] == mark[0] and self._journal_size == mark[1]):
+                    retire, self._journal = self._journal, None  # all of it is in the table: the next call starts anew
+            if retire is not None:
+                (self._journals / retire[1]).unlink(missing_ok=True)
+                db.execute("DELETE FROM journal_marks WHERE name = ?", (retire[1],))
+                os.close(retire[0])
+
+    def _recover(self) -> None:
+        """Copy into the logs table the journals of Stores whose process died (their lock is free), then remove
+        them. What a journal's mark says was copied already is skipped; a torn last line is dropped."""
+        if not self._journals.is_dir():
+            return
+        for path in sorted(self._journals.iterdir()):
+            if self._journal is not None and path.name == self._journal[1]:
+                continue
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            except FileNotFoundError:
+                continue
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # its Store is alive
+                if os.fstat(fd).st_nlink == 0:
+                    continue  # another recovery took it
+                if path.name.endswith(".log"):
+                    self._copy_journal(path.name, fd)
+                path.unlink(missing_ok=True)
+                self._exec("DELETE FROM journal_marks WHERE name = ?", (path.name,))
+            finally:
+                os.close(fd)
+
+    def _copy_journal(self, name: str, fd: int) -> None:
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        data = b"".join(chunks)
+        with self._lock:
+            db = self._connection()
+            row = db.execute("SELECT offset FROM journal_marks WHERE name = ?", (name,)).fetchone()
+            start = row[0] if row else 0
+            entries = []
+            for line in data[start:].split(b"\n"):
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue  # a torn last line
+                if isinstance(entry, list) and len(entry) == 6:
+                    entries.append(tuple(entry))
+            db.execute("BEGIN")
+            try:
+                db.executemany(_INSERT_LOG, entries)
+                db.execute("INSERT OR REPLACE INTO journal_marks (name, offset) VALUES (?, ?)", (name, len(data)))
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
 
     @_guarded
     def flush(self) -> None:
-        """Commit the log entries still queued (there are only any while another thread is committing them)."""
+        """Copy the journaled tool calls of this Store into the logs table (they are durable already)."""
         with self._queue:
             queued = self._queued
         self._commit(queued)
 
     @_guarded
     def logs(self, session_id: str, limit: int = 1000) -> list[LogEntry]:
+        self.flush()
+        self._recover()
         rows = self._exec("SELECT * FROM logs WHERE session_id = ? ORDER BY id DESC LIMIT ?",
                           (session_id, limit)).fetchall()
         return [LogEntry(**{**dict(row), "detail": json.loads(row["detail"])}) for row in reversed(rows)]
 
     def close(self) -> None:
-        """Commit what is queued and close the file; later calls raise StoreError. Closing twice is fine."""
+        """Copy what is journaled into the logs table, remove the journal and close the file; later calls raise
+        StoreError. Closing twice is fine."""
         if self._db is None:
             return
         try:
             self.flush()
+            with self._queue:
+                journal, self._journal = self._journal, None
+            if journal is not None:
+                (self._journals / journal[1]).unlink(missing_ok=True)
+                self._exec("DELETE FROM journal_marks WHERE name = ?", (journal[1],))
+                os.close(journal[0])
         finally:
             with self._lock:
                 if self._db is not None:
