@@ -167,10 +167,13 @@ def run_cell(
     deadline = started + timeout if timeout is not None else None
     idle_seen = False
     reply_at: float | None = None
+    idle_at: float | None = None
     last_health = started
     while not (idle_seen and outcome.reply_seen):
         now = time.monotonic()
         if reply_at is not None and now - reply_at > IDLE_GRACE:
+            break
+        if idle_at is not None and now - idle_at > IDLE_GRACE:  # the reply was lost (the shell channel broke)
             break
         if deadline is not None and now >= deadline:
             if result.timed_out:
@@ -204,8 +207,8 @@ def run_cell(
                 if msg is _DROPPED or _parent_id(msg) != msg_id:
                     continue
                 try:
-                    if _handle(msg, outcome, callbacks):
-                        idle_seen = True
+                    if _handle(msg, outcome, callbacks) and not idle_seen:
+                        idle_seen, idle_at = True, time.monotonic()
                 except Malformed as exc:
                     outcome.drop(f"{msg['msg_type']}: {exc}")
     outcome.idle_seen = idle_seen

@@ -273,10 +273,11 @@ class Kernel:
             exit_reason=self.exit_reason, callbacks=callbacks or Callbacks(), spill=spill,
         )
         result = outcome.result
-        if outcome.reply_seen and not outcome.idle_seen and outcome.dead is None:
-            # iopub lost messages: a flood past the queues, or a message over MAX_MESSAGE, after which libzmq
+        if outcome.reply_seen != outcome.idle_seen and outcome.dead is None:
+            # a channel lost messages: a flood past the queues, or a message over MAX_MESSAGE, after which libzmq
             # drops the connection for good (a protocol error is not reconnected). Connect again.
-            log.warning("kernel %s: its iopub messages stopped arriving; reconnecting", self.kernel_id)
+            log.warning("kernel %s: its %s messages stopped arriving; reconnecting", self.kernel_id,
+                        "iopub" if outcome.reply_seen else "shell")
             self._reconnect()
         if result.not_started:
             log.warning("kernel %s: the cell did not start within its timeout (the kernel runs another cell); "

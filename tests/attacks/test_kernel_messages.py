@@ -147,6 +147,20 @@ def test_a_message_too_big_for_the_host_is_dropped_without_hanging(fresh: Sessio
     assert fresh.execute("z + 1").text == "2"
 
 
+def test_an_oversized_forged_reply_does_not_break_the_shell_channel(fresh: Session) -> None:
+    started = time.monotonic()
+    result = fresh.execute(FORGE + textwrap.dedent("""
+        ident = k._shell_parent_ident.get() if hasattr(k._shell_parent_ident, 'get') else k._shell_parent_ident
+        k.session.send(k.shell_stream, 'execute_reply', {'status': 'ok', 'pad': 'r' * 140_000_000}, parent=p,
+                       ident=ident)
+        print('after the giant reply')
+        """), timeout=60)
+    assert time.monotonic() - started < 20 and not result.timed_out, result
+    assert result.stdout == "after the giant reply\n"
+    for value in range(3):  # the shell channel was connected again
+        assert fresh.execute(f"{value} * 2", timeout=10).text == str(value * 2)
+
+
 _OTHER_PROCESS = """
 import json, sys
 from workbench import Workbench
