@@ -127,6 +127,7 @@ class Outcome:
     budget: int = 1_000_000  # characters of rich output values still kept in the result for this execution
     spill: Spill | None = None
     displays: dict[str, int] = field(default_factory=dict)  # display_id -> index in result.results
+    kept: dict[int, int] = field(default_factory=dict)  # index in result.results -> characters it takes of the budget
     drop_reasons: dict[str, int] = field(default_factory=dict)
 
     def drop(self, reason: str) -> None:
@@ -323,6 +324,7 @@ def _handle(msg: dict[str, Any], outcome: Outcome, cb: Callbacks) -> bool:
         index = outcome.displays.get(display_id) if display_id is not None else None
         if index is not None:
             output = Output(type="display_data", data=data, metadata=metadata)
+            outcome.budget += outcome.kept.pop(index, 0)  # the update replaces the output: its share is free again
             _cap_output(output, index, outcome)
             result.results[index] = output
     elif kind == "error":
@@ -366,6 +368,14 @@ def _cap_output(output: Output, index: int, outcome: Outcome) -> None:
     """Keep the values of a rich output within the execution's budget. A text value longer than the output
     limit keeps its head and tail; a value past the budget that remains keeps a short preview (text) or just a
     reference (binary, JSON). The whole value goes to a workspace file, binary data decoded (a real .png)."""
+    before = outcome.budget
+    try:
+        _cap_values(output, index, outcome)
+    finally:
+        outcome.kept[index] = before - outcome.budget
+
+
+def _cap_values(output: Output, index: int, outcome: Outcome) -> None:
     if output.metadata:
         size = len(_json(output.metadata))
         if size > min(_METADATA_LIMIT, outcome.budget):
@@ -376,14 +386,15 @@ def _cap_output(output: Output, index: int, outcome: Outcome) -> None:
     for mime, value in list(output.data.items()):
         text = value if isinstance(value, str) else _json(value)
         size = len(text)
-        if size <= min(outcome.budget, outcome.output_limit):
-            outcome.budget -= size
+        textual = mime in _EXTENSIONS or (mime.startswith("text/") and not _is_json_mime(mime))
+        if size <= min(outcome.budget, outcome.output_limit) or (textual and size <= _PREVIEW):
+            outcome.budget = max(outcome.budget - size, 0)  # a short text is kept whole (MAX_OUTPUTS bound them)
             continue
         key = f"results[{index}].{mime}"
         where = _spill_value(outcome, index, mime, text)
         if where is not None:
             outcome.result.spilled[key] = where
-        if mime in _EXTENSIONS or (mime.startswith("text/") and not _is_json_mime(mime)):
+        if textual:
             keep = max(min(outcome.output_limit, outcome.budget), min(_PREVIEW, outcome.output_limit))
             capped = _Capped(keep)
             capped.add(text)

@@ -137,6 +137,28 @@ def test_thirty_big_images_are_spilled_as_files_not_held_in_memory(fresh: Sessio
     assert fresh.execute(f"len(open({first!r}, 'rb').read())").text == "10000024"
 
 
+def test_outputs_share_one_budget_and_updates_give_theirs_back(fresh: Session) -> None:
+    result = fresh.execute(textwrap.dedent("""
+        from IPython.display import display
+        handle = display({'text/plain': 'start'}, raw=True, display_id=True)
+        for i in range(200):  # 4 MB of updates to one output: only its last state counts
+            handle.update({'text/plain': str(i) + ' ' + 'u' * 20_000}, raw=True)
+        for i in range(3):  # 3 outputs of 600,000 characters: the last ones go past the budget
+            display({'text/plain': 't' * 600_000, 'application/json': {'n': list(range(100_000))}}, raw=True)
+        """))
+    assert result.error is None, result.error
+    assert result.results[0].text == "199 " + "u" * 20_000 and "results[0].text/plain" not in result.spilled
+    kept = sum(len(json.dumps(output.data)) for output in result.results)
+    assert kept < 1_000_000 + 3 * 2_000 + 25_000
+    assert result.results[1].text == "t" * 600_000  # within the budget
+    for index in (2, 3):  # past it: a preview and the whole value in a file
+        assert "characters cut" in result.results[index].text
+        assert fresh.files.read(result.spilled[f"results[{index}].text/plain"]) == b"t" * 600_000
+        spilled_json = result.spilled[f"results[{index}].application/json"]
+        assert json.loads(fresh.files.read(spilled_json)) == {"n": list(range(100_000))}
+        assert spilled_json in result.results[index].data["application/json"]
+
+
 def test_a_message_too_big_for_the_host_is_dropped_without_hanging(fresh: Session) -> None:
     started = time.monotonic()
     result = fresh.execute(FORGE + "forge('stream', {'name': 'stdout', 'text': 'z' * 140_000_000})\nz = 1",
