@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import orjson
 from pydantic import BaseModel, Field, ValidationError
 
 from .config import Limits
@@ -261,7 +262,8 @@ class Store:
         session used (its kernel is not idle) and is committed at once; a tool call (`touch=False`) is journaled
         and copied into the logs table with others."""
         now = time.time()
-        entry = (session_id, kind, status, duration, json.dumps(detail, default=str), now)
+        detail_json = _dumps(detail)
+        entry = (session_id, kind, status, duration, detail_json.decode(), now)
         with self._queue:
             self._queued += 1
             mine = self._queued
@@ -272,7 +274,7 @@ class Store:
                 if self._journal is None:
                     self._open_journal()
                 assert self._journal is not None
-                line = (json.dumps(entry) + "\n").encode()
+                line = _dumps([session_id, kind, status, duration, now])[:-1] + b"," + detail_json + b"]\n"
                 try:
                     written = os.write(self._journal[0], line)
                 except BaseException:
@@ -386,8 +388,10 @@ class Store:
                     entry = json.loads(line)
                 except ValueError:
                     continue  # a torn last line
-                if isinstance(entry, list) and len(entry) == 6:
-                    entries.append(tuple(entry))
+                if (isinstance(entry, list) and len(entry) == 6  # session, kind, status, duration, time, detail
+                        and all(isinstance(part, str) for part in entry[:3])
+                        and all(isinstance(part, (int, float)) for part in entry[3:5])):
+                    entries.append((*entry[:4], json.dumps(entry[5]), entry[4]))
             db.execute("BEGIN")
             try:
                 db.executemany(_INSERT_LOG, entries)
@@ -431,6 +435,14 @@ class Store:
                 if self._db is not None:
                     self._db.close()
                     self._db = None
+
+
+def _dumps(value: Any) -> bytes:
+    """JSON, fast (log entries come by the thousand per second); what orjson refuses goes through json."""
+    try:
+        return orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS)
+    except TypeError:  # e.g. an int past 64 bits
+        return json.dumps(value, default=str).encode()
 
 
 def _record(row: sqlite3.Row) -> SessionRecord:
