@@ -8,7 +8,12 @@ from collections.abc import Iterator
 import pytest
 
 from workbench import Session, Workbench
-from workbench.errors import FileError, PathOutsideWorkspaceError, WorkspaceFileNotFoundError, WorkspaceFullError
+from workbench.errors import (
+    FileError,
+    PathOutsideWorkspaceError,
+    WorkspaceFileNotFoundError,
+    WorkspaceFullError,
+)
 
 
 def test_write_read_list_remove_and_the_kernel_sees_the_same_files(session: Session) -> None:

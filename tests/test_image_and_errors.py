@@ -7,7 +7,13 @@ import time
 
 import pytest
 
-from workbench import DockerUnavailableError, ImageNotFoundError, SessionError, SessionNotFoundError, Workbench
+from workbench import (
+    DockerUnavailableError,
+    ImageNotFoundError,
+    SessionError,
+    SessionNotFoundError,
+    Workbench,
+)
 from workbench.image import INPUTS_LABEL, image_status, inputs_hash
 
 

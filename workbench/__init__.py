@@ -20,7 +20,13 @@ from .errors import (
     WorkspaceFullError,
 )
 from .files import FileInfo, Files
-from .results import ExecutionError, ExecutionResult, OffloadEnvelope, Output, ToolResult
+from .results import (
+    ExecutionError,
+    ExecutionResult,
+    OffloadEnvelope,
+    Output,
+    ToolResult,
+)
 from .session import Session
 from .store import LogEntry, SessionConfig, SessionRecord
 from .tools import RateLimited, Tool, ToolContext

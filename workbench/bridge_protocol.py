@@ -61,7 +61,7 @@ class Request(BaseModel):
     v: Literal[1]
     id: StrictInt | Annotated[str, Field(max_length=MAX_ID)]
     op: Op
-    slug: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,128}$")] | None = None
+    slug: Annotated[str, Field(pattern=f"^{SLUG.pattern}$")] | None = None
     arguments: dict[str, Any] = Field(default_factory=dict)
     timeout: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     sync: StrictBool = False

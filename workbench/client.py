@@ -23,11 +23,17 @@ from requests import RequestException
 
 from . import fstree
 from . import image as images
-from .config import DEFAULT_IMAGE, Limits, default_home, default_runtime_root
 from .bridge import BridgeServer
+from .config import DEFAULT_IMAGE, Limits, default_home, default_runtime_root
 from .container import LABEL_KERNEL, RUNTIME, check_sandbox_uid, private_dir
 from .docker_client import connect, security_options
-from .errors import DockerUnavailableError, SessionClosedError, SessionError, SessionNotFoundError, WorkbenchError
+from .errors import (
+    DockerUnavailableError,
+    SessionClosedError,
+    SessionError,
+    SessionNotFoundError,
+    WorkbenchError,
+)
 from .kernel import Kernel
 from .pool import LABEL_POOL, WarmPool, owner_alive
 from .session import Session
@@ -38,7 +44,7 @@ from .workspace import Workspace, quota_support, release_runtime_dir
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
 
-_USER_ID = re.compile(r"^[A-Za-z0-9_.@:-]{1,128}$")
+_USER_ID = re.compile(r"[A-Za-z0-9_.@:-]{1,128}")  # always fullmatch: `$` would let a trailing newline in
 _START_GRACE = 120.0  # a container younger than this may be a kernel another process is still starting
 
 
@@ -49,6 +55,8 @@ class GcReport(BaseModel):
     stopped: list[str] = Field(default_factory=list, description="sessions whose idle kernel was stopped")
     over_cap: list[str] = Field(default_factory=list, description="sessions whose kernel was stopped for filling "
                                 "its workspace past workspace_size (plain-folder workspaces: no filesystem quota)")
+    unknown: list[str] = Field(default_factory=list, description="running containers of sessions the store does "
+                               "not know, left alone (a new or restored store), as 'name: session id'")
 
 
 class Workbench:
@@ -166,7 +174,7 @@ class Workbench:
     ) -> Session:
         """Open a new session for one user, with its own kernel and workspace, allowed the tools of `toolkits`
         and the single `tools` named."""
-        if not _USER_ID.match(user_id or ""):
+        if not isinstance(user_id, str) or not _USER_ID.fullmatch(user_id):
             raise SessionError("user_id must be 1 to 128 characters of letters, digits and _ . @ : -")
         if user_id == "default" and not allow_default_user:
             raise SessionError(
@@ -219,8 +227,11 @@ class Workbench:
         return self.store.list(user_id=user_id)
 
     def gc(self) -> GcReport:
-        """Remove containers whose session is unknown, closed or on another kernel now, and stop the kernels of
-        sessions idle past `idle_timeout` (their workspaces are kept; the next use starts a new kernel)."""
+        """Remove containers the store says are done with (their session closed, or on another kernel now, or the
+        kernel stopped), stopped containers of unknown sessions and warm kernels of workbenches that are gone, and
+        stop the kernels of sessions idle past `idle_timeout` (their workspaces are kept; the next use starts a new
+        kernel). A running kernel of a session the store does not know is left alone and listed in `unknown`: an
+        empty or restored store must not end kernels it never heard of."""
         report = GcReport()
         try:
             containers = self.docker.containers.list(all=True, filters={"label": f"workbench.home={self.home_label}"})
@@ -237,8 +248,13 @@ class Workbench:
                 if owner_alive(container.labels[LABEL_POOL]):
                     continue  # ready in a live workbench's warm pool
                 reason = "warm pool of a workbench that is gone"
-            elif record is None or record.status != "open":
-                reason = "session unknown" if record is None else f"session {record.status}"
+            elif record is None:
+                if container.status in ("running", "created", "restarting", "paused"):
+                    report.unknown.append(f"{container.name}: {session_id}")
+                    continue
+                reason = f"session unknown, container {container.status}"
+            elif record.status != "open":
+                reason = f"session {record.status}"
             elif record.kernel is None or record.kernel.kernel_id != kernel_id:
                 if _age(container) < _START_GRACE:
                     continue  # maybe a kernel being started right now

@@ -28,7 +28,8 @@ class Limits(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     memory: int = Field(default=1024**3, description="memory limit in bytes (no swap on top)")
-    cpus: float = Field(default=1.0, gt=0, description="CPU share, in cores")
+    cpus: float = Field(default=1.0, ge=0.01, allow_inf_nan=False, description="CPU share, in cores (at least "
+                        "0.01: less would be a CPU quota of 0, which Docker reads as unlimited)")
     pids: int = Field(default=256, ge=16, description="maximum number of processes and threads")
     tmp_size: int = Field(default=256 * 1024**2, description="size of the tmpfs at /tmp in bytes")
     workspace_size: int = Field(default=10 * 1024**3, description="cap on the workspace's bytes for files written "

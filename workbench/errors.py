@@ -60,3 +60,7 @@ class WorkspaceFileNotFoundError(FileError, FileNotFoundError):
 
 class WorkspaceFullError(FileError):
     """The write would take the workspace past its size cap (`Limits.workspace_size`)."""
+
+
+class StoreError(WorkbenchError):
+    """The session store (the SQLite file under the home) cannot be read or written: damaged, locked or gone."""

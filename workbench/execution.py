@@ -1,6 +1,10 @@
 """Turning the Jupyter messages of one execute request into an ExecutionResult."""
 from __future__ import annotations
 
+import base64
+import binascii
+import json
+import logging
 import queue
 import re
 import time
@@ -15,9 +19,14 @@ from jupyter_client import BlockingKernelClient
 from .errors import WorkbenchError
 from .results import ExecutionError, ExecutionResult, Output
 
+log = logging.getLogger(__name__)
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 HEALTH_INTERVAL = 0.2  # how often, without messages, the container is checked for death
 IDLE_GRACE = 1.0  # how long to wait for the iopub idle once the reply is in (iopub may drop messages)
+DRAIN_SLICE = 0.05  # seconds of message handling between two looks at the clock, the deadline and the container
+_NAME_LIMIT = 200  # characters kept of an exception's name
+MAX_OUTPUTS = 1_000  # rich outputs kept per execution; later ones are counted in result.truncated["results"]
+_METADATA_LIMIT = 10_000  # characters of JSON an output's metadata may take
 
 
 def strip_ansi(text: str) -> str:
@@ -83,7 +92,7 @@ class _Capped:
 
     def _spill_write(self, text: str) -> None:
         try:
-            self.spill.write(text.encode())
+            self.spill.write(text.encode(errors="replace"))
         except (WorkbenchError, OSError):  # the workspace is full or gone: keep the preview, drop the spill
             self.spill.abort()
             self.spill = None
@@ -106,18 +115,31 @@ class _Capped:
         return f"{head}\n[... {self.cut} characters cut{where} ...]\n{''.join(self.tail)}"
 
 
+class Malformed(Exception):
+    """A kernel message that does not have the shape the Jupyter protocol gives it: dropped, counted."""
+
+
 @dataclass
 class Outcome:
     """What the message loop saw, before the kernel layer adds restarts."""
 
     result: ExecutionResult
     reply_seen: bool = False
+    idle_seen: bool = False
+    started: bool = False  # the kernel said it runs our cell (status busy or execute_input for our request)
     dead: str | None = None  # the container's exit reason, when it died
     unresponsive: bool = False  # timed out and did not answer the interrupt either
     streams: dict[str, _Capped] = field(default_factory=dict)
     output_limit: int = 1_000_000
+    budget: int = 1_000_000  # characters of rich output values still kept in the result for this execution
     spill: Spill | None = None
     displays: dict[str, int] = field(default_factory=dict)  # display_id -> index in result.results
+    kept: dict[int, int] = field(default_factory=dict)  # index in result.results -> characters it takes of the budget
+    drop_reasons: dict[str, int] = field(default_factory=dict)
+
+    def drop(self, reason: str) -> None:
+        self.result.dropped_messages += 1
+        self.drop_reasons[reason] = self.drop_reasons.get(reason, 0) + 1
 
 
 def run_cell(
@@ -134,14 +156,17 @@ def run_cell(
 ) -> Outcome:
     """Send one execute request and follow it to its end, a timeout, or the kernel's death.
 
-    Streams and text results beyond `output_limit` characters keep a head and tail; with `spill`, the whole
-    of them is written to workspace files named in `result.spilled`.
+    Every message is checked before use: one that cannot be read (bad signature, a replay, garbage frames) or
+    has the wrong shape is dropped and counted in `result.dropped_messages`, never raised. Streams keep a head
+    and tail of `output_limit` characters; rich outputs share a budget of `output_limit` characters per
+    execution, past which each value goes whole to a workspace file (with `spill`) and a short reference stays.
+    The deadline is looked at while messages pour in: past it the cell is interrupted, if it is known to run.
     """
     started = time.monotonic()
     result = ExecutionResult()
     outcome = Outcome(result=result, streams={
         name: _Capped(output_limit, (lambda n=name: spill(f"{n}.txt")) if spill else None)
-        for name in ("stdout", "stderr")}, output_limit=output_limit, spill=spill)
+        for name in ("stdout", "stderr")}, output_limit=output_limit, budget=output_limit, spill=spill)
     msg_id = client.execute(code, allow_stdin=False, stop_on_error=False)
     iopub, shell = client.iopub_channel, client.shell_channel
     poller = zmq.Poller()
@@ -150,16 +175,22 @@ def run_cell(
     deadline = started + timeout if timeout is not None else None
     idle_seen = False
     reply_at: float | None = None
+    idle_at: float | None = None
     last_health = started
     while not (idle_seen and outcome.reply_seen):
         now = time.monotonic()
         if reply_at is not None and now - reply_at > IDLE_GRACE:
+            break
+        if idle_at is not None and now - idle_at > IDLE_GRACE:  # the reply was lost (the shell channel broke)
             break
         if deadline is not None and now >= deadline:
             if result.timed_out:
                 outcome.unresponsive = True
                 break
             result.timed_out = True
+            if not outcome.started:  # the kernel is busy with someone else's cell: leave that cell alone
+                result.not_started = True
+                break
             interrupt()
             deadline = now + interrupt_grace
         wait = HEALTH_INTERVAL if deadline is None else max(min(HEALTH_INTERVAL, deadline - now), 0.0)
@@ -169,25 +200,26 @@ def run_cell(
             if (reason := exit_reason()) is not None:
                 outcome.dead = reason
                 break
+        slice_end = time.monotonic() + DRAIN_SLICE
         if shell.socket in events:
-            msg = shell.get_msg(timeout=0)
-            if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "execute_reply":
-                outcome.reply_seen = True
-                reply_at = time.monotonic()
-                content = msg["content"]
-                result.execution_count = content.get("execution_count", result.execution_count)
-                if content.get("status") == "error" and result.error is None and "ename" in content:
-                    result.error = _error(content)
-        if iopub.socket in events:
-            while True:
-                try:
-                    msg = iopub.get_msg(timeout=0)
-                except queue.Empty:
-                    break
-                if msg["parent_header"].get("msg_id") != msg_id:
+            while time.monotonic() < slice_end and (msg := _receive(shell, outcome)) is not None:
+                if msg is _DROPPED or _parent_id(msg) != msg_id:
                     continue
-                if _handle(msg, outcome, callbacks):
-                    idle_seen = True
+                try:
+                    if _reply(msg, outcome):
+                        reply_at = time.monotonic()
+                except Malformed as exc:
+                    outcome.drop(f"execute_reply: {exc}")
+        if iopub.socket in events:
+            while time.monotonic() < slice_end and (msg := _receive(iopub, outcome)) is not None:
+                if msg is _DROPPED or _parent_id(msg) != msg_id:
+                    continue
+                try:
+                    if _handle(msg, outcome, callbacks) and not idle_seen:
+                        idle_seen, idle_at = True, time.monotonic()
+                except Malformed as exc:
+                    outcome.drop(f"{msg['msg_type']}: {exc}")
+    outcome.idle_seen = idle_seen
     for name, capped in outcome.streams.items():
         spilled = capped.finish()
         setattr(result, name, capped.value(spilled))
@@ -196,73 +228,233 @@ def run_cell(
         if spilled:
             result.spilled[name] = spilled
     result.duration = time.monotonic() - started
+    if result.dropped_messages:
+        log.warning("dropped %d malformed kernel messages: %s", result.dropped_messages,
+                    "; ".join(f"{reason} ({n})" for reason, n in list(outcome.drop_reasons.items())[:10]))
     return outcome
 
 
+_DROPPED: dict[str, Any] = {}  # what _receive returns for a message it dropped
+
+
+def _receive(channel: Any, outcome: Outcome) -> dict[str, Any] | None:
+    """The next message of a channel, checked to be a well-formed Jupyter message; `_DROPPED` for one that is
+    not; None when there is none waiting."""
+    try:
+        msg = channel.get_msg(timeout=0)
+    except queue.Empty:
+        return None
+    except zmq.ZMQError:
+        raise
+    except Exception as exc:  # noqa: BLE001  jupyter-client refused it: bad signature, a replay, too few frames, bad JSON
+        outcome.drop(f"unreadable: {type(exc).__name__}: {str(exc)[:100]}")
+        return _DROPPED
+    if not (isinstance(msg, dict) and isinstance(msg.get("msg_type"), str) and isinstance(msg.get("header"), dict)
+            and isinstance(msg.get("parent_header"), dict) and isinstance(msg.get("content"), dict)
+            and isinstance(msg.get("metadata"), dict)):
+        outcome.drop("not a message: header, parent_header, metadata and content must be objects")
+        return _DROPPED
+    return msg
+
+
+def _parent_id(msg: dict[str, Any]) -> Any:
+    return msg["parent_header"].get("msg_id")
+
+
+def _reply(msg: dict[str, Any], outcome: Outcome) -> bool:
+    """Apply our execute_reply from the shell channel; True when it is the first."""
+    if msg["msg_type"] != "execute_reply":
+        return False
+    if outcome.reply_seen:
+        raise Malformed("a second reply")
+    content, result = msg["content"], outcome.result
+    status = content.get("status")
+    if not isinstance(status, str):
+        raise Malformed("status is not a string")
+    count = _count(content)
+    error = _error(content, outcome) if status == "error" and result.error is None and "ename" in content else None
+    outcome.reply_seen = True
+    if count is not None:
+        result.execution_count = count
+    if error is not None:
+        result.error = error
+    return True
+
+
+def _count(content: dict[str, Any]) -> int | None:
+    count = content.get("execution_count")
+    if count is not None and (type(count) is not int or not 0 <= count < 2**63):
+        raise Malformed("execution_count is not a count")
+    return count
+
+
 def _handle(msg: dict[str, Any], outcome: Outcome, cb: Callbacks) -> bool:
-    """Apply one iopub message; True when it is the kernel's idle status."""
+    """Apply one iopub message of our request; True when it is the kernel's idle status. Raises Malformed
+    before changing anything when the message has the wrong shape."""
     kind, content, result = msg["msg_type"], msg["content"], outcome.result
     if kind == "status":
-        return content.get("execution_state") == "idle"
+        state = content.get("execution_state")
+        if not isinstance(state, str):
+            raise Malformed("execution_state is not a string")
+        if state == "busy":
+            outcome.started = True
+        return state == "idle"
     if kind == "stream":
-        name = content.get("name", "stdout")
-        outcome.streams.setdefault(name, outcome.streams["stdout"]).add(content.get("text", ""))
+        name, text = content.get("name", "stdout"), content.get("text", "")
+        if not isinstance(name, str) or not isinstance(text, str):
+            raise Malformed("stream name and text must be strings")
+        outcome.streams["stderr" if name == "stderr" else "stdout"].add(text)
         callback = cb.on_stderr if name == "stderr" else cb.on_stdout
         if callback:
-            callback(content.get("text", ""))
+            callback(text)
     elif kind in ("execute_result", "display_data"):
-        output = Output(type=kind, data=content.get("data", {}), metadata=content.get("metadata", {}))
+        data, metadata, display_id = _bundle(content)
+        count = _count(content) if kind == "execute_result" else None
+        if len(result.results) >= MAX_OUTPUTS:
+            result.truncated["results"] = result.truncated.get("results", 0) + 1
+            if count is not None:
+                result.execution_count = count
+            return False
+        output = Output(type=kind, data=data, metadata=metadata)
         _cap_output(output, len(result.results), outcome)
-        if display_id := (content.get("transient") or {}).get("display_id"):
+        if display_id is not None:
             outcome.displays[display_id] = len(result.results)
         result.results.append(output)
         if kind == "execute_result":
             result.text = output.text
-            result.execution_count = content.get("execution_count", result.execution_count)
+            if count is not None:
+                result.execution_count = count
         if cb.on_result:
             cb.on_result(output)
     elif kind == "update_display_data":  # e.g. a progress line updated in place: keep its latest state
-        index = outcome.displays.get((content.get("transient") or {}).get("display_id"))
+        data, metadata, display_id = _bundle(content)
+        index = outcome.displays.get(display_id) if display_id is not None else None
         if index is not None:
-            output = Output(type="display_data", data=content.get("data", {}), metadata=content.get("metadata", {}))
+            output = Output(type="display_data", data=data, metadata=metadata)
+            outcome.budget += outcome.kept.pop(index, 0)  # the update replaces the output: its share is free again
             _cap_output(output, index, outcome)
             result.results[index] = output
     elif kind == "error":
-        result.error = _error(content)
+        result.error = _error(content, outcome)
         if cb.on_error:
             cb.on_error(result.error)
     elif kind == "execute_input":
-        result.execution_count = content.get("execution_count", result.execution_count)
+        count = _count(content)
+        outcome.started = True
+        if count is not None:
+            result.execution_count = count
     return False
 
 
-_EXTENSIONS = {"text/plain": "txt", "text/html": "html", "text/markdown": "md", "text/latex": "tex"}
+def _is_json_mime(mime: str) -> bool:
+    return mime == "application/json" or mime.endswith("+json")
+
+
+def _bundle(content: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], str | None]:
+    """The data, metadata and display id of a display message, checked: MIME type keys, string values (any JSON
+    value for a JSON MIME type)."""
+    data, metadata, transient = content.get("data", {}), content.get("metadata", {}), content.get("transient", {})
+    if not isinstance(data, dict) or not isinstance(metadata, dict) or not isinstance(transient or {}, dict):
+        raise Malformed("data, metadata and transient must be objects")
+    for mime, value in data.items():
+        if not isinstance(mime, str) or not (isinstance(value, str) or _is_json_mime(mime)):
+            raise Malformed("data must map MIME types to strings")
+    display_id = (transient or {}).get("display_id")
+    if display_id is not None and not isinstance(display_id, str):
+        raise Malformed("display_id is not a string")
+    return dict(data), metadata, display_id
+
+
+_EXTENSIONS = {"text/plain": "txt", "text/html": "html", "text/markdown": "md", "text/latex": "tex",
+               "image/svg+xml": "svg", "application/javascript": "js"}
+_BINARY = {"image/png": "png", "image/jpeg": "jpg", "image/gif": "gif", "image/webp": "webp", "application/pdf": "pdf"}
+_PREVIEW = 1_000  # characters of a text value kept in the result once the budget is spent
 
 
 def _cap_output(output: Output, index: int, outcome: Outcome) -> None:
-    """Cut text values of a rich output beyond the limit to their head and tail, spilling the whole of them."""
-    for mime, value in output.data.items():
-        if mime not in _EXTENSIONS or not isinstance(value, str) or len(value) <= outcome.output_limit:
+    """Keep the values of a rich output within the execution's budget. A text value longer than the output
+    limit keeps its head and tail; a value past the budget that remains keeps a short preview (text) or just a
+    reference (binary, JSON). The whole value goes to a workspace file, binary data decoded (a real .png)."""
+    before = outcome.budget
+    try:
+        _cap_values(output, index, outcome)
+    finally:
+        outcome.kept[index] = before - outcome.budget
+
+
+def _cap_values(output: Output, index: int, outcome: Outcome) -> None:
+    if output.metadata:
+        size = len(_json(output.metadata))
+        if size > min(_METADATA_LIMIT, outcome.budget):
+            output.metadata = {}
+            outcome.result.truncated[f"results[{index}].metadata"] = size
+        else:
+            outcome.budget -= size
+    for mime, value in list(output.data.items()):
+        text = value if isinstance(value, str) else _json(value)
+        size = len(text)
+        textual = mime in _EXTENSIONS or (mime.startswith("text/") and not _is_json_mime(mime))
+        if size <= min(outcome.budget, outcome.output_limit) or (textual and size <= _PREVIEW):
+            outcome.budget = max(outcome.budget - size, 0)  # a short text is kept whole (MAX_OUTPUTS bound them)
             continue
-        capped = _Capped(outcome.output_limit)
-        capped.add(value)
         key = f"results[{index}].{mime}"
-        where = None
-        if outcome.spill is not None:
-            try:
-                with outcome.spill(f"result{index}.{_EXTENSIONS[mime]}") as writer:
-                    writer.write(value.encode())
-                where = writer.path
-                outcome.result.spilled[key] = where
-            except (WorkbenchError, OSError):  # the workspace is full or gone: keep the preview only
-                where = None
-        output.data[mime] = capped.value(where)
-        outcome.result.truncated[key] = capped.cut
+        where = _spill_value(outcome, index, mime, text)
+        if where is not None:
+            outcome.result.spilled[key] = where
+        if textual:
+            keep = max(min(outcome.output_limit, outcome.budget), min(_PREVIEW, outcome.output_limit))
+            capped = _Capped(keep)
+            capped.add(text)
+            output.data[mime] = capped.value(where)
+            outcome.budget = max(outcome.budget - min(size, keep), 0)
+            outcome.result.truncated[key] = capped.cut
+        else:
+            place = f"in /workspace/{where}" if where else "not kept (no room in the workspace)"
+            output.data[mime] = f"[{mime}: {size} characters over the output limit; {place}]"
+            outcome.result.truncated[key] = size
 
 
-def _error(content: dict[str, Any]) -> ExecutionError:
-    return ExecutionError(
-        ename=content.get("ename", "Error"),
-        evalue=strip_ansi(content.get("evalue", "")),
-        traceback=[strip_ansi(line) for line in content.get("traceback", [])],
-    )
+def _json(value: Any) -> str:
+    try:
+        return json.dumps(value, default=str)
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise Malformed(f"not JSON: {type(exc).__name__}") from None
+
+
+def _spill_value(outcome: Outcome, index: int, mime: str, text: str) -> str | None:
+    if outcome.spill is None:
+        return None
+    data: bytes | None = None
+    extension = _EXTENSIONS.get(mime) or ("json" if _is_json_mime(mime) else "txt")
+    if mime in _BINARY:
+        try:
+            data, extension = base64.b64decode(text, validate=False), _BINARY[mime]
+        except (binascii.Error, ValueError):  # not base64 after all: keep it as the text it is
+            data = None
+    try:
+        with outcome.spill(f"result{index}.{extension}") as writer:
+            writer.write(data if data is not None else text.encode(errors="replace"))
+        return str(writer.path)
+    except (WorkbenchError, OSError):  # the workspace is full or gone: keep the preview only
+        return None
+
+
+def _error(content: dict[str, Any], outcome: Outcome) -> ExecutionError:
+    """The error of an error message or reply, each part checked and kept within the output limit."""
+    ename, evalue, traceback = content.get("ename", "Error"), content.get("evalue", ""), content.get("traceback", [])
+    if not isinstance(ename, str) or not isinstance(evalue, str) or not isinstance(traceback, list) or not all(
+            isinstance(line, str) for line in traceback):
+        raise Malformed("ename, evalue and traceback lines must be strings")
+    limit = outcome.output_limit
+    capped = _Capped(limit)
+    capped.add(evalue)
+    lines: list[str] = []
+    total = 0
+    for line in traceback:
+        line = strip_ansi(line[: limit + 1000])
+        if total + len(line) > limit:
+            lines.append(f"[... {len(traceback) - len(lines)} more traceback lines cut: over the output limit ...]")
+            break
+        lines.append(line)
+        total += len(line)
+    return ExecutionError(ename=ename[:_NAME_LIMIT], evalue=strip_ansi(capped.value()), traceback=lines)

@@ -4,17 +4,21 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import resource
 import secrets
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import docker
+import orjson
 import zmq
 from docker.errors import APIError, NotFound
 from docker.models.containers import Container
 from jupyter_client import BlockingKernelClient
+from jupyter_client.connect import channel_socket_types
 from requests import RequestException
 
 from .config import Limits
@@ -28,6 +32,12 @@ from .workspace import Workspace, release_runtime_dir, reset_runtime_dir
 log = logging.getLogger(__name__)
 
 _PORTS = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
+# What the kernel can make this process hold: a message (one frame) larger than MAX_MESSAGE drops the connection
+# (it is reconnected at once; the message is lost) and at most RECEIVE_QUEUE messages wait per socket, so a
+# flood waits in the kernel's own memory. A print of 100 MB is one message: it still passes.
+MAX_MESSAGE = 128 * 1024**2
+RECEIVE_QUEUE = 4
+_SMALL_PART = 1 << 20
 _context: zmq.Context | None = None
 _context_lock = threading.Lock()
 
@@ -52,6 +62,20 @@ def _raise_open_files_limit() -> None:
     wanted = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
     if soft != resource.RLIM_INFINITY and soft < wanted:
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
+class _Client(BlockingKernelClient):
+    """A kernel client whose sockets bound what the kernel can queue in this process (set before connecting)."""
+
+    def _create_connected_socket(self, channel: str, identity: bytes | None = None) -> zmq.Socket:
+        sock = self.context.socket(channel_socket_types[channel])
+        sock.linger = 0
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE)
+        sock.setsockopt(zmq.RCVHWM, RECEIVE_QUEUE)
+        if identity:
+            sock.identity = identity
+        sock.connect(self._make_url(channel))
+        return sock
 
 
 class Kernel:
@@ -137,8 +161,9 @@ class Kernel:
         return KernelRecord(kernel_id=self.kernel_id, container_id=self.container.id, connection=self.connection)
 
     def _connect(self, info: dict, timeout: float | None) -> None:
-        client = BlockingKernelClient(context=zmq_context())
+        client = _Client(context=zmq_context())
         client.load_connection_info({**info, "ip": str(self.runtime_dir / "k")})
+        client.session.unpack = _unpack
         client.start_channels(hb=False, stdin=False)
         self.client, self.connection = client, info
         if timeout is None:
@@ -149,6 +174,17 @@ class Kernel:
             self.shutdown()
             raise
 
+    def _reconnect(self) -> None:
+        """New channels to the same kernel (the old ones may be broken)."""
+        assert self.connection is not None
+        info = self.connection
+        self.disconnect()
+        self._connect(info, timeout=None)
+        try:
+            self._wait_ready(5.0)
+        except KernelStartError:
+            log.warning("kernel %s did not answer after reconnecting", self.kernel_id)
+
     def _wait_ready(self, timeout: float) -> None:
         assert self.client is not None
         deadline = time.monotonic() + timeout
@@ -158,8 +194,7 @@ class Kernel:
             reply_deadline = time.monotonic() + 0.5
             while time.monotonic() < reply_deadline:
                 if shell.socket.poll(50):
-                    msg = shell.get_msg(timeout=0)
-                    if msg["parent_header"].get("msg_id") == msg_id:
+                    if _parent_id(shell) == msg_id:
                         break
                 elif (reason := self.exit_reason()) is not None:
                     raise KernelStartError(f"the kernel container stopped while starting: {reason}\n{self._logs()}")
@@ -168,10 +203,8 @@ class Kernel:
             # The reply proves the shell socket; a status message for the same request proves iopub is subscribed.
             iopub_deadline = time.monotonic() + 0.3
             while time.monotonic() < iopub_deadline:
-                if iopub.socket.poll(50):
-                    msg = iopub.get_msg(timeout=0)
-                    if msg["parent_header"].get("msg_id") == msg_id:
-                        return
+                if iopub.socket.poll(50) and _parent_id(iopub) == msg_id:
+                    return
         if not any(self.runtime_dir.glob("k-*")):
             raise KernelStartError(
                 f"the kernel's IPC sockets never appeared in {self.runtime_dir}: this Docker engine does not share the "
@@ -252,7 +285,16 @@ class Kernel:
             exit_reason=self.exit_reason, callbacks=callbacks or Callbacks(), spill=spill,
         )
         result = outcome.result
-        if outcome.dead is not None:
+        if outcome.reply_seen != outcome.idle_seen and outcome.dead is None:
+            # a channel lost messages: a flood past the queues, or a message over MAX_MESSAGE, after which libzmq
+            # drops the connection for good (a protocol error is not reconnected). Connect again.
+            log.warning("kernel %s: its %s messages stopped arriving; reconnecting", self.kernel_id,
+                        "iopub" if outcome.reply_seen else "shell")
+            self._reconnect()
+        if result.not_started:
+            log.warning("kernel %s: the cell did not start within its timeout (the kernel runs another cell); "
+                        "nothing was interrupted", self.kernel_id)
+        elif outcome.dead is not None:
             result.kernel_died = outcome.dead
             log.warning("kernel %s died: %s; restarting it", self.kernel_id, outcome.dead)
             self.restart()
@@ -263,3 +305,29 @@ class Kernel:
             self.restart()
             result.state_lost = True
         return result
+
+
+def _unpack(data: bytes) -> Any:
+    """A message part's JSON: orjson for the usual small parts, the standard library's parser for large ones
+    (orjson peaks at 12 times their size: 165 MB of host memory for a 10 MB image)."""
+    if len(data) < _SMALL_PART:
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError:
+            pass  # e.g. a lone surrogate, which the standard library's parser reads
+    return json.loads(data)
+
+
+def _parent_id(channel: Any) -> Any:
+    """The parent msg_id of a channel's next message; None when it is unreadable or malformed (it is dropped)."""
+    try:
+        msg = channel.get_msg(timeout=0)
+    except queue.Empty:
+        return None
+    except zmq.ZMQError:
+        raise
+    except Exception as exc:  # noqa: BLE001  a bad signature, a replay, garbage frames: the kernel is not to be trusted
+        log.warning("dropped an unreadable kernel message: %s: %s", type(exc).__name__, str(exc)[:100])
+        return None
+    parent = msg.get("parent_header") if isinstance(msg, dict) else None
+    return parent.get("msg_id") if isinstance(parent, dict) else None

@@ -46,11 +46,15 @@ class ExecutionResult(BaseModel):
     execution_count: int | None = None
     duration: float = 0.0
     timed_out: bool = False
+    not_started: bool = Field(default=False, description="timed out before the cell started: the kernel was busy "
+                              "with another caller's cell, which was left alone (not interrupted)")
     kernel_died: str | None = Field(default=None, description="why the kernel died during this execution")
     state_lost: bool = Field(default=False, description="the kernel was restarted: variables are gone, files kept")
     truncated: dict[str, int] = Field(default_factory=dict, description="stream -> characters cut from its middle")
     spilled: dict[str, str] = Field(default_factory=dict, description="stream or output cut here -> the workspace "
                                     "file holding all of it")
+    dropped_messages: int = Field(default=0, description="kernel messages dropped as malformed or forged (bad "
+                                  "signature, a replay, garbage frames, wrong shapes)")
 
     @property
     def ok(self) -> bool:
@@ -76,12 +80,17 @@ class ExecutionResult(BaseModel):
     def notes(self) -> list[str]:
         """What happened to the kernel during the execution, in words: a timeout, its death, a restart."""
         notes = []
-        if self.timed_out:
+        if self.not_started:
+            notes.append(f"timed out after {self.duration:.1f}s before the cell started: the kernel was busy with "
+                         "another caller's cell, which was not interrupted")
+        elif self.timed_out:
             notes.append(f"timed out after {self.duration:.1f}s; the kernel was interrupted")
         if self.kernel_died:
             notes.append(f"kernel died: {self.kernel_died}")
         if self.state_lost:
             notes.append("the kernel was restarted: variables were lost, files in the workspace were kept")
+        if self.dropped_messages:
+            notes.append(f"{self.dropped_messages} malformed kernel messages were dropped")
         return notes
 
 

@@ -1,7 +1,9 @@
 """A session: one user's kernel, workspace and configuration."""
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import secrets
 import threading
 import time
@@ -14,7 +16,13 @@ from .bridge_protocol import MAX_INLINE, error_reply
 from .bridge_protocol import SLUG as _SLUG
 from .bridge_protocol import Request as BridgeRequest
 from .config import Limits
-from .errors import FileError, SessionClosedError, SessionError, WorkbenchError, WorkspaceFullError
+from .errors import (
+    FileError,
+    SessionClosedError,
+    SessionError,
+    WorkbenchError,
+    WorkspaceFullError,
+)
 from .execution import Callbacks
 from .files import Files
 from .kernel import Kernel
@@ -66,6 +74,41 @@ class _FifoLock:
         self._cond.notify_all()
 
 
+class _SessionFileLock:
+    """An exclusive flock on the session's lock file under the home, held for one execution, so that processes
+    sharing a session run its cells one at a time (and one's timeout never interrupts another's cell). Waits at
+    most `timeout` seconds: `__enter__` gives the seconds waited, or None when the lock never came."""
+
+    def __init__(self, home: Path, session_id: str, timeout: float) -> None:
+        folder = home / "locks"
+        folder.mkdir(mode=0o700, exist_ok=True)
+        self._fd = os.open(folder / f"{session_id}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        self._timeout = timeout
+        self._held = False
+
+    def __enter__(self) -> float | None:
+        started = time.monotonic()
+        pause = 0.002
+        while True:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self._held = True
+                return time.monotonic() - started
+            except BlockingIOError:
+                left = self._timeout - (time.monotonic() - started)
+                if left <= 0:
+                    return None
+                time.sleep(min(pause, left))
+                pause = min(pause * 2, 0.05)
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self._held:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            os.close(self._fd)
+
+
 class Session:
     """A sandboxed kernel that keeps variables, functions and files between executions. Thread-safe:
     executions on one session run one at a time, in the order they were called."""
@@ -115,25 +158,64 @@ class Session:
         timeout = self._workbench.execute_timeout if timeout is None else timeout
         with self._lock:
             self._check_open()
-            store = self._workbench.store
-            store.mark_busy(self.session_id, time.time() + timeout + _GRACE)
-            self._sync()
-            self._workbench._bridge.ensure(self)  # the cell may call tools: this process serves them
-            cell = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-            result = self._kernel.execute(code, timeout=timeout, callbacks=callbacks,
-                                          spill=lambda name: self.files.writer(f"{OUTPUTS}/{cell}.{name}"))
-            if self._state_lost:
-                result.state_lost, self._state_lost = True, False
-            status = ("died" if result.kernel_died else "timeout" if result.timed_out
-                      else "error" if result.error else "ok")
-            if result.kernel_died:
-                self._workbench.store.set_kernel(self.session_id, self._kernel.record())
-            self._workbench.store.log(self.session_id, "execution", status, result.duration, {
-                "code": code[:_CODE_IN_LOG], "execution_count": result.execution_count,
-                "error": result.error.ename if result.error else None, "kernel_died": result.kernel_died,
-            })
-            self.log.info("execution %s in %.3fs", status, result.duration)
-            return result
+            started = time.monotonic()
+            result: ExecutionResult | None = None
+            failure: BaseException | None = None
+            try:
+                with _SessionFileLock(self._workbench.home, self.session_id, timeout) as waited:
+                    if waited is None:  # another process's cell held the session for all of our timeout
+                        result = ExecutionResult(timed_out=True, not_started=True,
+                                                 duration=time.monotonic() - started)
+                        return result
+                    result = self._execute_locked(code, timeout - waited, callbacks)
+                    result.duration += waited
+                    return result
+            except BaseException as exc:
+                failure = exc
+                raise
+            finally:
+                self._log_execution(code, result, failure, time.monotonic() - started)
+
+    def _execute_locked(self, code: str, timeout: float, callbacks: Callbacks) -> ExecutionResult:
+        store = self._workbench.store
+        store.mark_busy(self.session_id, time.time() + timeout + _GRACE)
+        self._sync()
+        self._workbench._bridge.ensure(self)  # the cell may call tools: this process serves them
+        cell = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+        result = self._kernel.execute(code, timeout=timeout, callbacks=callbacks,
+                                      spill=lambda name: self.files.writer(f"{OUTPUTS}/{cell}.{name}"))
+        if self._state_lost:
+            result.state_lost, self._state_lost = True, False
+        if result.kernel_died:
+            store.set_kernel(self.session_id, self._kernel.record())
+        return result
+
+    def _log_execution(self, code: str, result: ExecutionResult | None, failure: BaseException | None,
+                       duration: float) -> None:
+        """Log an execution, whatever became of it: committed before its result is returned. An execution that
+        raised (Docker gone, the store failing, an interrupt of this process) is logged as failed."""
+        if result is None or failure is not None:
+            status = "failed"
+        else:
+            status = ("died" if result.kernel_died else "not_started" if result.not_started
+                      else "timeout" if result.timed_out else "error" if result.error else "ok")
+        detail = {
+            "code": code[:_CODE_IN_LOG],
+            "execution_count": result.execution_count if result else None,
+            "error": (result.error.ename if result and result.error
+                      else f"{type(failure).__name__}: {str(failure)[:2000]}" if failure else None),
+            "kernel_died": result.kernel_died if result else None,
+            "dropped_messages": result.dropped_messages if result else 0,
+        }
+        try:
+            self._workbench.store.log(self.session_id, "execution", status,
+                                      result.duration if result and not failure else duration, detail)
+        except Exception:
+            if failure is None:
+                raise  # the result is not returned unlogged
+            self.log.exception("could not log a failed execution")  # the original error is raised
+            return
+        self.log.info("execution %s in %.3fs", status, duration)
 
     def update(
         self,
@@ -233,6 +315,8 @@ class Session:
         error: ToolCallError | None = None
         shown = slug if isinstance(slug, str) and _SLUG.fullmatch(slug) else "<invalid slug>"
         try:
+            if not isinstance(slug, str):  # a slug from an agent can be anything
+                raise ToolCallError("invalid_arguments", f"a tool slug must be a string, not {type(slug).__name__}")
             if shown != slug:
                 raise ToolCallError("not_found", "a tool slug is 1 to 128 letters, digits and _ . -")
             if arguments is not None and not isinstance(arguments, dict):

@@ -1,20 +1,29 @@
 """The session store: SQLite under WORKBENCH_HOME, the one source of truth for sessions, configs and logs."""
 from __future__ import annotations
 
-import atexit
+import fcntl
+import functools
 import json
+import os
+import secrets
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import BaseModel, Field
+import orjson
+from pydantic import BaseModel, Field, ValidationError
 
 from .config import Limits
-from .errors import ConflictError, SessionNotFoundError
+from .errors import ConflictError, SessionNotFoundError, StoreError
 
-LOG_DELAY = 0.5  # seconds a tool call's log entry may wait to be written with others
+F = TypeVar("F", bound=Callable[..., Any])
+LOG_DELAY = 0.5  # seconds a journaled tool call may wait to be copied into the logs table with others
+LOG_BATCH = 512  # ... or until this many wait
+JOURNAL_ROTATE = 64 * 1024**2  # bytes after which a fully copied journal is replaced by a new one
+_INSERT_LOG = "INSERT INTO logs (session_id, kind, status, duration, detail, created_at) VALUES (?, ?, ?, ?, ?, ?)"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -30,7 +39,8 @@ CREATE TABLE IF NOT EXISTS sessions (
 );
 CREATE INDEX IF NOT EXISTS sessions_user ON sessions (user_id, status);
 CREATE TABLE IF NOT EXISTS logs (
-    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    id         INTEGER PRIMARY KEY,  -- rowid order is commit order (logs are never deleted); no AUTOINCREMENT
+                                     -- table to update on every commit
     session_id TEXT NOT NULL,
     kind       TEXT NOT NULL,
     status     TEXT NOT NULL,
@@ -39,6 +49,10 @@ CREATE TABLE IF NOT EXISTS logs (
     created_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS logs_session ON logs (session_id, id);
+CREATE TABLE IF NOT EXISTS journal_marks (  -- how far each tool-call journal has been copied into logs
+    name   TEXT PRIMARY KEY,
+    offset INTEGER NOT NULL
+);
 """
 
 
@@ -84,29 +98,88 @@ class LogEntry(BaseModel):
     created_at: float
 
 
+def _guarded(method: F) -> F:
+    """Every sqlite3 error (and a row that no longer parses) leaves the Store as a StoreError naming the file."""
+    @functools.wraps(method)
+    def guarded(self: Store, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except (sqlite3.Error, ValidationError, json.JSONDecodeError, OSError) as exc:
+            raise self._error(exc) from exc
+
+    return guarded  # type: ignore[return-value]
+
+
 class Store:
-    """Thread-safe access to the SQLite file; several processes may share it (WAL mode)."""
+    """Thread-safe access to the SQLite file; several processes may share it (WAL mode).
+
+    Every write is durable before the call returns, against the death of the process (not of the machine):
+    sessions and executions are committed (WAL with synchronous=NORMAL), group-committed when several threads log
+    at once (whichever gets the connection commits everyone's queued entries in one transaction while the others
+    wait for it). A tool call, which comes in bulk, is appended to this Store's journal file (one write()) and
+    copied into the logs table in batches (LOG_BATCH entries or LOG_DELAY seconds, the next execution, `logs()`,
+    `flush()` or `close()`); the journal of a process that died is copied by the next Store opened on the file.
+    """
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
-        self._db.row_factory = sqlite3.Row
-        self._lock = threading.Lock()
-        self._pending: list[tuple] = []  # tool-call log entries not written yet
-        atexit.register(self.flush)
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; no fsync per execution log
-            self._db.executescript(_SCHEMA)
-            columns = {row["name"] for row in self._db.execute("PRAGMA table_info(sessions)")}
-            if "busy_until" not in columns:  # a store written by an earlier version
-                self._db.execute("ALTER TABLE sessions ADD COLUMN busy_until REAL NOT NULL DEFAULT 0")
-        path.chmod(0o600)  # it holds the kernels' connection keys
+        self.path = path
+        self._db: sqlite3.Connection | None = None
+        self._lock = threading.Lock()  # the connection
+        self._queue = threading.Lock()  # the entries waiting for a commit
+        self._pending: list[tuple] = []
+        self._touched: dict[str, float] = {}  # session -> when an execution last used it, with the pending entries
+        self._queued = 0  # sequence number of the last entry queued
+        self._committed = 0  # ... and of the last one committed
+        self._journals = path.parent / f"{path.name}.journals"  # not "-journal": SQLite's own name
+        self._journal: tuple[int, str] | None = None  # this Store's journal: its descriptor, its name
+        self._journal_size = 0
+        self._journal_oldest = 0.0  # when the oldest tool call not yet in the logs table was journaled
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+            self._db.row_factory = sqlite3.Row
+            with self._lock:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")  # durable against process death; fsync at checkpoints
+                # each log entry is its own commit: checkpoint (and fsync) every 10,000 pages rather than 1,000
+                self._db.execute("PRAGMA wal_autocheckpoint=10000")
+                self._db.executescript(_SCHEMA)
+                columns = {row["name"] for row in self._db.execute("PRAGMA table_info(sessions)")}
+                if "busy_until" not in columns:  # a store written by an earlier version
+                    self._db.execute("ALTER TABLE sessions ADD COLUMN busy_until REAL NOT NULL DEFAULT 0")
+            path.chmod(0o600)  # it holds the kernels' connection keys
+            self._recover()
+        except (sqlite3.Error, OSError, ValueError) as exc:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+            raise self._error(exc) from exc
 
+    def _error(self, exc: BaseException) -> StoreError:
+        if self._db is None and not isinstance(exc, (sqlite3.DatabaseError, OSError)):
+            return StoreError(f"the session store {self.path} is closed")
+        text = str(exc)
+        if isinstance(exc, sqlite3.OperationalError) and "locked" in text:
+            hint = "another process holds it too long; try again"
+        elif isinstance(exc, (sqlite3.DatabaseError, ValidationError, json.JSONDecodeError)) and not isinstance(
+                exc, sqlite3.OperationalError):
+            hint = ("the file is damaged or not a workbench store: move it aside (a new store starts empty; running "
+                    "kernels are left alone by gc) or restore it from a backup")
+        else:
+            hint = "check that the file and its folder exist, are writable and that the disk is not full"
+        return StoreError(f"session store {self.path}: {type(exc).__name__}: {text[:300]}; {hint}")
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise StoreError(f"the session store {self.path} is closed")
+        return self._db
+
+    @_guarded
     def _exec(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
         with self._lock:
-            return self._db.execute(sql, args)
+            return self._connection().execute(sql, args)
 
+    @_guarded
     def add(self, record: SessionRecord) -> None:
         self._exec(
             "INSERT INTO sessions (session_id, user_id, status, config, config_version, kernel, created_at, "
@@ -116,12 +189,14 @@ class Store:
              record.created_at, record.last_used_at),
         )
 
+    @_guarded
     def get(self, session_id: str) -> SessionRecord:
         row = self._exec("SELECT * FROM sessions WHERE session_id = ?", (session_id,)).fetchone()
         if row is None:
             raise SessionNotFoundError(f"no session {session_id!r}")
         return _record(row)
 
+    @_guarded
     def list(self, user_id: str | None = None, status: str | None = "open") -> list[SessionRecord]:
         sql, args = "SELECT * FROM sessions WHERE 1=1", []
         if user_id is not None:
@@ -130,6 +205,7 @@ class Store:
             sql, args = sql + " AND status = ?", [*args, status]
         return [_record(row) for row in self._exec(sql + " ORDER BY created_at", tuple(args)).fetchall()]
 
+    @_guarded
     def update_config(self, session_id: str, config: SessionConfig, expected_version: int) -> int:
         """Store a new config if the stored one is still `expected_version`; returns the new version."""
         cursor = self._exec(
@@ -145,14 +221,17 @@ class Store:
             )
         return expected_version + 1
 
+    @_guarded
     def set_kernel(self, session_id: str, kernel: KernelRecord | None) -> None:
         self._exec("UPDATE sessions SET kernel = ? WHERE session_id = ?",
                    (kernel.model_dump_json() if kernel else None, session_id))
 
+    @_guarded
     def mark_busy(self, session_id: str, until: float) -> None:
         """Keep the idle reaper away from a session whose cell may run until `until`."""
         self._exec("UPDATE sessions SET busy_until = ? WHERE session_id = ?", (until, session_id))
 
+    @_guarded
     def release_kernel(self, session_id: str, kernel_id: str, idle_before: float | None = None) -> bool:
         """Forget the session's kernel if it is still `kernel_id` (and, given `idle_before`, unused since then).
 
@@ -167,52 +246,203 @@ class Store:
             args += (idle_before, time.time())
         return self._exec(sql, args).rowcount == 1
 
+    @_guarded
     def set_status(self, session_id: str, status: str) -> None:
         self._exec("UPDATE sessions SET status = ?, kernel = NULL WHERE session_id = ?", (status, session_id))
 
+    @_guarded
     def data_version(self) -> int:
         """Changes whenever another connection (another process) commits: nothing to re-read while it stays."""
         return self._exec("PRAGMA data_version").fetchone()[0]
 
+    @_guarded
     def log(self, session_id: str, kind: str, status: str, duration: float, detail: dict[str, Any],
             touch: bool = True) -> None:
-        """Record an execution or tool call. An execution (`touch`) also marks the session used (its kernel is
-        not idle) and is written at once; tool calls, which come in bulk, are written in batches, at the latest
-        with the next execution, `logs()` or `close()`, or after LOG_DELAY seconds."""
+        """Record an execution or tool call, durably before this returns. An execution (`touch`) also marks the
+        session used (its kernel is not idle) and is committed at once; a tool call (`touch=False`) is journaled
+        and copied into the logs table with others."""
         now = time.time()
-        entry = (session_id, kind, status, duration, json.dumps(detail, default=str), now)
-        with self._lock:
+        detail_json = _dumps(detail)
+        entry = (session_id, kind, status, duration, detail_json.decode(), now)
+        with self._queue:
+            self._queued += 1
+            mine = self._queued
             self._pending.append(entry)
-            if not touch and len(self._pending) < 512 and now - self._pending[0][5] < LOG_DELAY:
-                return
-            self._db.execute("BEGIN")
-            self._flush()
             if touch:
-                self._db.execute("UPDATE sessions SET last_used_at = ?, busy_until = 0 WHERE session_id = ?",
-                                 (now, session_id))
-            self._db.execute("COMMIT")
+                self._touched[session_id] = now
+            else:
+                if self._journal is None:
+                    self._open_journal()
+                assert self._journal is not None
+                line = _dumps([session_id, kind, status, duration, now])[:-1] + b"," + detail_json + b"]\n"
+                try:
+                    written = os.write(self._journal[0], line)
+                except BaseException:
+                    self._pending.pop()
+                    raise
+                if written != len(line):
+                    raise OSError(f"short write to the journal: {written} of {len(line)} bytes")
+                self._journal_size += written
+                if len(self._pending) == 1 or not self._journal_oldest:
+                    self._journal_oldest = now
+                if len(self._pending) < LOG_BATCH and now - self._journal_oldest < LOG_DELAY:
+                    return  # journaled: it survives this process; copied into the table later
+        self._commit(mine)
 
-    def flush(self) -> None:
-        """Write the log entries still waiting."""
+    def _open_journal(self) -> None:
+        """Create this Store's journal, locked for as long as it lives (an unlocked journal is a dead one's)."""
+        self._journals.mkdir(mode=0o700, exist_ok=True)
+        name = f"{os.getpid()}-{secrets.token_hex(6)}.log"
+        fresh = self._journals / f"{name}.new"
+        fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.rename(fresh, self._journals / name)  # only now can a recovery find it, already locked
+        except BaseException:
+            os.close(fd)
+            raise
+        self._journal, self._journal_size = (fd, name), 0
+
+    def _commit(self, upto: int) -> None:
+        """Make sure entry `upto` is committed: by committing everything queued, unless a caller that had the
+        connection before did so already (group commit: one transaction for all who queued meanwhile)."""
         with self._lock:
-            if self._pending:
-                self._flush()
+            with self._queue:
+                if self._committed >= upto:
+                    return
+                batch, self._pending = self._pending, []
+                touched, self._touched = self._touched, {}
+                mark = (self._journal[1], self._journal_size) if self._journal is not None else None
+                self._journal_oldest = 0.0
+                last = self._queued
+            db = self._connection()
+            try:
+                db.execute("BEGIN")  # writes first: waiting for the write lock cannot deadlock
+                try:
+                    db.executemany(_INSERT_LOG, batch)
+                    if touched:
+                        db.executemany("UPDATE sessions SET last_used_at = ?, busy_until = 0 WHERE session_id = ?",
+                                       [(when, sid) for sid, when in touched.items()])
+                    if mark is not None:
+                        db.execute("INSERT OR REPLACE INTO journal_marks (name, offset) VALUES (?, ?)", mark)
+                    db.execute("COMMIT")
+                except BaseException:
+                    if db.in_transaction:
+                        db.execute("ROLLBACK")
+                    raise
+            except BaseException:
+                with self._queue:  # the next caller tries them again
+                    self._pending[:0] = batch
+                    for session, when in touched.items():
+                        self._touched.setdefault(session, when)
+                raise
+            with self._queue:
+                self._committed = max(self._committed, last)
+                retire = None
+                if (mark is not None and mark[1] > JOURNAL_ROTATE and self._journal is not None
+                        and self._journal[1] == mark[0] and self._journal_size == mark[1]):
+                    retire, self._journal = self._journal, None  # all of it is in the table: the next call starts anew
+            if retire is not None:
+                (self._journals / retire[1]).unlink(missing_ok=True)
+                db.execute("DELETE FROM journal_marks WHERE name = ?", (retire[1],))
+                os.close(retire[0])
 
-    def _flush(self) -> None:
-        self._db.executemany("INSERT INTO logs (session_id, kind, status, duration, detail, created_at) "
-                             "VALUES (?, ?, ?, ?, ?, ?)", self._pending)
-        self._pending.clear()
+    def _recover(self) -> None:
+        """Copy into the logs table the journals of Stores whose process died (their lock is free), then remove
+        them. What a journal's mark says was copied already is skipped; a torn last line is dropped."""
+        if not self._journals.is_dir():
+            return
+        for path in sorted(self._journals.iterdir()):
+            if self._journal is not None and path.name == self._journal[1]:
+                continue
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            except FileNotFoundError:
+                continue
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # its Store is alive
+                if os.fstat(fd).st_nlink == 0:
+                    continue  # another recovery took it
+                if path.name.endswith(".log"):
+                    self._copy_journal(path.name, fd)
+                path.unlink(missing_ok=True)
+                self._exec("DELETE FROM journal_marks WHERE name = ?", (path.name,))
+            finally:
+                os.close(fd)
 
+    def _copy_journal(self, name: str, fd: int) -> None:
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        data = b"".join(chunks)
+        with self._lock:
+            db = self._connection()
+            row = db.execute("SELECT offset FROM journal_marks WHERE name = ?", (name,)).fetchone()
+            start = row[0] if row else 0
+            entries = []
+            for line in data[start:].split(b"\n"):
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue  # a torn last line
+                if (isinstance(entry, list) and len(entry) == 6  # session, kind, status, duration, time, detail
+                        and all(isinstance(part, str) for part in entry[:3])
+                        and all(isinstance(part, (int, float)) for part in entry[3:5])):
+                    entries.append((*entry[:4], json.dumps(entry[5]), entry[4]))
+            db.execute("BEGIN")
+            try:
+                db.executemany(_INSERT_LOG, entries)
+                db.execute("INSERT OR REPLACE INTO journal_marks (name, offset) VALUES (?, ?)", (name, len(data)))
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+
+    @_guarded
+    def flush(self) -> None:
+        """Copy the journaled tool calls of this Store into the logs table (they are durable already)."""
+        with self._queue:
+            queued = self._queued
+        self._commit(queued)
+
+    @_guarded
     def logs(self, session_id: str, limit: int = 1000) -> list[LogEntry]:
         self.flush()
+        self._recover()
         rows = self._exec("SELECT * FROM logs WHERE session_id = ? ORDER BY id DESC LIMIT ?",
                           (session_id, limit)).fetchall()
         return [LogEntry(**{**dict(row), "detail": json.loads(row["detail"])}) for row in reversed(rows)]
 
     def close(self) -> None:
-        self.flush()
-        with self._lock:
-            self._db.close()
+        """Copy what is journaled into the logs table, remove the journal and close the file; later calls raise
+        StoreError. Closing twice is fine."""
+        if self._db is None:
+            return
+        try:
+            self.flush()
+            with self._queue:
+                journal, self._journal = self._journal, None
+            if journal is not None:
+                (self._journals / journal[1]).unlink(missing_ok=True)
+                self._exec("DELETE FROM journal_marks WHERE name = ?", (journal[1],))
+                os.close(journal[0])
+        finally:
+            with self._lock:
+                if self._db is not None:
+                    self._db.close()
+                    self._db = None
+
+
+def _dumps(value: Any) -> bytes:
+    """JSON, fast (log entries come by the thousand per second); what orjson refuses goes through json."""
+    try:
+        return orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS)
+    except TypeError:  # e.g. an int past 64 bits
+        return json.dumps(value, default=str).encode()
 
 
 def _record(row: sqlite3.Row) -> SessionRecord:

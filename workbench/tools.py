@@ -3,16 +3,16 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import re
 import typing
 from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
+from .bridge_protocol import (
+    SLUG as _SLUG,  # always fullmatch: `$` would let a trailing newline in
+)
 from .errors import WorkbenchError
-
-_SLUG = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 
 
 class ToolContext(BaseModel):
@@ -47,7 +47,8 @@ class Tool:
     """One registered tool: its slug, toolkit, argument model and JSON schema."""
 
     def __init__(self, fn: Callable[..., Any], slug: str, toolkit: str, description: str | None) -> None:
-        if not _SLUG.match(slug) or not _SLUG.match(toolkit):
+        if not isinstance(slug, str) or not isinstance(toolkit, str) or not _SLUG.fullmatch(slug) or not \
+                _SLUG.fullmatch(toolkit):
             raise WorkbenchError(f"tool slug and toolkit must be 1 to 128 of letters, digits and _ . -: {slug!r}")
         self.fn, self.slug, self.toolkit = fn, slug, toolkit
         self.description = description or inspect.getdoc(fn) or ""
@@ -108,9 +109,11 @@ class ToolRegistry:
         return tool
 
     def __contains__(self, slug: object) -> bool:
-        return slug in self._tools
+        return isinstance(slug, str) and slug in self._tools
 
     def get(self, slug: str) -> Tool:
+        if not isinstance(slug, str):
+            raise ToolCallError("invalid_arguments", f"a tool slug must be a string, not {type(slug).__name__}")
         try:
             return self._tools[slug]
         except KeyError:
