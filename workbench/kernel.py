@@ -7,6 +7,7 @@ import os
 import queue
 import resource
 import secrets
+import stat
 import threading
 import time
 from pathlib import Path
@@ -32,6 +33,8 @@ from .workspace import Workspace, release_runtime_dir, reset_runtime_dir
 log = logging.getLogger(__name__)
 
 _PORTS = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
+SOCKETS = "kernel"  # the folder of the kernel's IPC sockets in the runtime dir
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # What the kernel can make this process hold: a message (one frame) larger than MAX_MESSAGE drops the connection
 # (it is reconnected at once; the message is lost) and at most RECEIVE_QUEUE messages wait per socket, so a
 # flood waits in the kernel's own memory. A print of 100 MB is one message: it still passes.
@@ -110,6 +113,7 @@ class Kernel:
         self.container: Container | None = None
         self.client: BlockingKernelClient | None = None
         self.connection: dict | None = None  # the host side's connection info (without the socket path)
+        self._sockets: int | None = None  # a descriptor of the kernel's socket folder, reached through /proc
 
     # lifecycle -------------------------------------------------------------------------------------------------
 
@@ -123,17 +127,59 @@ class Kernel:
         info = {"transport": "ipc", "key": secrets.token_hex(32), "signature_scheme": "hmac-sha256",
                 "kernel_name": "python3", **{port: n for n, port in enumerate(_PORTS, start=1)}}
         # the runtime dir is new and no container runs on it yet; still, never follow a link there
-        fd = os.open(self.runtime_dir / "kernel.json",
-                     os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "w") as out:
-            hand_over(fd)  # readable by the kernel only (the runtime dir is 0700 as well)
-            out.write(json.dumps({**info, "ip": f"{RUNTIME}/k"}))
+        runtime = os.open(self.runtime_dir, _DIR)
+        try:
+            fd = os.open("kernel.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                         dir_fd=runtime)
+            with os.fdopen(fd, "w") as out:
+                hand_over(fd)  # readable by the kernel only (the runtime dir is 0700 as well)
+                out.write(json.dumps({**info, "ip": f"{RUNTIME}/{SOCKETS}/k"}))
+            os.mkdir(SOCKETS, 0o700, dir_fd=runtime)
+            self._hold_sockets(os.open(SOCKETS, _DIR, dir_fd=runtime))
+            hand_over(self._sockets)  # the kernel binds its sockets there, then the folder is locked (see _lock)
+        finally:
+            os.close(runtime)
         self.container = run_sandbox(
             self.docker, image=self.image, name=f"workbench-{self.kernel_id}", workspace=self.workspace,
             runtime_dir=self.runtime_dir, limits=self.limits, labels={LABEL_KERNEL: self.kernel_id, **self.labels},
             read_only_mounts=self.read_only_mounts,
         )
         self._connect(info, self.start_timeout)
+        try:
+            self._lock()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _hold_sockets(self, fd: int | None) -> None:
+        if self._sockets is not None:
+            os.close(self._sockets)
+        self._sockets = fd
+
+    def _lock(self) -> None:
+        """Once the kernel has bound its sockets, its socket folder becomes this user's and read-only to
+        everyone else: code in the sandbox cannot swap a socket for a link to somewhere else on the host.
+        The folder is reached through a descriptor held since it was made, so renaming it changes nothing."""
+        assert self._sockets is not None
+        if os.getuid() == 0:
+            os.fchown(self._sockets, 0, 0)
+        os.fchmod(self._sockets, 0o700)
+        for name in os.listdir(self._sockets):
+            if not stat.S_ISSOCK(os.stat(name, dir_fd=self._sockets, follow_symlinks=False).st_mode):
+                raise KernelStartError(f"the kernel's socket folder holds something else than sockets: {name!r}")
+
+    def _open_locked_sockets(self) -> bool:
+        """Open the socket folder of a kernel another process started; False unless it is the locked one."""
+        try:
+            fd = os.open(self.runtime_dir / SOCKETS, _DIR)
+        except OSError:
+            return False
+        info = os.fstat(fd)
+        if info.st_uid != os.getuid() or info.st_mode & 0o077:
+            os.close(fd)
+            return False
+        self._hold_sockets(fd)
+        return True
 
     def attach(self, record: KernelRecord) -> bool:
         """Reconnect to a kernel started by another process; False when its container is gone or stopped.
@@ -145,6 +191,11 @@ class Kernel:
         except NotFound:
             return False
         if self.exit_reason() is not None:
+            self.shutdown()
+            return False
+        if not self._open_locked_sockets():
+            log.warning("kernel %s: its socket folder is not the one the host locked; it is not attached",
+                        record.kernel_id)
             self.shutdown()
             return False
         self.kernel_id = record.kernel_id
@@ -162,7 +213,8 @@ class Kernel:
 
     def _connect(self, info: dict, timeout: float | None) -> None:
         client = _Client(context=zmq_context())
-        client.load_connection_info({**info, "ip": str(self.runtime_dir / "k")})
+        assert self._sockets is not None
+        client.load_connection_info({**info, "ip": f"/proc/self/fd/{self._sockets}/k"})
         client.session.unpack = _unpack
         client.start_channels(hb=False, stdin=False)
         self.client, self.connection = client, info
@@ -205,7 +257,7 @@ class Kernel:
             while time.monotonic() < iopub_deadline:
                 if iopub.socket.poll(50) and _parent_id(iopub) == msg_id:
                     return
-        if not any(self.runtime_dir.glob("k-*")):
+        if not any((self.runtime_dir / SOCKETS).glob("k-*")):
             raise KernelStartError(
                 f"the kernel's IPC sockets never appeared in {self.runtime_dir}: this Docker engine does not share the "
                 "host's filesystem with its containers (Docker Desktop, a remote engine), which workbench needs"
@@ -261,6 +313,7 @@ class Kernel:
             except APIError as exc:
                 log.warning("could not remove container %s: %s", self.container.short_id, exc)
             self.container = None
+        self._hold_sockets(None)
         try:
             release_runtime_dir(self.runtime_dir)  # unmounted and removed, whatever the kernel left in it
         except (OSError, WorkbenchError) as exc:
