@@ -239,14 +239,19 @@ class Session:
             if needs_restart and not restart_if_needed:
                 raise SessionError("changing pids or tmp_size needs a new container, which loses the kernel's "
                                    "variables: pass restart_if_needed=True")
-            if new_limits.workspace_size != self.limits.workspace_size:
-                needs_restart |= self._resize_workspace(new_limits.workspace_size, restart_if_needed)
             config = SessionConfig(
                 toolkits=self.config.toolkits if toolkits is None else toolkits,
                 tools=self.config.tools if tools is None else tools,
                 limits=new_limits,
                 offload_threshold=self.config.offload_threshold if offload_threshold is None else offload_threshold,
             )
+            if new_limits.workspace_size != self.limits.workspace_size:
+                # the disk changes only for an update that is not stale (checked again when it is stored)
+                current = self._workbench.store.get(self.session_id).config_version
+                if current != self.config_version:
+                    raise ConflictError(f"session {self.session_id} config is at version {current}, not "
+                                        f"{self.config_version}: reload it (wb.use) and apply the change again")
+                needs_restart |= self._resize_workspace(new_limits.workspace_size, restart_if_needed)
             self.config_version = self._workbench.store.update_config(self.session_id, config, self.config_version)
             self.config = config
             self._config_cache = None
@@ -411,8 +416,8 @@ class Session:
         with self._lock:
             if self.closed:
                 return
+            self._workbench.store.set_status(self.session_id, "closed")  # if the store fails, nothing is removed
             self.closed = True
-            self._workbench.store.set_status(self.session_id, "closed")
             self._workbench._forget(self.session_id)
             steps: list[tuple[str, Callable[[], Any]]] = [
                 ("stop its bridge", lambda: self._workbench._bridge.stop(self.session_id)),

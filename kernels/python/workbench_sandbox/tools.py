@@ -148,13 +148,36 @@ def _send_now(payload: bytes) -> _Connection:
         except BlockingIOError:
             sent = 0
         except OSError:
+            refusal = _refusal(connection)
             connection.close()
+            if refusal is not None:
+                raise _Refused(refusal) from None
             if attempt:
                 raise
             continue
         connection.out += payload[sent:]
         return connection
     raise AssertionError("unreachable")
+
+
+class _Refused(Exception):
+    def __init__(self, reply: dict[str, Any]) -> None:
+        super().__init__(reply.get("error"))
+        self.reply = reply
+
+
+def _refusal(connection: _Connection) -> dict[str, Any] | None:
+    """The error the host sent before closing a connection it would not serve (too many open), if any."""
+    try:
+        for reply in connection.pump(0):
+            if reply.get("id") is None and not reply.get("ok"):
+                return reply
+    except OSError:
+        pass
+    for reply in connection._frames():
+        if reply.get("id") is None and not reply.get("ok"):
+            return reply
+    return None
 
 
 def _encode(request: dict[str, Any]) -> bytes:
@@ -184,13 +207,16 @@ def _ask(request: dict[str, Any], wait: float) -> dict[str, Any]:
     payload = _encode(request)
     try:
         connection = _send_now(payload)
+    except _Refused as refused:
+        return refused.reply
     except OSError as exc:
         return _no_answer(f"cannot reach the tool bridge: {exc}")
     deadline = time.monotonic() + wait
     try:
         while (left := deadline - time.monotonic()) > 0:
             for reply in connection.pump(left):
-                if reply.get("id") == request["id"]:
+                # an answer to a frame the host could not read, or a refused connection, has no id
+                if reply.get("id") == request["id"] or reply.get("id") is None and not reply.get("ok"):
                     return reply
     except OSError as exc:
         connection.close()
@@ -284,8 +310,12 @@ def run_tools(calls: list[Any], *, max_workers: int = 16, retries: int = 3, time
             try:
                 replies = connection.pump(next_due - time.monotonic())
             except OSError as exc:  # calls already sent may have run: they are not sent again
+                refusal = _refusal(connection)
+                error = (ToolError(refusal.get("kind") or "busy", refusal.get("error") or "refused") if refusal
+                         else ToolError("no_answer", f"the tool bridge closed the connection ({exc})"))
+                connection.close()
                 for index, _ in inflight.values():
-                    results[index] = (None, ToolError("no_answer", f"the tool bridge closed the connection ({exc})"))
+                    results[index] = (None, error)
                 done, errors = done + len(inflight), errors + len(inflight)
                 inflight.clear()
                 replies = []
