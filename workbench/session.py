@@ -17,6 +17,7 @@ from .bridge_protocol import SLUG as _SLUG
 from .bridge_protocol import Request as BridgeRequest
 from .config import Limits
 from .errors import (
+    ConflictError,
     FileError,
     SessionClosedError,
     SessionError,
