@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import subprocess
 import sys
 import threading
@@ -227,3 +228,19 @@ def test_async_twin(wb: Workbench, home: Path) -> None:
             await asyncio.gather(*(s.close(delete_workspace=True) for s in sessions))
 
     asyncio.run(main())
+
+
+def test_a_stale_update_changes_neither_config_nor_disk(wb: Workbench) -> None:
+    first = wb.create(user_id="test-user", limits={"workspace_size": "32m"})
+    other = Workbench(home=wb.home, pool_size=0, idle_timeout=None)
+    try:
+        stale = other.use(first.session_id)
+        first.update(toolkits=["fresh"])
+        size = os.statvfs(first.workspace).f_blocks
+        with pytest.raises(ConflictError):
+            stale.update(limits={"workspace_size": "64m"}, restart_if_needed=True)
+        assert os.statvfs(first.workspace).f_blocks == size
+        assert first.execute("1 + 1").text == "2"  # the kernel was not stopped for a resize either
+    finally:
+        other.close()
+        first.close(delete_workspace=True)
