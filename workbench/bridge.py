@@ -7,7 +7,7 @@ thread pool, handed out round-robin between sessions, and each call goes through
 (allowlist, arguments, timeout, offload, log).
 
 The sandbox is hostile, so everything it can do to the bridge is bounded per session: connections, bytes
-buffered (requests over 256 KiB need one of a few permits), calls waiting and calls holding a thread (a call
+buffered (requests over 256 KiB need one of two permits, and are parsed on a call's thread, not the loop's), calls waiting and calls holding a thread (a call
 past its timeout is answered at once but counts until its thread really returns), and unread replies. A
 session over a bound is slowed (its sockets are not read) or its connection is closed; others are not
 affected. The socket is bound in a host-only folder, then renamed into the runtime dir, so no symlink the
@@ -42,7 +42,7 @@ MAX_CONNECTIONS = 64  # open connections per session; more are closed at once
 MAX_WAITING = 1024  # calls of one session waiting for a thread; past it, its sockets are not read
 WAITING_BYTES = 16 << 20  # bytes of waiting small requests of one session; past it, likewise
 BIG = 256 << 10  # a request larger than this needs one of BIG_PERMITS, held until its call ends
-BIG_PERMITS = 4
+BIG_PERMITS = 2
 FAIR_CONNECTIONS = 4  # connections a session may open even when all sessions together hold the most
 WRITE_HIGH = 8 << 20  # unread reply bytes past which a connection is no longer read
 WRITE_ABORT = 64 << 20  # unread reply bytes of one session past which its connection is closed
@@ -289,8 +289,20 @@ class _LoopState:
             served.resume_if_room()
             if call is None:
                 continue
+            if call.big:  # parsed on its thread, where a slow parse holds up nobody else
+                call.limit = self.tool_timeout()
+            else:
+                try:
+                    call.parse(self.tool_timeout())
+                except wire.BadRequest as exc:
+                    call.connection.send(wire.error_reply(exc.request_id, "bad_request", str(exc)))
+                    if served.waiting and not served.queued:
+                        served.queued = True
+                        self.ready.append(served)
+                    continue
             served.holding += 1
             self.running += 1
+            call.started = self.loop.time()
             call.timer = self.loop.call_later(call.limit, self.expire, call)
             self.pool.submit(self.work, call)
             if served.waiting and served.holding < CONCURRENCY:
@@ -300,10 +312,17 @@ class _LoopState:
     def work(self, call: _Call) -> None:
         """On a pool thread: run the request through the session's pipeline."""
         try:
+            if call.request is None:
+                call.parse(self.tool_timeout())
+                if call.limit < self.tool_timeout():
+                    self.loop.call_soon_threadsafe(self.shorten, call)
+            assert call.request is not None
             reply = call.served.session.handle_bridge_request(call.request, call.abandoned)
+        except wire.BadRequest as exc:
+            reply = wire.error_reply(exc.request_id, "bad_request", str(exc))
         except Exception:  # a bug in the pipeline must still answer and free the slot
             log.exception("tool bridge: a request failed on the host")
-            reply = wire.error_reply(call.request.id, "internal", "the host failed to handle this call; it was "
+            reply = wire.error_reply(call.id, "internal", "the host failed to handle this call; it was "
                                      "logged there")
         try:
             self.loop.call_soon_threadsafe(self.finish, call, reply)
@@ -320,11 +339,18 @@ class _LoopState:
         if not call.answered:
             call.answered = True
             call.connection.send(reply)
-        call.request = None  # type: ignore[assignment]  # its body is not kept once answered
+        call.request = None  # its body is not kept once answered
         if call.big:
             served.release_big()
         self.schedule(served)
         self.forget_if_idle(served)
+
+    def shorten(self, call: _Call) -> None:
+        """On the loop: a request parsed on its thread asked for less time than the host's limit."""
+        if call.timer is not None and not call.answered:
+            call.timer.cancel()
+            call.timer = self.loop.call_later(max(0.0, call.started + call.limit - self.loop.time()),
+                                              self.expire, call)
 
     def expire(self, call: _Call) -> None:
         """On the loop: the call's time is up. It is answered now; it keeps its thread (and its session's
@@ -333,9 +359,8 @@ class _LoopState:
             return
         call.answered = True
         call.abandoned.set()
-        call.connection.send(wire.error_reply(
-            call.request.id, "timeout", f"{call.request.slug or call.request.op} did not answer within "
-                                        f"{call.limit:g}s"))
+        what = (call.request.slug or call.request.op) if call.request is not None else "the call"
+        call.connection.send(wire.error_reply(call.id, "timeout", f"{what} did not answer within {call.limit:g}s"))
 
 
 class _Served:
@@ -363,9 +388,8 @@ class _Served:
         """Reply bytes written to this session's connections that its sandbox has not read yet."""
         return sum(c.transport.get_write_buffer_size() for c in self.connections if c.transport is not None)
 
-    def submit(self, connection: _Connection, request: wire.Request, size: int, big: bool) -> None:
-        limit = wire.bounded_timeout(request.timeout, self.state.tool_timeout())
-        call = _Call(self, connection, request, limit, 0 if big else size, big)
+    def submit(self, connection: _Connection, payload: bytes, big: bool) -> None:
+        call = _Call(self, connection, payload, big)
         self.waiting.append(call)
         self.waiting_bytes += call.small_bytes
         self.state.schedule(self)
@@ -422,13 +446,27 @@ class _Served:
 
 
 class _Call:
-    def __init__(self, served: _Served, connection: _Connection, request: wire.Request, limit: float,
-                 small_bytes: int, big: bool) -> None:
-        self.served, self.connection, self.request, self.limit = served, connection, request, limit
-        self.small_bytes, self.big = small_bytes, big
+    """A request, kept as the bytes it came in until it is about to run (parsed objects can be tens of times
+    larger than their JSON: what waits is counted exactly)."""
+
+    def __init__(self, served: _Served, connection: _Connection, payload: bytes, big: bool) -> None:
+        self.served, self.connection, self.payload, self.big = served, connection, payload, big
+        self.small_bytes = 0 if big else len(payload)
+        self.request: wire.Request | None = None
+        self.limit = self.started = 0.0
         self.abandoned = threading.Event()
         self.answered = False
         self.timer: asyncio.TimerHandle | None = None
+
+    def parse(self, tool_timeout: float) -> None:
+        """Parse the payload (raises BadRequest); the bytes are dropped."""
+        payload, self.payload = self.payload, b""
+        self.request = wire.parse_request(payload)
+        self.limit = wire.bounded_timeout(self.request.timeout, tool_timeout)
+
+    @property
+    def id(self) -> int | str | None:
+        return self.request.id if self.request is not None else None
 
 
 _ids = itertools.count()
@@ -498,23 +536,13 @@ class _Connection(asyncio.Protocol):
                 payload = bytes(view[self.offset + wire.HEADER:end])
             self.offset = end
             self.holding_big = False  # the permit goes with the call
-            self.request(payload, big)
+            served.submit(self, payload, big)
             if not served.has_room():
                 served.full.append(self)
                 self.pause("full")
         if self.offset:  # a new buffer, so that one large frame's memory is not kept for the connection's life
             self.buffer = buffer[self.offset:]
             self.offset = 0
-
-    def request(self, payload: bytes, big: bool) -> None:
-        try:
-            request = wire.parse_request(payload)
-        except wire.BadRequest as exc:
-            if big:
-                self.served.release_big()
-            self.send(wire.error_reply(exc.request_id, "bad_request", str(exc)))
-            return
-        self.served.submit(self, request, len(payload), big)
 
     def send(self, reply: dict[str, Any]) -> None:
         if self.gone or self.transport is None:
