@@ -49,6 +49,9 @@ class _Group(click.Group):
 @click.group(cls=_Group)
 def main() -> None:
     """workbench: sandboxed Jupyter kernels in Docker for AI agents."""
+    for stream in (sys.stdout, sys.stderr):  # what a sandbox prints may hold lone surrogates: shown, not fatal
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
 
 
 @main.group()
