@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path, PurePath
 from typing import BinaryIO, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, field_serializer
 
 from . import fstree
 from .container import WORKSPACE, hand_over, prepare_dir
@@ -44,6 +44,11 @@ class FileInfo(BaseModel):
     type: Literal["file", "dir", "symlink", "other"]
     size: int
     modified: float
+
+    @field_serializer("path", when_used="json")
+    def _printable(self, path: str) -> str:
+        """A name that is not UTF-8 (the sandbox can make one) is shown with its bytes escaped, as text."""
+        return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 Data = bytes | str | BinaryIO | Iterable[bytes]

@@ -279,8 +279,10 @@ def _json_type(value: Any) -> str:
 
 def _fit(envelope: OffloadEnvelope) -> OffloadEnvelope:
     """Cut the preview, then long type names, then columns, until the envelope fits in ENVELOPE_MAX bytes."""
-    envelope.columns = {name[:60]: (kind if len(kind) <= 120 else kind[:117] + "...")
-                        for name, kind in envelope.columns.items()}
+    # no more columns than could ever fit (each takes at least 6 bytes): the loop below stays short
+    kept = itertools.islice(envelope.columns.items(), ENVELOPE_MAX // 6)
+    envelope.columns_omitted += max(0, len(envelope.columns) - ENVELOPE_MAX // 6)
+    envelope.columns = {name[:60]: (kind if len(kind) <= 120 else kind[:117] + "...") for name, kind in kept}
     while len(envelope.model_dump_json()) > ENVELOPE_MAX:
         if len(envelope.preview) > 120:
             envelope.preview = envelope.preview[: len(envelope.preview) // 2] + "..."
