@@ -199,7 +199,7 @@ def test_allowlist_arguments_errors_and_context(tooled: Session, wb: Workbench) 
     assert denied.error_kind == "not_allowed" and "may not call SLACK_SEND" in denied.error
     assert tooled.execute_tool("NOPE", {}).error_kind == "not_found"
     invalid = tooled.execute_tool("FETCH", {"kind": "flat", "n": "many"})
-    assert invalid.error_kind == "invalid_arguments" and "n\n  Input should be a valid integer" in invalid.error
+    assert invalid.error_kind == "invalid_arguments" and "n: Input should be a valid integer" in invalid.error
     extra = tooled.execute_tool("FETCH", {"kind": "flat", "colour": "red"})
     assert extra.error_kind == "invalid_arguments" and "colour" in extra.error
     raised = tooled.execute_tool("BROKEN", {"reason": "503"})
