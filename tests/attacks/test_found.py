@@ -145,3 +145,165 @@ def test_removing_a_deep_tree_of_long_names_holds_bounded_memory(attacker: Sessi
     peak = _peak(lambda: attacker.files.remove("M" * 250))
     assert not attacker.files.exists("M" * 250)
     assert peak < 64 << 20, f"removing a 1,200-deep tree took {peak >> 20} MiB of host memory"
+
+
+# 4. bridge: request parsing runs on the one loop thread, unbounded in CPU --------------------------------------------
+
+@pytest.fixture(scope="module")
+def victim(wb: Workbench, attacker: Session) -> Iterator[Session]:
+    s = wb.create(user_id="alice", toolkits=["found"])
+    yield s
+    s.close(delete_workspace=True)
+
+
+def victim_wait(victim: Session) -> float:
+    started = time.monotonic()
+    assert run(victim, "run_tool('FOUND_REPO', {'repo': 'a/b'})") == ("a/b", None)
+    return time.monotonic() - started
+
+
+@pytest.mark.xfail(strict=True, reason="bridge._Connection.request parses every frame (orjson + pydantic) on the "
+                   "bridge's single loop thread: an 8 MB frame of 2.7 million empty lists costs ~1.5 s of that "
+                   "thread (cyclic GC over the new lists), and rejected frames give their big permit back at once, "
+                   "so one sandbox keeps the loop, and every other session's tool calls, waiting")
+def test_frames_that_are_slow_to_parse_do_not_starve_another_session(attacker: Session, victim: Session) -> None:
+    assert victim_wait(victim) < 2.0
+    run(attacker, RAW + """
+import threading, time
+junk = b'{"v":1,"id":1,"op":"nope","arguments":{"a":[' + b','.join([b'[]'] * 2_700_000) + b']}}'
+stop_at = time.monotonic() + 20
+def flood():
+    raw = connect()
+    raw.settimeout(5)
+    while time.monotonic() < stop_at:
+        try:
+            raw.sendall(frame(junk))
+            read(raw)
+        except OSError:
+            raw = connect()
+for _ in range(4):
+    threading.Thread(target=flood, daemon=True).start()
+""")
+    time.sleep(2)
+    waits = [victim_wait(victim) for _ in range(4)]
+    time.sleep(max(0.0, 20 - 2 - sum(waits)))  # let the flood end before the next test
+    assert max(waits) < 1.0, f"another session waited {max(waits):.1f}s for one tool call"
+
+
+# 5. kernel messages: every dropped message's reason is kept, unbounded -----------------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="execution.Outcome.drop keys drop_reasons by a reason that quotes 100 "
+                   "characters of the exception, e.g. the forged signature: one dict entry per dropped message, "
+                   "for the whole execution (host memory grows with the flood's length)")
+def test_a_flood_of_distinct_bad_signatures_holds_bounded_memory(attacker: Session) -> None:
+    from workbench import execution
+
+    seen: dict[str, int] = {}
+    original = execution.run_cell
+
+    def spying(*args: Any, **kwargs: Any) -> Any:
+        outcome = original(*args, **kwargs)
+        seen["reasons"] = len(outcome.drop_reasons)
+        seen["dropped"] = outcome.result.dropped_messages
+        return outcome
+
+    code = textwrap.dedent("""
+        import os, time
+        k = get_ipython().kernel
+        end = time.monotonic() + 8
+        while time.monotonic() < end:
+            for _ in range(1000):
+                k.iopub_socket.send_multipart([b'<IDS|MSG>', os.urandom(32).hex().encode(), b'{}', b'{}', b'{}', b'{}'])
+        """)
+    import workbench.kernel as kernel_module
+    kernel_module.run_cell = spying
+    try:
+        result = attacker.execute(code, timeout=60)
+    finally:
+        kernel_module.run_cell = original
+    assert result.error is None and result.dropped_messages > 10_000, result
+    assert seen["reasons"] <= 100, f"{seen['reasons']:,} distinct drop reasons kept for {seen['dropped']:,} drops"
+
+
+# 6. the command line: names and text the sandbox chose crash it -----------------------------------------------------
+
+def _cli(home: Any, *args: str) -> Any:
+    import subprocess
+    import sys
+    env = {**os.environ, "WORKBENCH_HOME": str(home), "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "workbench", *args], capture_output=True, text=True, env=env,
+                          timeout=120, encoding="utf-8", errors="replace")
+
+
+def test_files_ls_survives_a_file_name_that_is_not_utf8(wb: Workbench, attacker: Session) -> None:
+    run(attacker, "open(b'/workspace/bad-\\xff-name', 'w').write('x'); open('/workspace/good.txt', 'w').write('y')")
+    try:
+        proc = _cli(wb.home, "files", "ls", attacker.session_id)
+        assert "Traceback" not in proc.stderr, proc.stderr[-600:]
+        assert proc.returncode == 0 and "good.txt" in proc.stdout
+    finally:
+        attacker.execute("import os; os.remove(b'/workspace/bad-\\xff-name')")
+
+
+@pytest.mark.xfail(strict=True, reason="cli.exec_ writes streamed text with sys.stdout.write: a lone surrogate the "
+                   "kernel sends (a forged stream message with a \\ud800 escape) raises UnicodeEncodeError out of "
+                   "the on_stdout callback, the CLI dies with a traceback and the cell's result is lost")
+def test_exec_survives_a_lone_surrogate_in_the_output(wb: Workbench, attacker: Session) -> None:
+    code = textwrap.dedent("""
+        k = get_ipython().kernel
+        import json
+        m = k.session.msg('stream', {}, parent=k.get_parent())
+        parts = [json.dumps(m['header'], default=str).encode(), json.dumps(m['parent_header'], default=str).encode(),
+                 b'{}', b'{"name": "stdout", "text": "before \\\\ud800 after\\\\n"}']
+        k.iopub_socket.send_multipart([b'<IDS|MSG>', k.session.sign(parts), *parts])
+        print('the end')
+        """)
+    proc = _cli(wb.home, "exec", attacker.session_id, code)
+    assert "Traceback" not in proc.stderr, proc.stderr[-600:]
+    assert proc.returncode == 0 and "the end" in proc.stdout
+
+
+# 7. the kernel's IPC sockets: a symlink planted at k-* is followed by the host's ZMQ connect ------------------------
+
+@pytest.mark.xfail(strict=True, reason="kernel._connect hands ZMQ the path runtime_dir/k-N; connect() follows a "
+                   "symlink the sandbox put there, so the host (root) connects to, and sends signed Jupyter "
+                   "messages into, any Unix socket of the host the sandbox names (here one in a root-only folder)")
+def test_a_symlink_at_a_kernel_socket_is_not_followed_by_the_host(wb: Workbench, attacker: Session,
+                                                                    tmp_path: Any) -> None:
+    import socket as sockets
+    private = tmp_path / "root-only"
+    private.mkdir(mode=0o700)
+    target = private / "service.sock"
+    server = sockets.socket(sockets.AF_UNIX, sockets.SOCK_STREAM)
+    server.bind(str(target))
+    server.listen(8)
+    server.settimeout(1.0)
+    got: list[bytes] = []
+
+    def accept() -> None:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            conn.settimeout(1.0)
+            try:
+                got.append(conn.recv(4096))
+            except OSError:
+                got.append(b"")
+            conn.close()
+
+    listener = threading.Thread(target=accept, daemon=True)
+    listener.start()
+    # the control channel's socket (k-4) is replaced by a link to the host socket; the kernel keeps its own
+    run(attacker, f"import os; os.rename('/run/workbench/k-4', '/run/workbench/k-4.real'); "
+                  f"os.symlink({str(target)!r}, '/run/workbench/k-4')")
+    other = Workbench(home=wb.home, pool_size=0, idle_timeout=None)  # another process attaching to the session
+    try:
+        assert other.use(attacker.session_id).execute("'attached'").text == "'attached'"
+        listener.join(timeout=3)
+    finally:
+        other.close()
+        server.close()
+    assert not got, f"the host connected through the planted link and sent {got[0][:40]!r}"
