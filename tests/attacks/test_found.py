@@ -307,3 +307,70 @@ def test_a_symlink_at_a_kernel_socket_is_not_followed_by_the_host(wb: Workbench,
         other.close()
         server.close()
     assert not got, f"the host connected through the planted link and sent {got[0][:40]!r}"
+
+
+# 8. kernel messages: one message of many tiny JSON values holds the GIL and ~25x its size in host memory -----------
+
+def _hwm_reset() -> None:
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")  # resets VmHWM, the peak resident size
+
+
+def _hwm() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.xfail(strict=True, reason="kernel._unpack parses any message part up to MAX_MESSAGE (128 MB) with "
+                   "json.loads, holding the GIL throughout: 28 MB of '[]' values is ~10 million lists, seconds "
+                   "during which no other thread of the host (bridge loop, other sessions' executions) runs, and "
+                   "hundreds of MB of host memory; 128 MB would be ~3 GB")
+def test_one_message_of_tiny_values_neither_stalls_nor_bloats_the_host(attacker: Session) -> None:
+    gaps: list[float] = []
+    stop = threading.Event()
+
+    def tick() -> None:
+        last = time.monotonic()
+        while not stop.is_set():
+            time.sleep(0.01)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    code = textwrap.dedent("""
+        k = get_ipython().kernel
+        import json
+        m = k.session.msg('stream', {}, parent=k.get_parent())
+        body = b'{"name": "stdout", "text": "x", "pad": [' + b','.join([b'[]'] * 10_000_000) + b']}'
+        parts = [json.dumps(m['header'], default=str).encode(), json.dumps(m['parent_header'], default=str).encode(),
+                 b'{}', body]
+        k.iopub_socket.send_multipart([b'<IDS|MSG>', k.session.sign(parts), *parts])
+        del body, parts
+        'sent'
+        """)
+    ticker = threading.Thread(target=tick, daemon=True)
+    rss = _rss()
+    _hwm_reset()
+    ticker.start()
+    try:
+        result = attacker.execute(code, timeout=120)
+    finally:
+        stop.set()
+        ticker.join()
+    grown = _hwm() - rss
+    assert result.error is None, result
+    problems = [f"every other host thread was held for {max(gaps):.1f}s"] if max(gaps) >= 1.0 else []
+    if grown >= 150 << 20:
+        problems.append(f"a 28 MB kernel message took {grown >> 20} MiB of host memory")
+    assert not problems, "; ".join(problems)
