@@ -47,6 +47,11 @@ def attacker(wb: Workbench) -> Iterator[Session]:
             """Returns what it was given (as many real tools do with ids, keys or queries)."""
             return value
 
+        @wb.tool(slug="FOUND_SLEEP", toolkit="found")
+        def nap(seconds: float = 0.0, pad: Any = None) -> int:
+            time.sleep(seconds)
+            return 0
+
         @wb.tool(slug="FOUND_REPO", toolkit="found")
         def repo(repo: str) -> str:
             return repo
@@ -374,3 +379,31 @@ def test_one_message_of_tiny_values_neither_stalls_nor_bloats_the_host(attacker:
     if grown >= 150 << 20:
         problems.append(f"a 28 MB kernel message took {grown >> 20} MiB of host memory")
     assert not problems, "; ".join(problems)
+
+
+# 9. bridge: waiting requests are counted in payload bytes, but held parsed (many times larger) -----------------------
+
+@pytest.mark.xfail(strict=True, reason="bridge._Served counts WAITING_BYTES (16 MB) and BIG_PERMITS in bytes of "
+                   "the frames, but keeps each request parsed: a 250 KB frame of '[]' values is ~5 MB of Python "
+                   "lists, so one session's waiting and running calls hold ~0.5 GB of host memory")
+def test_waiting_requests_hold_host_memory_near_their_byte_count(wb: Workbench, attacker: Session) -> None:
+    rss = _rss()
+    run(attacker, RAW + """
+import threading
+pad = '[' + ','.join(['[]'] * 83_000) + ']'
+def calls(n):
+    raw = connect()
+    body = b''.join(frame(('{"v":1,"id":%d,"op":"call","slug":"FOUND_SLEEP","arguments":{"seconds":12,"pad":%s}}'
+                           % (i, pad)).encode()) for i in range(n))
+    raw.sendall(body)
+    for _ in range(n):
+        read(raw)
+for _ in range(8):
+    threading.Thread(target=calls, args=(12,), daemon=True).start()
+""")
+    time.sleep(4)
+    stats = wb._bridge.stats(attacker.session_id)
+    grown = _rss() - rss
+    time.sleep(14)  # the calls end before the next test
+    assert stats["waiting_bytes"] <= 16 << 20
+    assert grown < 150 << 20, f"{stats} took {grown >> 20} MiB of host memory"
