@@ -341,7 +341,7 @@ def _rss() -> int:
                    "json.loads, holding the GIL throughout: 28 MB of '[]' values is ~10 million lists, seconds "
                    "during which no other thread of the host (bridge loop, other sessions' executions) runs, and "
                    "hundreds of MB of host memory; 128 MB would be ~3 GB")
-def test_one_message_of_tiny_values_neither_stalls_nor_bloats_the_host(attacker: Session) -> None:
+def test_one_message_of_tiny_values_neither_stalls_nor_bloats_the_host(fresh: Session) -> None:
     gaps: list[float] = []
     stop = threading.Event()
 
@@ -357,7 +357,7 @@ def test_one_message_of_tiny_values_neither_stalls_nor_bloats_the_host(attacker:
         k = get_ipython().kernel
         import json
         m = k.session.msg('stream', {}, parent=k.get_parent())
-        body = b'{"name": "stdout", "text": "x", "pad": [' + b','.join([b'[]'] * 10_000_000) + b']}'
+        body = b'{"name": "stdout", "text": "x", "pad": [' + b'[],' * 10_000_000 + b'[]]}'
         parts = [json.dumps(m['header'], default=str).encode(), json.dumps(m['parent_header'], default=str).encode(),
                  b'{}', body]
         k.iopub_socket.send_multipart([b'<IDS|MSG>', k.session.sign(parts), *parts])
@@ -369,7 +369,7 @@ def test_one_message_of_tiny_values_neither_stalls_nor_bloats_the_host(attacker:
     _hwm_reset()
     ticker.start()
     try:
-        result = attacker.execute(code, timeout=120)
+        result = fresh.execute(code, timeout=120)
     finally:
         stop.set()
         ticker.join()
@@ -407,3 +407,32 @@ for _ in range(8):
     time.sleep(14)  # the calls end before the next test
     assert stats["waiting_bytes"] <= 16 << 20
     assert grown < 150 << 20, f"{stats} took {grown >> 20} MiB of host memory"
+
+
+# 10. the store: every tool call the sandbox makes costs host disk, forever ------------------------------------------
+
+def _store_bytes(wb: Workbench) -> int:
+    total = 0
+    for path in wb.home.iterdir():
+        if path.name.startswith("workbench.db"):
+            if path.is_dir():
+                total += sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+            else:
+                total += path.stat().st_size
+    return total
+
+
+@pytest.mark.xfail(strict=True, reason="store.log keeps every tool call with up to 2,000 characters of error, in "
+                   "the journal and the logs table, with no per-session budget or retention: at bridge rates "
+                   "(~2,000 calls/s) a sandbox writes gigabytes an hour to the host's disk, outside its workspace cap")
+def test_a_sandbox_cannot_grow_the_host_store_without_bound(wb: Workbench, attacker: Session) -> None:
+    wb.store.flush()
+    before = _store_bytes(wb)
+    run(attacker, """
+pairs = run_tools([("FOUND_REPO", {"r" * 300 + str(i): 1, "s" * 300: 2, "t" * 300: 3})
+                   for i in range(10_000)], max_workers=32, retries=0, progress=False)
+sorted(set(e.kind for _, e in pairs if e))
+""", timeout=300)
+    wb.store.flush()
+    grown = _store_bytes(wb) - before
+    assert grown < 10 << 20, f"10,000 failed tool calls from the sandbox took {grown >> 20} MiB of the host's disk"
