@@ -436,3 +436,26 @@ sorted(set(e.kind for _, e in pairs if e))
     wb.store.flush()
     grown = _store_bytes(wb) - before
     assert grown < 10 << 20, f"10,000 failed tool calls from the sandbox took {grown >> 20} MiB of the host's disk"
+
+
+# 11. kernel messages: MAXMSGSIZE bounds each frame, not a message of many frames -----------------------------------
+
+@pytest.mark.xfail(strict=True, reason="kernel._Client sets zmq.MAXMSGSIZE (128 MB), which libzmq checks per frame: "
+                   "a multipart message of many frames, each under it, is received whole into host memory (and up "
+                   "to RECEIVE_QUEUE=4 such messages wait); the kernel sends one 40 MB buffer 12 times, zero-copy, "
+                   "for ~0.5 GB of host memory, and could send it 100 times")
+def test_a_message_of_many_frames_is_bounded_in_host_memory(fresh: Session) -> None:
+    code = textwrap.dedent("""
+        import zmq
+        k = get_ipython().kernel
+        blob = memoryview(bytes(40 << 20))
+        k.iopub_socket.send_multipart([b'<IDS|MSG>', b'0' * 64, b'{}', b'{}', b'{}', b'{}'] + [blob] * 12, copy=False)
+        import time; time.sleep(2)
+        'sent'
+        """)
+    rss = _rss()
+    _hwm_reset()
+    result = fresh.execute(code, timeout=60)
+    grown = _hwm() - rss
+    assert result.error is None, result
+    assert grown < 200 << 20, f"one kernel message of 12 x 40 MB frames took {grown >> 20} MiB of host memory"
