@@ -459,3 +459,22 @@ def test_a_message_of_many_frames_is_bounded_in_host_memory(fresh: Session) -> N
     grown = _hwm() - rss
     assert result.error is None, result
     assert grown < 200 << 20, f"one kernel message of 12 x 40 MB frames took {grown >> 20} MiB of host memory"
+
+
+# 12. outputs: the budget counts values, not MIME keys -----------------------------------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="execution._cap_values charges only each value's length to the output "
+                   "budget: a display bundle of a million MIME types with empty values is kept whole in the result "
+                   "(up to MAX_OUTPUTS=1,000 such outputs, each up to MAX_MESSAGE), far past output_limit")
+def test_mime_keys_count_against_the_output_budget(fresh: Session) -> None:
+    code = textwrap.dedent("""
+        k = get_ipython().kernel
+        for n in range(4):
+            data = {f'application/x-{n}-{i:07d}': '' for i in range(300_000)}
+            k.session.send(k.iopub_socket, 'display_data', {'data': data, 'metadata': {}}, parent=k.get_parent())
+        del data
+        """)
+    result = fresh.execute(code, timeout=60)
+    assert result.error is None, result.error
+    kept = sum(len(mime) + len(str(value)) for output in result.results for mime, value in output.data.items())
+    assert kept <= 2 * 1_000_000, f"the result keeps {kept:,} characters of outputs (output_limit 1,000,000)"
