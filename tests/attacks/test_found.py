@@ -411,31 +411,26 @@ for _ in range(8):
 
 # 10. the store: every tool call the sandbox makes costs host disk, forever ------------------------------------------
 
-def _store_bytes(wb: Workbench) -> int:
-    total = 0
-    for path in wb.home.iterdir():
-        if path.name.startswith("workbench.db"):
-            if path.is_dir():
-                total += sum(p.stat().st_size for p in path.iterdir() if p.is_file())
-            else:
-                total += path.stat().st_size
-    return total
+def _logged_bytes(wb: Workbench, session_id: str) -> int:
+    """Bytes the session's log rows hold in the store's table (the journal holds them a second time)."""
+    wb.store.flush()
+    row = wb.store._exec("SELECT coalesce(sum(length(detail) + length(session_id) + length(kind) + length(status)), 0)"
+                         " + 40 * count(*) FROM logs WHERE session_id = ?", (session_id,)).fetchone()
+    return int(row[0])
 
 
 @pytest.mark.xfail(strict=True, reason="store.log keeps every tool call with up to 2,000 characters of error, in "
                    "the journal and the logs table, with no per-session budget or retention: at bridge rates "
                    "(~2,000 calls/s) a sandbox writes gigabytes an hour to the host's disk, outside its workspace cap")
 def test_a_sandbox_cannot_grow_the_host_store_without_bound(wb: Workbench, attacker: Session) -> None:
-    wb.store.flush()
-    before = _store_bytes(wb)
+    before = _logged_bytes(wb, attacker.session_id)
     run(attacker, """
 pairs = run_tools([("FOUND_REPO", {"r" * 300 + str(i): 1, "s" * 300: 2, "t" * 300: 3})
                    for i in range(10_000)], max_workers=32, retries=0, progress=False)
 sorted(set(e.kind for _, e in pairs if e))
 """, timeout=300)
-    wb.store.flush()
-    grown = _store_bytes(wb) - before
-    assert grown < 10 << 20, f"10,000 failed tool calls from the sandbox took {grown >> 20} MiB of the host's disk"
+    grown = _logged_bytes(wb, attacker.session_id) - before
+    assert grown < 10 << 20, f"10,000 failed tool calls from the sandbox took {grown >> 20} MiB of the host's store"
 
 
 # 11. kernel messages: MAXMSGSIZE bounds each frame, not a message of many frames -----------------------------------
@@ -491,3 +486,33 @@ def test_a_module_planted_in_the_workspace_does_not_run_in_the_next_kernel(fresh
     run(fresh, "open('/workspace/ipykernel_launcher.py', 'w').write('raise SystemExit(3)\\n')")
     fresh.restart()
     assert fresh.execute("'clean kernel'").text == "'clean kernel'"
+
+
+# 14. results that cross a boundary cannot be serialised when the sandbox picks their text ---------------------------
+
+@pytest.mark.xfail(strict=True, reason="files.FileInfo.path keeps os.listdir's surrogate escapes: a file name that "
+                   "is not UTF-8 makes FileInfo.model_dump_json() raise PydanticSerializationError, so any JSON "
+                   "surface (HTTP API, MCP, an app's own) fails on the whole listing")
+def test_a_listing_with_a_non_utf8_name_serialises(attacker: Session) -> None:
+    run(attacker, "open(b'/workspace/odd-\\xff', 'w').write('x')")
+    try:
+        for entry in attacker.files.list():
+            entry.model_dump_json()
+    finally:
+        attacker.execute("import os; os.remove(b'/workspace/odd-\\xff')")
+
+
+@pytest.mark.xfail(strict=True, reason="execution keeps a lone surrogate the kernel sends in stdout (a \\ud800 "
+                   "escape in a forged stream message): ExecutionResult.model_dump_json() then raises "
+                   "PydanticSerializationError (the CLI's crash above is the same text)")
+def test_an_execution_result_with_a_forged_surrogate_serialises(attacker: Session) -> None:
+    result = attacker.execute(textwrap.dedent("""
+        k = get_ipython().kernel
+        import json
+        m = k.session.msg('stream', {}, parent=k.get_parent())
+        parts = [json.dumps(m['header'], default=str).encode(), json.dumps(m['parent_header'], default=str).encode(),
+                 b'{}', b'{"name": "stdout", "text": "\\\\ud800"}']
+        k.iopub_socket.send_multipart([b'<IDS|MSG>', k.session.sign(parts), *parts])
+        """))
+    assert result.error is None
+    result.model_dump_json()
