@@ -516,3 +516,35 @@ def test_an_execution_result_with_a_forged_surrogate_serialises(attacker: Sessio
         """))
     assert result.error is None
     result.model_dump_json()
+
+
+# attacks that held ------------------------------------------------------------------------------------------------
+
+def test_held_input_and_comm_and_unknown_messages_neither_hang_nor_raise(attacker: Session) -> None:
+    started = time.monotonic()
+    asked = attacker.execute("input('password: ')", timeout=30)  # no stdin channel: refused in the kernel
+    assert asked.error is not None and not asked.timed_out and time.monotonic() - started < 10
+    result = attacker.execute(textwrap.dedent("""
+        k = get_ipython().kernel
+        p = k.get_parent()
+        for kind in ('comm_open', 'comm_msg', 'clear_output', 'debug_event', 'x' * 10_000):
+            k.session.send(k.iopub_socket, kind, {'comm_id': 'c', 'data': {'x': 1}, 'wait': True}, parent=p)
+        'after'
+        """), timeout=30)
+    assert result.error is None and result.text == "'after'"
+
+
+def test_held_a_hard_link_to_a_file_outside_the_workspace_is_refused(attacker: Session) -> None:
+    assert run(attacker, textwrap.dedent("""
+        import errno, os
+        codes = set()
+        for source in ('/etc/passwd', '/run/workbench/kernel.json', '/tmp/x'):
+            open('/tmp/x', 'w').close()
+            try:
+                os.link(source, '/workspace/linked')
+                codes.add('linked')
+                os.remove('/workspace/linked')
+            except OSError as exc:
+                codes.add(errno.errorcode[exc.errno])
+        sorted(codes)
+        """)) == ["EXDEV"]
