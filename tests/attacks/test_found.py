@@ -1,0 +1,554 @@
+"""New ways through, found after issue 10's fixes: each reproduces an attack from inside a real sandbox (or from
+what a sandbox controls) and is marked xfail(strict) until it is fixed; attacks that held are plain tests."""
+from __future__ import annotations
+
+import os
+import textwrap
+import threading
+import time
+import tracemalloc
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from workbench import Session, Workbench
+
+RAW = """
+import json, socket, struct
+def connect():
+    raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    raw.connect("/run/workbench/bridge")
+    raw.settimeout(60)
+    return raw
+def frame(body):
+    return struct.pack(">I", len(body)) + body
+def read(raw):
+    head = b""
+    while len(head) < 4:
+        chunk = raw.recv(4 - len(head))
+        if not chunk:
+            return None
+        head += chunk
+    size, body = struct.unpack(">I", head)[0], b""
+    while len(body) < size:
+        body += raw.recv(size - len(body))
+    return json.loads(body)
+def request(**fields):
+    return frame(json.dumps({"v": 1, **fields}).encode())
+"""
+
+
+@pytest.fixture(scope="module")
+def attacker(wb: Workbench) -> Iterator[Session]:
+    if "FOUND_ECHO" not in wb.tools:
+        @wb.tool(slug="FOUND_ECHO", toolkit="found")
+        def echo(value: Any = None) -> Any:
+            """Returns what it was given (as many real tools do with ids, keys or queries)."""
+            return value
+
+        @wb.tool(slug="FOUND_SLEEP", toolkit="found")
+        def nap(seconds: float = 0.0, pad: Any = None) -> int:
+            time.sleep(seconds)
+            return 0
+
+        @wb.tool(slug="FOUND_REPO", toolkit="found")
+        def repo(repo: str) -> str:
+            return repo
+
+    s = wb.create(user_id="mallory", toolkits=["found"], limits={"workspace_size": "64m"})
+    yield s
+    s.close(delete_workspace=True)
+
+
+def run(session: Session, code: str, timeout: float = 120) -> Any:
+    result = session.execute(code, timeout=timeout)
+    assert result.error is None and not result.timed_out and result.kernel_died is None, str(result)
+    return eval(result.text) if result.text is not None else None
+
+
+# 1. bridge: an invalid_arguments reply echoes every argument name, unbounded --------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="session._tool_call puts str(pydantic ValidationError) in the reply uncut: "
+                   "every unknown argument name is echoed with ~120 bytes of boilerplate (a 3 MB request gets a "
+                   "~40 MB error reply built in host memory)")
+def test_an_invalid_arguments_reply_does_not_echo_the_arguments(attacker: Session) -> None:
+    size, kind = run(attacker, RAW + """
+raw = connect()
+arguments = {f"k{i}": 0 for i in range(300_000)}   # about 3.5 MB of JSON, under the 8 MB frame limit
+raw.sendall(request(id=1, op="call", slug="FOUND_REPO", arguments=arguments))
+reply = read(raw)
+(len(json.dumps(reply)), reply["kind"])
+""")
+    assert kind == "invalid_arguments"
+    assert size < 10_000, f"the error reply is {size:,} bytes: it echoes the request"
+
+
+@pytest.mark.xfail(strict=True, reason="same echo through the documented run_tool: one long argument name comes "
+                   "back whole in the error")
+def test_run_tool_with_a_long_argument_name_gets_a_bounded_error(attacker: Session) -> None:
+    size = run(attacker, "r, e = run_tool('FOUND_REPO', {'k' * 7_000_000: 1}); len(e.message)")
+    assert size < 10_000, f"the error message is {size:,} characters"
+
+
+# 2. offload: a dict response with many keys makes _fit quadratic ----------------------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="offload._fit drops envelope columns one at a time and re-serialises the "
+                   "whole envelope each time: O(keys^2) host CPU, holding the GIL (20,000 keys ~ 25 s, 100,000 keys "
+                   "~ 10 min)")
+def test_an_offloaded_dict_with_many_keys_is_described_quickly(attacker: Session) -> None:
+    started = time.monotonic()
+    out = run(attacker, """
+r, e = run_tool('FOUND_ECHO', {'value': {f'k{i}': i for i in range(15_000)}})
+(e, r.envelope['columns_omitted'] if r is not None and hasattr(r, 'envelope') else None)
+""", timeout=300)
+    elapsed = time.monotonic() - started
+    assert out[0] is None
+    assert elapsed < 3.0, f"one tool call with a 15,000-key response took {elapsed:.1f}s of host CPU"
+
+
+# 3. a deep tree of long names: every walk holds each entry's full path (quadratic host memory) ---------------------
+
+DEEP = """
+import os
+def deep(base, n, name):
+    fd = os.open(base, os.O_RDONLY)
+    for _ in range(n):
+        os.mkdir(name, dir_fd=fd)
+        child = os.open(name, os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = child
+    os.close(fd)
+"""
+
+
+def _peak(action: Any) -> int:
+    tracemalloc.start()
+    try:
+        action()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.xfail(strict=True, reason="files.list(recursive=True) keeps every entry's full path, and fstree.walk "
+                   "keeps each level's full path on its stack: memory grows with depth^2 x name length (1,200 folders "
+                   "of 250-character names ~ 180 MB each; a 10 GiB workspace allows 100,000s of folders)")
+def test_listing_a_deep_tree_of_long_names_holds_bounded_memory(attacker: Session) -> None:
+    run(attacker, DEEP + "deep('/workspace', 1200, 'L' * 250)")
+    try:
+        peak = _peak(lambda: attacker.files.list(recursive=True))
+        assert peak < 64 << 20, f"listing a 1,200-deep tree took {peak >> 20} MiB of host memory"
+    finally:
+        attacker.execute("import subprocess; subprocess.run(['rm', '-rf', '/workspace/' + 'L' * 250])")
+
+
+@pytest.mark.xfail(strict=True, reason="fstree.empty (files.remove, rmtree) keeps each level's full relative path "
+                   "on its stack: depth^2 x name length of host memory to remove a folder")
+def test_removing_a_deep_tree_of_long_names_holds_bounded_memory(attacker: Session) -> None:
+    run(attacker, DEEP + "deep('/workspace', 1200, 'M' * 250)")
+    peak = _peak(lambda: attacker.files.remove("M" * 250))
+    assert not attacker.files.exists("M" * 250)
+    assert peak < 64 << 20, f"removing a 1,200-deep tree took {peak >> 20} MiB of host memory"
+
+
+# 4. bridge: request parsing runs on the one loop thread, unbounded in CPU --------------------------------------------
+
+@pytest.fixture(scope="module")
+def victim(wb: Workbench, attacker: Session) -> Iterator[Session]:
+    s = wb.create(user_id="alice", toolkits=["found"])
+    yield s
+    s.close(delete_workspace=True)
+
+
+def victim_wait(victim: Session) -> float:
+    started = time.monotonic()
+    assert run(victim, "run_tool('FOUND_REPO', {'repo': 'a/b'})") == ("a/b", None)
+    return time.monotonic() - started
+
+
+@pytest.mark.xfail(strict=True, reason="bridge._Connection.request parses every frame (orjson + pydantic) on the "
+                   "bridge's single loop thread: an 8 MB frame of 2.7 million empty lists costs ~1.5 s of that "
+                   "thread (cyclic GC over the new lists), and rejected frames give their big permit back at once, "
+                   "so one sandbox keeps the loop, and every other session's tool calls, waiting")
+def test_frames_that_are_slow_to_parse_do_not_starve_another_session(attacker: Session, victim: Session) -> None:
+    assert victim_wait(victim) < 2.0
+    run(attacker, RAW + """
+import threading, time
+junk = b'{"v":1,"id":1,"op":"nope","arguments":{"a":[' + b','.join([b'[]'] * 2_700_000) + b']}}'
+stop_at = time.monotonic() + 20
+def flood():
+    raw = connect()
+    raw.settimeout(5)
+    while time.monotonic() < stop_at:
+        try:
+            raw.sendall(frame(junk))
+            read(raw)
+        except OSError:
+            raw = connect()
+for _ in range(4):
+    threading.Thread(target=flood, daemon=True).start()
+""")
+    time.sleep(2)
+    waits = [victim_wait(victim) for _ in range(4)]
+    time.sleep(max(0.0, 20 - 2 - sum(waits)))  # let the flood end before the next test
+    assert max(waits) < 1.0, f"another session waited {max(waits):.1f}s for one tool call"
+
+
+# 5. kernel messages: every dropped message's reason is kept, unbounded -----------------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="execution.Outcome.drop keys drop_reasons by a reason that quotes 100 "
+                   "characters of the exception, e.g. the forged signature: one dict entry per dropped message, "
+                   "for the whole execution (host memory grows with the flood's length)")
+def test_a_flood_of_distinct_bad_signatures_holds_bounded_memory(attacker: Session) -> None:
+    from workbench import execution
+
+    seen: dict[str, int] = {}
+    original = execution.run_cell
+
+    def spying(*args: Any, **kwargs: Any) -> Any:
+        outcome = original(*args, **kwargs)
+        seen["reasons"] = len(outcome.drop_reasons)
+        seen["dropped"] = outcome.result.dropped_messages
+        return outcome
+
+    code = textwrap.dedent("""
+        import os, time
+        k = get_ipython().kernel
+        end = time.monotonic() + 8
+        while time.monotonic() < end:
+            for _ in range(1000):
+                k.iopub_socket.send_multipart([b'<IDS|MSG>', os.urandom(32).hex().encode(), b'{}', b'{}', b'{}', b'{}'])
+        """)
+    import workbench.kernel as kernel_module
+    kernel_module.run_cell = spying
+    try:
+        result = attacker.execute(code, timeout=60)
+    finally:
+        kernel_module.run_cell = original
+    assert result.error is None and result.dropped_messages > 10_000, result
+    assert seen["reasons"] <= 100, f"{seen['reasons']:,} distinct drop reasons kept for {seen['dropped']:,} drops"
+
+
+# 6. the command line: names and text the sandbox chose crash it -----------------------------------------------------
+
+def _cli(home: Any, *args: str) -> Any:
+    import subprocess
+    import sys
+    env = {**os.environ, "WORKBENCH_HOME": str(home), "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "workbench", *args], check=False, capture_output=True, env=env,
+                          text=True, timeout=120, encoding="utf-8", errors="replace")
+
+
+def test_files_ls_survives_a_file_name_that_is_not_utf8(wb: Workbench, attacker: Session) -> None:
+    run(attacker, "open(b'/workspace/bad-\\xff-name', 'w').write('x'); open('/workspace/good.txt', 'w').write('y')")
+    try:
+        proc = _cli(wb.home, "files", "ls", attacker.session_id)
+        assert "Traceback" not in proc.stderr, proc.stderr[-600:]
+        assert proc.returncode == 0 and "good.txt" in proc.stdout
+    finally:
+        attacker.execute("import os; os.remove(b'/workspace/bad-\\xff-name')")
+
+
+@pytest.mark.xfail(strict=True, reason="cli.exec_ writes streamed text with sys.stdout.write: a lone surrogate the "
+                   "kernel sends (a forged stream message with a \\ud800 escape) raises UnicodeEncodeError out of "
+                   "the on_stdout callback, the CLI dies with a traceback and the cell's result is lost")
+def test_exec_survives_a_lone_surrogate_in_the_output(wb: Workbench, attacker: Session) -> None:
+    code = textwrap.dedent("""
+        k = get_ipython().kernel
+        import json
+        m = k.session.msg('stream', {}, parent=k.get_parent())
+        parts = [json.dumps(m['header'], default=str).encode(), json.dumps(m['parent_header'], default=str).encode(),
+                 b'{}', b'{"name": "stdout", "text": "before \\\\ud800 after\\\\n"}']
+        k.iopub_socket.send_multipart([b'<IDS|MSG>', k.session.sign(parts), *parts])
+        print('the end')
+        """)
+    proc = _cli(wb.home, "exec", attacker.session_id, code)
+    assert "Traceback" not in proc.stderr, proc.stderr[-600:]
+    assert proc.returncode == 0 and "the end" in proc.stdout
+
+
+# 7. the kernel's IPC sockets: a symlink planted at k-* is followed by the host's ZMQ connect ------------------------
+
+@pytest.mark.xfail(strict=True, reason="kernel._connect hands ZMQ the path runtime_dir/k-N; connect() follows a "
+                   "symlink the sandbox put there, so the host (root) connects to, and sends signed Jupyter "
+                   "messages into, any Unix socket of the host the sandbox names (here one in a root-only folder)")
+def test_a_symlink_at_a_kernel_socket_is_not_followed_by_the_host(wb: Workbench, attacker: Session,
+                                                                    tmp_path: Any) -> None:
+    import socket as sockets
+    private = tmp_path / "root-only"
+    private.mkdir(mode=0o700)
+    target = private / "service.sock"
+    server = sockets.socket(sockets.AF_UNIX, sockets.SOCK_STREAM)
+    server.bind(str(target))
+    server.listen(8)
+    server.settimeout(1.0)
+    got: list[bytes] = []
+
+    def accept() -> None:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            conn.settimeout(1.0)
+            try:
+                got.append(conn.recv(4096))
+            except OSError:
+                got.append(b"")
+            conn.close()
+
+    listener = threading.Thread(target=accept, daemon=True)
+    listener.start()
+    # the control channel's socket (k-4) is replaced by a link to the host socket; the kernel keeps its own
+    run(attacker, f"import os; os.rename('/run/workbench/k-4', '/run/workbench/k-4.real'); "
+                  f"os.symlink({str(target)!r}, '/run/workbench/k-4')")
+    other = Workbench(home=wb.home, pool_size=0, idle_timeout=None)  # another process attaching to the session
+    try:
+        assert other.use(attacker.session_id).execute("'attached'").text == "'attached'"
+        listener.join(timeout=3)
+    finally:
+        other.close()
+        server.close()
+    assert not got, f"the host connected through the planted link and sent {got[0][:40]!r}"
+
+
+# 8. kernel messages: one message of many tiny JSON values holds the GIL and ~25x its size in host memory -----------
+
+def _hwm_reset() -> None:
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")  # resets VmHWM, the peak resident size
+
+
+def _hwm() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.xfail(strict=True, reason="kernel._unpack parses any message part up to MAX_MESSAGE (128 MB) with "
+                   "json.loads, holding the GIL throughout: 28 MB of '[]' values is ~10 million lists, seconds "
+                   "during which no other thread of the host (bridge loop, other sessions' executions) runs, and "
+                   "hundreds of MB of host memory; 128 MB would be ~3 GB")
+def test_one_message_of_tiny_values_neither_stalls_nor_bloats_the_host(fresh: Session) -> None:
+    gaps: list[float] = []
+    stop = threading.Event()
+
+    def tick() -> None:
+        last = time.monotonic()
+        while not stop.is_set():
+            time.sleep(0.01)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    code = textwrap.dedent("""
+        k = get_ipython().kernel
+        import json
+        m = k.session.msg('stream', {}, parent=k.get_parent())
+        body = b'{"name": "stdout", "text": "x", "pad": [' + b'[],' * 10_000_000 + b'[]]}'
+        parts = [json.dumps(m['header'], default=str).encode(), json.dumps(m['parent_header'], default=str).encode(),
+                 b'{}', body]
+        k.iopub_socket.send_multipart([b'<IDS|MSG>', k.session.sign(parts), *parts])
+        del body, parts
+        'sent'
+        """)
+    ticker = threading.Thread(target=tick, daemon=True)
+    rss = _rss()
+    _hwm_reset()
+    ticker.start()
+    try:
+        result = fresh.execute(code, timeout=120)
+    finally:
+        stop.set()
+        ticker.join()
+    grown = _hwm() - rss
+    assert result.error is None, result
+    problems = [f"every other host thread was held for {max(gaps):.1f}s"] if max(gaps) >= 1.0 else []
+    if grown >= 150 << 20:
+        problems.append(f"a 28 MB kernel message took {grown >> 20} MiB of host memory")
+    assert not problems, "; ".join(problems)
+
+
+# 9. bridge: waiting requests are counted in payload bytes, but held parsed (many times larger) -----------------------
+
+@pytest.mark.xfail(strict=True, reason="bridge._Served counts WAITING_BYTES (16 MB) and BIG_PERMITS in bytes of "
+                   "the frames, but keeps each request parsed: a 250 KB frame of '[]' values is ~5 MB of Python "
+                   "lists, so one session's waiting and running calls hold ~0.5 GB of host memory")
+def test_waiting_requests_hold_host_memory_near_their_byte_count(wb: Workbench, attacker: Session) -> None:
+    rss = _rss()
+    run(attacker, RAW + """
+import threading
+pad = '[' + ','.join(['[]'] * 83_000) + ']'
+def calls(n):
+    raw = connect()
+    body = b''.join(frame(('{"v":1,"id":%d,"op":"call","slug":"FOUND_SLEEP","arguments":{"seconds":12,"pad":%s}}'
+                           % (i, pad)).encode()) for i in range(n))
+    raw.sendall(body)
+    for _ in range(n):
+        read(raw)
+for _ in range(8):
+    threading.Thread(target=calls, args=(12,), daemon=True).start()
+""")
+    time.sleep(4)
+    stats = wb._bridge.stats(attacker.session_id)
+    grown = _rss() - rss
+    time.sleep(14)  # the calls end before the next test
+    assert stats["waiting_bytes"] <= 16 << 20
+    assert grown < 150 << 20, f"{stats} took {grown >> 20} MiB of host memory"
+
+
+# 10. the store: every tool call the sandbox makes costs host disk, forever ------------------------------------------
+
+def _logged_bytes(wb: Workbench, session_id: str) -> int:
+    """Bytes the session's log rows hold in the store's table (the journal holds them a second time)."""
+    wb.store.flush()
+    row = wb.store._exec("SELECT coalesce(sum(length(detail) + length(session_id) + length(kind) + length(status)), 0)"
+                         " + 40 * count(*) FROM logs WHERE session_id = ?", (session_id,)).fetchone()
+    return int(row[0])
+
+
+@pytest.mark.xfail(strict=True, reason="store.log keeps every tool call with up to 2,000 characters of error, in "
+                   "the journal and the logs table, with no per-session budget or retention: at bridge rates "
+                   "(~2,000 calls/s) a sandbox writes gigabytes an hour to the host's disk, outside its workspace cap")
+def test_a_sandbox_cannot_grow_the_host_store_without_bound(wb: Workbench, attacker: Session) -> None:
+    sandbox = wb.create(user_id="mallory", toolkits=["found"])  # a kernel of its own: the others hold big objects
+    try:
+        kinds = run(sandbox, """
+pairs = run_tools([("FOUND_REPO", {"r" * 300 + str(i): 1, "s" * 300: 2, "t" * 300: 3})
+                   for i in range(10_000)], max_workers=32, retries=0, progress=False)
+sorted(set(e.kind for _, e in pairs if e))
+""", timeout=300)
+        grown = _logged_bytes(wb, sandbox.session_id)
+    finally:
+        sandbox.close(delete_workspace=True)
+    assert kinds == ["invalid_arguments"], kinds
+    assert grown < 10 << 20, f"10,000 failed tool calls from the sandbox took {grown >> 20} MiB of the host's store"
+
+
+# 11. kernel messages: MAXMSGSIZE bounds each frame, not a message of many frames -----------------------------------
+
+@pytest.mark.xfail(strict=True, reason="kernel._Client sets zmq.MAXMSGSIZE (128 MB), which libzmq checks per frame: "
+                   "a multipart message of many frames, each under it, is received whole into host memory (and up "
+                   "to RECEIVE_QUEUE=4 such messages wait); the kernel sends one 40 MB buffer 12 times, zero-copy, "
+                   "for ~0.5 GB of host memory, and could send it 100 times")
+def test_a_message_of_many_frames_is_bounded_in_host_memory(fresh: Session) -> None:
+    code = textwrap.dedent("""
+        import zmq
+        k = get_ipython().kernel
+        blob = memoryview(bytes(40 << 20))
+        k.iopub_socket.send_multipart([b'<IDS|MSG>', b'0' * 64, b'{}', b'{}', b'{}', b'{}'] + [blob] * 12, copy=False)
+        import time; time.sleep(2)
+        'sent'
+        """)
+    rss = _rss()
+    _hwm_reset()
+    result = fresh.execute(code, timeout=60)
+    grown = _hwm() - rss
+    assert result.error is None, result
+    assert grown < 200 << 20, f"one kernel message of 12 x 40 MB frames took {grown >> 20} MiB of host memory"
+
+
+# 12. outputs: the budget counts values, not MIME keys -----------------------------------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="execution._cap_values charges only each value's length to the output "
+                   "budget: a display bundle of a million MIME types with empty values is kept whole in the result "
+                   "(up to MAX_OUTPUTS=1,000 such outputs, each up to MAX_MESSAGE), far past output_limit")
+def test_mime_keys_count_against_the_output_budget(fresh: Session) -> None:
+    code = textwrap.dedent("""
+        k = get_ipython().kernel
+        for n in range(4):
+            data = {f'application/x-{n}-{i:07d}': '' for i in range(300_000)}
+            k.session.send(k.iopub_socket, 'display_data', {'data': data, 'metadata': {}}, parent=k.get_parent())
+        del data
+        """)
+    result = fresh.execute(code, timeout=60)
+    assert result.error is None, result.error
+    kept = sum(len(mime) + len(str(value)) for output in result.results for mime, value in output.data.items())
+    assert kept <= 2 * 1_000_000, f"the result keeps {kept:,} characters of outputs (output_limit 1,000,000)"
+
+
+# 13. the workspace is the kernel's working folder, first on its sys.path: planted modules outlive restarts ----------
+
+@pytest.mark.xfail(strict=True, reason="the image starts `python3 -m ipykernel_launcher` in /workspace, so the "
+                   "workspace is sys.path[0]: a module planted there (ipykernel_launcher.py, zmq.py, json.py...) runs "
+                   "in every later kernel of the session, before the host's; restart() no longer gives a clean "
+                   "kernel (here every start fails; a sleeping one makes each start hold the session 60 s). Fix: "
+                   "PYTHONSAFEPATH=1 (or python3 -P / -I) in the image")
+def test_a_module_planted_in_the_workspace_does_not_run_in_the_next_kernel(fresh: Session) -> None:
+    run(fresh, "open('/workspace/ipykernel_launcher.py', 'w').write('raise SystemExit(3)\\n')")
+    fresh.restart()
+    assert fresh.execute("'clean kernel'").text == "'clean kernel'"
+
+
+# 14. results that cross a boundary cannot be serialised when the sandbox picks their text ---------------------------
+
+@pytest.mark.xfail(strict=True, reason="files.FileInfo.path keeps os.listdir's surrogate escapes: a file name that "
+                   "is not UTF-8 makes FileInfo.model_dump_json() raise PydanticSerializationError, so any JSON "
+                   "surface (HTTP API, MCP, an app's own) fails on the whole listing")
+def test_a_listing_with_a_non_utf8_name_serialises(attacker: Session) -> None:
+    run(attacker, "open(b'/workspace/odd-\\xff', 'w').write('x')")
+    try:
+        for entry in attacker.files.list():
+            entry.model_dump_json()
+    finally:
+        attacker.execute("import os; os.remove(b'/workspace/odd-\\xff')")
+
+
+@pytest.mark.xfail(strict=True, reason="execution keeps a lone surrogate the kernel sends in stdout (a \\ud800 "
+                   "escape in a forged stream message): ExecutionResult.model_dump_json() then raises "
+                   "PydanticSerializationError (the CLI's crash above is the same text)")
+def test_an_execution_result_with_a_forged_surrogate_serialises(attacker: Session) -> None:
+    result = attacker.execute(textwrap.dedent("""
+        k = get_ipython().kernel
+        import json
+        m = k.session.msg('stream', {}, parent=k.get_parent())
+        parts = [json.dumps(m['header'], default=str).encode(), json.dumps(m['parent_header'], default=str).encode(),
+                 b'{}', b'{"name": "stdout", "text": "\\\\ud800"}']
+        k.iopub_socket.send_multipart([b'<IDS|MSG>', k.session.sign(parts), *parts])
+        """))
+    assert result.error is None
+    result.model_dump_json()
+
+
+# attacks that held ------------------------------------------------------------------------------------------------
+
+def test_held_input_and_comm_and_unknown_messages_neither_hang_nor_raise(attacker: Session) -> None:
+    started = time.monotonic()
+    asked = attacker.execute("input('password: ')", timeout=30)  # no stdin channel: refused in the kernel
+    assert asked.error is not None and not asked.timed_out and time.monotonic() - started < 10
+    result = attacker.execute(textwrap.dedent("""
+        k = get_ipython().kernel
+        p = k.get_parent()
+        for kind in ('comm_open', 'comm_msg', 'clear_output', 'debug_event', 'x' * 10_000):
+            k.session.send(k.iopub_socket, kind, {'comm_id': 'c', 'data': {'x': 1}, 'wait': True}, parent=p)
+        'after'
+        """), timeout=30)
+    assert result.error is None and result.text == "'after'"
+
+
+def test_held_a_hard_link_to_a_file_outside_the_workspace_is_refused(attacker: Session) -> None:
+    assert run(attacker, textwrap.dedent("""
+        import errno, os
+        codes = set()
+        for source in ('/etc/passwd', '/run/workbench/kernel.json', '/tmp/x'):
+            open('/tmp/x', 'w').close()
+            try:
+                os.link(source, '/workspace/linked')
+                codes.add('linked')
+                os.remove('/workspace/linked')
+            except OSError as exc:
+                codes.add(errno.errorcode[exc.errno])
+        sorted(codes)
+        """)) == ["EXDEV"]
