@@ -53,3 +53,10 @@ def test_timeouts_are_bounded_by_the_hosts() -> None:
     assert host.bounded_timeout(0.5, 60) == 0.5
     assert host.bounded_timeout(float("nan"), 60) == 60
     assert host.bounded_timeout(float("inf"), 60) == 60
+
+
+def test_a_request_of_millions_of_containers_is_refused_before_parsing() -> None:
+    payload = b'{"v": 1, "id": 1, "op": "call", "slug": "A", "arguments": {"x": [' + b"[]," * 2_000_000 + b"[]]}}"
+    with pytest.raises(BadRequest, match="lists and objects"):
+        parse_request(payload)
+    parse_request(b'{"v": 1, "id": 1, "op": "call", "slug": "A", "arguments": {"x": [' + b"{}," * 50_000 + b"{}]}}")

@@ -31,6 +31,8 @@ HEADER = 4  # bytes of the big-endian frame length
 MAX_REQUEST = 8 << 20  # bytes of one request frame; a larger frame gets an error and the connection is closed
 MAX_INLINE = 4 << 20  # bytes of JSON a reply carries inline; larger responses stay in the workspace
 MAX_ID = 64  # characters of a request id
+MAX_CONTAINERS = 100_000  # lists and objects in one request: building millions of them holds the host's GIL for
+# seconds (counted before parsing, by their opening brackets, strings included: a bound, not an exact count)
 SLUG = re.compile(r"[A-Za-z0-9_.-]{1,128}")  # tool slugs and toolkits, matched whole
 
 Op = Literal["call", "list", "schema"]
@@ -79,6 +81,9 @@ def parse_request(payload: bytes) -> Request:
     """The request in a frame's payload, or BadRequest with a message that quotes none of the input."""
     if len(payload) > MAX_REQUEST:
         raise BadRequest(f"request of {len(payload):,} bytes is over the bridge's limit of {MAX_REQUEST:,}")
+    if len(payload) > MAX_CONTAINERS and payload.count(b"[") + payload.count(b"{") > MAX_CONTAINERS:
+        raise BadRequest(f"request holds more than {MAX_CONTAINERS:,} lists and objects: write large inputs to "
+                         "a file in the workspace and pass its path")
     try:
         raw = orjson.loads(payload)
     except orjson.JSONDecodeError:

@@ -69,9 +69,6 @@ def run(session: Session, code: str, timeout: float = 120) -> Any:
 
 # 1. bridge: an invalid_arguments reply echoes every argument name, unbounded --------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="session._tool_call puts str(pydantic ValidationError) in the reply uncut: "
-                   "every unknown argument name is echoed with ~120 bytes of boilerplate (a 3 MB request gets a "
-                   "~40 MB error reply built in host memory)")
 def test_an_invalid_arguments_reply_does_not_echo_the_arguments(attacker: Session) -> None:
     size, kind = run(attacker, RAW + """
 raw = connect()
@@ -84,8 +81,6 @@ reply = read(raw)
     assert size < 10_000, f"the error reply is {size:,} bytes: it echoes the request"
 
 
-@pytest.mark.xfail(strict=True, reason="same echo through the documented run_tool: one long argument name comes "
-                   "back whole in the error")
 def test_run_tool_with_a_long_argument_name_gets_a_bounded_error(attacker: Session) -> None:
     size = run(attacker, "r, e = run_tool('FOUND_REPO', {'k' * 7_000_000: 1}); len(e.message)")
     assert size < 10_000, f"the error message is {size:,} characters"
@@ -93,9 +88,6 @@ def test_run_tool_with_a_long_argument_name_gets_a_bounded_error(attacker: Sessi
 
 # 2. offload: a dict response with many keys makes _fit quadratic ----------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="offload._fit drops envelope columns one at a time and re-serialises the "
-                   "whole envelope each time: O(keys^2) host CPU, holding the GIL (20,000 keys ~ 25 s, 100,000 keys "
-                   "~ 10 min)")
 def test_an_offloaded_dict_with_many_keys_is_described_quickly(attacker: Session) -> None:
     started = time.monotonic()
     out = run(attacker, """
@@ -250,9 +242,6 @@ def test_files_ls_survives_a_file_name_that_is_not_utf8(wb: Workbench, attacker:
         attacker.execute("import os; os.remove(b'/workspace/bad-\\xff-name')")
 
 
-@pytest.mark.xfail(strict=True, reason="cli.exec_ writes streamed text with sys.stdout.write: a lone surrogate the "
-                   "kernel sends (a forged stream message with a \\ud800 escape) raises UnicodeEncodeError out of "
-                   "the on_stdout callback, the CLI dies with a traceback and the cell's result is lost")
 def test_exec_survives_a_lone_surrogate_in_the_output(wb: Workbench, attacker: Session) -> None:
     code = textwrap.dedent("""
         k = get_ipython().kernel
@@ -269,52 +258,6 @@ def test_exec_survives_a_lone_surrogate_in_the_output(wb: Workbench, attacker: S
 
 
 # 7. the kernel's IPC sockets: a symlink planted at k-* is followed by the host's ZMQ connect ------------------------
-
-@pytest.mark.xfail(strict=True, reason="kernel._connect hands ZMQ the path runtime_dir/k-N; connect() follows a "
-                   "symlink the sandbox put there, so the host (root) connects to, and sends signed Jupyter "
-                   "messages into, any Unix socket of the host the sandbox names (here one in a root-only folder)")
-def test_a_symlink_at_a_kernel_socket_is_not_followed_by_the_host(wb: Workbench, attacker: Session,
-                                                                    tmp_path: Any) -> None:
-    import socket as sockets
-    private = tmp_path / "root-only"
-    private.mkdir(mode=0o700)
-    target = private / "service.sock"
-    server = sockets.socket(sockets.AF_UNIX, sockets.SOCK_STREAM)
-    server.bind(str(target))
-    server.listen(8)
-    server.settimeout(1.0)
-    got: list[bytes] = []
-
-    def accept() -> None:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                continue
-            conn.settimeout(1.0)
-            try:
-                got.append(conn.recv(4096))
-            except OSError:
-                got.append(b"")
-            conn.close()
-
-    listener = threading.Thread(target=accept, daemon=True)
-    listener.start()
-    # the control channel's socket (k-4) is replaced by a link to the host socket; the kernel keeps its own
-    run(attacker, f"import os; os.rename('/run/workbench/k-4', '/run/workbench/k-4.real'); "
-                  f"os.symlink({str(target)!r}, '/run/workbench/k-4')")
-    other = Workbench(home=wb.home, pool_size=0, idle_timeout=None)  # another process attaching to the session
-    try:
-        assert other.use(attacker.session_id).execute("'attached'").text == "'attached'"
-        listener.join(timeout=3)
-    finally:
-        other.close()
-        server.close()
-    assert not got, f"the host connected through the planted link and sent {got[0][:40]!r}"
-
-
-# 8. kernel messages: one message of many tiny JSON values holds the GIL and ~25x its size in host memory -----------
 
 def _hwm_reset() -> None:
     with open("/proc/self/clear_refs", "w") as refs:
@@ -419,9 +362,6 @@ def _logged_bytes(wb: Workbench, session_id: str) -> int:
     return int(row[0])
 
 
-@pytest.mark.xfail(strict=True, reason="store.log keeps every tool call with up to 2,000 characters of error, in "
-                   "the journal and the logs table, with no per-session budget or retention: at bridge rates "
-                   "(~2,000 calls/s) a sandbox writes gigabytes an hour to the host's disk, outside its workspace cap")
 def test_a_sandbox_cannot_grow_the_host_store_without_bound(wb: Workbench, attacker: Session) -> None:
     sandbox = wb.create(user_id="mallory", toolkits=["found"])  # a kernel of its own: the others hold big objects
     try:
@@ -481,11 +421,6 @@ def test_mime_keys_count_against_the_output_budget(fresh: Session) -> None:
 
 # 13. the workspace is the kernel's working folder, first on its sys.path: planted modules outlive restarts ----------
 
-@pytest.mark.xfail(strict=True, reason="the image starts `python3 -m ipykernel_launcher` in /workspace, so the "
-                   "workspace is sys.path[0]: a module planted there (ipykernel_launcher.py, zmq.py, json.py...) runs "
-                   "in every later kernel of the session, before the host's; restart() no longer gives a clean "
-                   "kernel (here every start fails; a sleeping one makes each start hold the session 60 s). Fix: "
-                   "PYTHONSAFEPATH=1 (or python3 -P / -I) in the image")
 def test_a_module_planted_in_the_workspace_does_not_run_in_the_next_kernel(fresh: Session) -> None:
     run(fresh, "open('/workspace/ipykernel_launcher.py', 'w').write('raise SystemExit(3)\\n')")
     fresh.restart()
@@ -494,9 +429,6 @@ def test_a_module_planted_in_the_workspace_does_not_run_in_the_next_kernel(fresh
 
 # 14. results that cross a boundary cannot be serialised when the sandbox picks their text ---------------------------
 
-@pytest.mark.xfail(strict=True, reason="files.FileInfo.path keeps os.listdir's surrogate escapes: a file name that "
-                   "is not UTF-8 makes FileInfo.model_dump_json() raise PydanticSerializationError, so any JSON "
-                   "surface (HTTP API, MCP, an app's own) fails on the whole listing")
 def test_a_listing_with_a_non_utf8_name_serialises(attacker: Session) -> None:
     run(attacker, "open(b'/workspace/odd-\\xff', 'w').write('x')")
     try:
