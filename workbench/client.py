@@ -298,8 +298,7 @@ class Workbench:
                     log.info("stopped the kernel of session %s, idle since %s", record.session_id,
                              time.ctime(record.last_used_at), extra={"session_id": record.session_id})
         self._unmount_closed_workspaces()
-        if not self.disk_quota:
-            self._watch_plain_workspaces(report, bounded=False)
+        self._watch_plain_workspaces(report, bounded=False)  # also a plain folder of a host with images (older)
         return report
 
     def _unmount_closed_workspaces(self) -> None:
@@ -334,7 +333,10 @@ class Workbench:
         its last walk's duration divided by WATCH_SHARE (a 0.5 s walk: at most every 10 s). A kernel can thus
         overshoot its cap for up to that long before it is stopped; filesystem images have no such gap."""
         now = time.monotonic()
-        for record in self.store.list():
+        records = self.store.list()
+        for gone in self._next_walk.keys() - {record.session_id for record in records}:
+            self._next_walk.pop(gone, None)
+        for record in records:
             if record.kernel is None:
                 continue
             if bounded and self._next_walk.get(record.session_id, 0.0) > now:
