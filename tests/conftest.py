@@ -32,8 +32,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _homes(root: Path) -> list[Path]:
-    """Workbench homes below a test folder (a home has a workbench.db or a workspaces folder), not descending into
-    workspaces: a sandbox's files are not walked."""
+    """Workbench homes below a test folder (a home has a workbench.db or a workspaces folder: pytest's removal of an
+    old basetemp takes the rest and leaves mounted workspaces), not descending into workspaces."""
     found, todo = [], [root]
     while todo:
         folder = todo.pop()
@@ -41,7 +41,7 @@ def _homes(root: Path) -> list[Path]:
             names = os.listdir(folder)
         except OSError:
             continue
-        if "workbench.db" in names or ("workspaces" in names and "disks" in names):
+        if "workbench.db" in names or "workspaces" in names:
             found.append(folder)
             continue
         for name in names:
@@ -101,10 +101,14 @@ def _release_what_tests_leave(tmp_path_factory: pytest.TempPathFactory) -> Itera
     yield
     release_test_folder(base)
     parent = base.parent
+    if not parent.name.startswith("pytest-of-"):
+        return  # a --basetemp of its own: its parent holds other things than test runs
     with contextlib.suppress(OSError):
         for name in os.listdir(parent):
             run = parent / name
-            if run != base and run.is_dir() and not run.is_symlink() and _stale(run):
+            if not (name.startswith("pytest-") or name.startswith("garbage-")) or run == base:
+                continue
+            if run.is_dir() and not run.is_symlink() and _stale(run):
                 release_test_folder(run)
 
 
