@@ -18,7 +18,7 @@ from workbench.config import default_runtime_root  # noqa: E402
 from workbench.workspace import release_runtime_dir, unmount_all_under  # noqa: E402
 
 _OWNER = ".workbench-tests-owner"  # in a run's basetemp: the pid of the pytest process that owns it
-_STALE_AFTER = 3 * 3600.0  # a basetemp without an owner file, untouched this long, is from an ended run
+_UNMARKED_AFTER = 600.0  # a basetemp without any pid in it, untouched this long, is from an ended run
 
 
 def _pid_alive(pid: int) -> bool:
@@ -78,15 +78,24 @@ def release_test_folder(root: Path) -> None:
 
 
 def _stale(run: Path) -> bool:
-    """Whether a pytest basetemp belongs to a run that has ended."""
+    """Whether a pytest basetemp belongs to a run that has ended: pytest renames an old one `garbage-*` before
+    deleting it, and a live run's basetemp holds the pid of its process (ours, or pytest's own `.lock`, which it
+    removes at exit)."""
     if run.name.startswith("garbage-"):
-        return True  # pytest renames an old basetemp so before deleting it
-    try:
-        return not _pid_alive(int((run / _OWNER).read_text()))
-    except (OSError, ValueError):
-        pass
-    try:
-        return time.time() - run.stat().st_mtime > _STALE_AFTER
+        return True
+    marked = False
+    for name in (_OWNER, ".lock"):
+        try:
+            pid = int((run / name).read_text())
+        except (OSError, ValueError):
+            continue
+        marked = True
+        if _pid_alive(pid):
+            return False
+    if marked:
+        return True
+    try:  # neither: an ended run, unless it is a --basetemp made a moment ago
+        return time.time() - run.stat().st_mtime > _UNMARKED_AFTER
     except OSError:
         return False
 
