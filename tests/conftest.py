@@ -14,8 +14,8 @@ import pytest
 os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")  # Ryuk's image cannot be pulled here
 
 from workbench import Session, Workbench  # noqa: E402
-from workbench.config import default_runtime_root  # noqa: E402
-from workbench.workspace import release_runtime_dir, unmount_all_under  # noqa: E402
+from workbench.config import default_runtime_root
+from workbench.workspace import release_runtime_dir, unmount_all_under
 
 _OWNER = ".workbench-tests-owner"  # in a run's basetemp: the pid of the pytest process that owns it
 _UNMARKED_AFTER = 600.0  # a basetemp without any pid in it, untouched this long, is from an ended run
@@ -115,7 +115,7 @@ def _release_what_tests_leave(tmp_path_factory: pytest.TempPathFactory) -> Itera
     with contextlib.suppress(OSError):
         for name in os.listdir(parent):
             run = parent / name
-            if not (name.startswith("pytest-") or name.startswith("garbage-")) or run == base:
+            if not name.startswith(("pytest-", "garbage-")) or run == base:
                 continue
             if run.is_dir() and not run.is_symlink() and _stale(run):
                 release_test_folder(run)
