@@ -34,18 +34,21 @@ from .errors import (
     SessionNotFoundError,
     WorkbenchError,
 )
-from .kernel import Kernel
+from .kernel import Kernel, runtime_dir_of
 from .pool import LABEL_POOL, WarmPool, owner_alive
 from .session import Session
 from .store import SessionConfig, SessionRecord, Store
 from .tools import RateLimited, Tool, ToolCallError, ToolContext, ToolRegistry
-from .workspace import Workspace, quota_support, release_runtime_dir
+from .workspace import Workspace, mounts_under, quota_support, release_runtime_dir
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
 
 _USER_ID = re.compile(r"[A-Za-z0-9_.@:-]{1,128}")  # always fullmatch: `$` would let a trailing newline in
 _START_GRACE = 120.0  # a container younger than this may be a kernel another process is still starting
+WATCH_INTERVAL = 10.0  # seconds between passes of the plain-folder watchdog (see _watch_plain_workspaces)
+WATCH_SHARE = 0.05  # at most this share of one core for its walks: a workspace is walked again only after
+# its last walk's duration divided by this (a walk of 0.5 s: at most every 10 s)
 
 
 class GcReport(BaseModel):
@@ -115,12 +118,17 @@ class Workbench:
         self._bridge = BridgeServer(lambda: self.tool_timeout)
         self.idle_timeout = idle_timeout
         self._stop = threading.Event()
+        self._next_walk: dict[str, float] = {}  # session id -> when the watchdog may walk its workspace again
         self.pool = WarmPool(self, pool_size)
         self.startup_gc = self.gc()
         self._reaper: threading.Thread | None = None
         if idle_timeout:
             self._reaper = threading.Thread(target=self._reap, name="workbench-reaper", daemon=True)
             self._reaper.start()
+        self._watchdog: threading.Thread | None = None
+        if not self.disk_quota:  # plain folders: nothing stops a kernel at its cap but this, idle_timeout or not
+            self._watchdog = threading.Thread(target=self._watch, name="workbench-watchdog", daemon=True)
+            self._watchdog.start()
 
     @property
     def workspaces_root(self) -> Path:
@@ -193,18 +201,21 @@ class Workbench:
             self.store.add(record)
         except BaseException:
             if warm is not None:
-                warm[1].shutdown()
+                _discard(warm[1])  # its container, runtime dir and (never used) workspace image
             raise
-        if warm is not None:
-            kernel = warm[1]
-        else:
-            kernel = self._kernel(record)
-            try:
+        kernel = warm[1] if warm is not None else self._kernel(record)
+        try:
+            if warm is None:
                 kernel.start()
-            except BaseException:
+            self.store.set_kernel(record.session_id, kernel.record())
+        except BaseException:
+            # nothing of a session that never opened stays: no container, no runtime dir, no mounted image
+            _discard(kernel)
+            try:
                 self.store.set_status(record.session_id, "closed")
-                raise
-        self.store.set_kernel(record.session_id, kernel.record())
+            except Exception as exc:  # noqa: BLE001 -- the start's own error is the one to raise
+                log.warning("could not mark session %s closed: %s", record.session_id, exc)
+            raise
         return self._register(Session(self, record, kernel))
 
     def use(self, session_id: str) -> Session:
@@ -267,8 +278,12 @@ class Workbench:
                 continue
             if _remove(container):
                 report.removed.append(f"{container.name}: {reason}")
-            if record is None or record.status != "open" or reason.startswith("kernel "):
-                self._release_runtime_dir(session_id, _runtime_source(container))
+            source = _runtime_source(container)
+            if source is not None and kernel_id and source == self._runtime_dir(session_id, kernel_id):
+                # that kernel's own runtime dir: no other kernel ever uses it, so it goes with its container
+                self._release_path(session_id, source)
+            elif record is None or record.status != "open" or reason.startswith("kernel "):
+                self._release_runtime_dir(session_id, source)  # a runtime dir of an older layout
             self._release_workspace(session_id, record, pooled=LABEL_POOL in container.labels)
         if self.idle_timeout:
             idle_before = time.time() - self.idle_timeout
@@ -277,19 +292,54 @@ class Workbench:
                     continue
                 if self.store.release_kernel(record.session_id, record.kernel.kernel_id, idle_before=idle_before):
                     self._remove_containers(record.session_id, record.kernel.kernel_id)
-                    self._release_runtime_dir(record.session_id)
+                    self._release_path(record.session_id,
+                                       self._runtime_dir(record.session_id, record.kernel.kernel_id))
                     report.stopped.append(record.session_id)
                     log.info("stopped the kernel of session %s, idle since %s", record.session_id,
                              time.ctime(record.last_used_at), extra={"session_id": record.session_id})
-        self._watch_plain_workspaces(report)
+        self._unmount_closed_workspaces()
+        self._watch_plain_workspaces(report, bounded=False)  # also a plain folder of a host with images (older)
         return report
 
-    def _watch_plain_workspaces(self, report: GcReport) -> None:
+    def _unmount_closed_workspaces(self) -> None:
+        """Unmount the image of every closed session still mounted (its close was cut short: the process ended,
+        or its container was already gone). Sessions the store does not know are left alone (a warm kernel's)."""
+        for path in mounts_under(self.workspaces_root):
+            if path.parent != self.workspaces_root:
+                continue
+            try:
+                record = self.store.get(path.name)
+            except SessionNotFoundError:
+                continue
+            if record.status != "open":
+                self._release_workspace(path.name, record, pooled=False)
+
+    def _watch(self) -> None:
+        """The plain-folder watchdog's thread: a pass every WATCH_INTERVAL seconds, whatever idle_timeout is."""
+        while not self._stop.wait(WATCH_INTERVAL):
+            try:
+                self._watch_plain_workspaces(GcReport())
+            except Exception:  # the watchdog must outlive a Docker or store hiccup
+                log.exception("workspace watchdog failed; retrying in %.0fs", WATCH_INTERVAL)
+
+    def _watch_plain_workspaces(self, report: GcReport, bounded: bool = True) -> None:
         """The watchdog where a workspace is a plain folder (no filesystem image, so no quota the kernel meets):
         a running kernel whose workspace holds more than its cap is stopped; the host refuses writes until files
-        are removed, and the next use starts a new kernel."""
-        for record in self.store.list():
+        are removed, and the next use starts a new kernel.
+
+        It runs on a thread of its own (see `_watch`) whenever workspaces are plain folders, and in every `gc`.
+        What a kernel writes cannot be known without looking (no inotify here), so each workspace is walked in
+        full; to bound what that costs, the thread walks a workspace again only after WATCH_INTERVAL seconds and
+        its last walk's duration divided by WATCH_SHARE (a 0.5 s walk: at most every 10 s). A kernel can thus
+        overshoot its cap for up to that long before it is stopped; filesystem images have no such gap."""
+        now = time.monotonic()
+        records = self.store.list()
+        for gone in self._next_walk.keys() - {record.session_id for record in records}:
+            self._next_walk.pop(gone, None)
+        for record in records:
             if record.kernel is None:
+                continue
+            if bounded and self._next_walk.get(record.session_id, 0.0) > now:
                 continue
             cap = record.config.limits.workspace_size
             disk = self._disk(record.session_id, cap)
@@ -299,6 +349,7 @@ class Workbench:
                 fd = fstree.open_dir(disk.path)
             except OSError:
                 continue
+            started = time.monotonic()
             try:
                 used = fstree.usage(fd)
             except OSError as exc:
@@ -306,33 +357,56 @@ class Workbench:
                 continue
             finally:
                 os.close(fd)
+                took = time.monotonic() - started
+                self._next_walk[record.session_id] = time.monotonic() + took / WATCH_SHARE
             if used <= cap:
                 continue
             if self.store.release_kernel(record.session_id, record.kernel.kernel_id):
                 self._remove_containers(record.session_id, record.kernel.kernel_id)
-                self._release_runtime_dir(record.session_id)
+                self._release_path(record.session_id, self._runtime_dir(record.session_id, record.kernel.kernel_id))
                 report.over_cap.append(record.session_id)
                 log.warning("stopped the kernel of session %s: its workspace holds %d bytes, past its cap of %d",
                             record.session_id, used, cap, extra={"session_id": record.session_id})
 
-    def _release_runtime_dir(self, session_id: str, path: Path | None = None) -> None:
-        """Unmount and remove a session's runtime dir (`path`, by default the one under the runtime root) once
-        no kernel of it runs (checked again just before, as another process may have started one on the
-        session's next use)."""
+    def _runtime_dir(self, session_id: str, kernel_id: str) -> Path | None:
+        """Where the kernel `kernel_id` of a session has its runtime dir (as Kernel makes it); None for ids that
+        could not name one."""
+        if not _plain_name(session_id) or not _plain_name(kernel_id):
+            return None
+        return runtime_dir_of(self.runtime_root, session_id, kernel_id)
+
+    def _release_path(self, session_id: str, path: Path | None) -> None:
+        """Unmount and remove one kernel's runtime dir (its container is gone: no other kernel uses it)."""
         if path is None:
-            if not session_id or "/" in session_id or session_id.startswith("."):
-                return
-            path = self.runtime_root / session_id
+            return
+        try:
+            release_runtime_dir(path)
+        except OSError as exc:
+            log.warning("could not remove the runtime dir of session %s: %s", session_id, exc)
+
+    def _release_runtime_dir(self, session_id: str, path: Path | None = None) -> None:
+        """Unmount and remove a session's runtime dirs once no kernel of it runs (checked just before): `path`,
+        or by default every one under the runtime root (`<session id>-<kernel id>`, and `<session id>` of an
+        older layout). Releasing one known kernel's dir needs no such check: see `_release_path`."""
+        if not _plain_name(session_id):
+            return
         try:
             record = self.store.get(session_id)
             if record.status == "open" and record.kernel is not None:
                 return
         except SessionNotFoundError:
             pass
-        try:
-            release_runtime_dir(path)
-        except OSError as exc:
-            log.warning("could not remove the runtime dir of session %s: %s", session_id, exc)
+        if path is not None:
+            paths = [path]
+        else:
+            try:
+                names = os.listdir(self.runtime_root)
+            except OSError:
+                names = []
+            paths = [self.runtime_root / name for name in names
+                     if name == session_id or (name.startswith(session_id + "-") and _plain_name(name))]
+        for each in paths:
+            self._release_path(session_id, each)
 
     def _release_workspace(self, session_id: str, record: SessionRecord | None, pooled: bool) -> None:
         """A closed session's workspace is unmounted (kept); a dead warm pool's never-used one is removed."""
@@ -410,7 +484,8 @@ class Workbench:
             self.docker,
             image=self.image,
             workspace=self._disk(session_id, limits.workspace_size),
-            runtime_dir=self.runtime_root / session_id,
+            runtime_root=self.runtime_root,
+            runtime_name=session_id,  # each kernel's runtime dir: <runtime root>/<session id>-<kernel id>
             limits=limits,
             labels=labels,
             output_limit=self.output_limit,
@@ -437,6 +512,19 @@ class Workbench:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _plain_name(name: str) -> bool:
+    """A name usable as one path component of ours (session and kernel ids are letters, digits, - and _)."""
+    return bool(name) and re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name) is not None
+
+
+def _discard(kernel: Kernel) -> None:
+    """Remove a kernel no session ever held: its container, runtime dir and never-used workspace."""
+    try:
+        kernel.shutdown()
+    finally:
+        kernel.disk.destroy(quiet=True)
 
 
 def _age(container: Container) -> float:

@@ -56,10 +56,11 @@ Data = bytes | str | BinaryIO | Iterable[bytes]
 
 class _Budget:
     """What host writes may still put in one workspace, shared by every Files object of that folder in this
-    process. Each chunk is charged under the lock before it is written, so concurrent writers never take the
-    workspace past its cap together. An image's usage is one statvfs; a plain folder's is a running count, taken
-    by one walk and then moved by each host write (and taken again after RECOUNT seconds, since the kernel
-    writes there too)."""
+    process. Room for each write is reserved under the lock before it is written (the write itself happens
+    outside it), so concurrent writers never take the workspace past its cap together and never wait on each
+    other's disk writes. An image's usage is one statvfs; a plain folder's is a running count, taken by one
+    walk and then moved by each host write (and taken again after RECOUNT seconds, since the kernel writes there
+    too)."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -414,7 +415,8 @@ class Writer(io.RawIOBase):
         self.info: FileInfo | None = None
 
     def reserve(self, size: int) -> None:
-        """Claim room for `size` bytes now (WorkspaceFullError if there is none); writes draw from it."""
+        """Claim room for `size` bytes now (WorkspaceFullError if there is none); writes draw from it. A write
+        past what was claimed claims the rest itself."""
         cap = self._files.capacity()
         budget = self._budget
         with budget.lock:
@@ -440,21 +442,19 @@ class Writer(io.RawIOBase):
             raise ValueError("write to a closed workspace file")
         view = memoryview(data).cast("B")
         size = view.nbytes
-        cap = self._files.capacity()
-        budget = self._budget
-        with budget.lock:
-            drawn = min(self._reserved, size)
-            used = budget.usage(self._files) + budget.reserved - drawn
-            if used + size > cap:
-                raise self._full(cap, used)
-            self._reserved -= drawn
-            budget.reserved -= drawn
-            done = 0
-            try:
-                with _mapped(self.path):
-                    while done < size:
-                        done += os.write(self._fd, view[done:])
-            finally:
+        if size > self._reserved:
+            self.reserve(size - self._reserved)  # one usage reading, under the lock
+        # the room is ours: written without holding the budget's lock
+        done = 0
+        try:
+            with _mapped(self.path):
+                while done < size:
+                    done += os.write(self._fd, view[done:])
+        finally:
+            budget = self._budget
+            with budget.lock:  # written bytes are usage now (statvfs, or the running count), not a reservation
+                self._reserved -= done
+                budget.reserved -= done
                 self.written += done
                 disk = self._files.disk
                 if budget.used is not None and not (disk is not None and disk.quota):

@@ -90,8 +90,10 @@ class Kernel:
         *,
         image: str,
         workspace: Path | Workspace,
-        runtime_dir: Path,
+        runtime_dir: Path | None = None,
         limits: Limits,
+        runtime_root: Path | None = None,
+        runtime_name: str = "kernel",
         labels: dict[str, str] | None = None,
         output_limit: int = 1_000_000,
         start_timeout: float = 60.0,
@@ -103,7 +105,11 @@ class Kernel:
         self.disk = workspace if isinstance(workspace, Workspace) else Workspace(workspace, limits.workspace_size,
                                                                                    quota=False)
         self.workspace = self.disk.path
-        self.runtime_dir = runtime_dir
+        if (runtime_dir is None) == (runtime_root is None):
+            raise ValueError("give a kernel either runtime_root (a runtime dir per kernel) or runtime_dir")
+        if "/" in runtime_name or runtime_name.startswith("."):
+            raise ValueError(f"not a runtime dir name: {runtime_name!r}")
+        self._runtime_root, self._runtime_name, self._fixed_runtime_dir = runtime_root, runtime_name, runtime_dir
         self.limits = limits
         self.labels = dict(labels or {})
         self.output_limit = output_limit
@@ -114,6 +120,16 @@ class Kernel:
         self.client: BlockingKernelClient | None = None
         self.connection: dict | None = None  # the host side's connection info (without the socket path)
         self._sockets: int | None = None  # a descriptor of the kernel's socket folder, reached through /proc
+
+    @property
+    def runtime_dir(self) -> Path:
+        """This kernel's runtime dir (kernel.json, the IPC sockets, the bridge socket): `<runtime_root>/<name>-<kernel
+        id>`, so that each kernel has its own. A new kernel (start after restart, attach to another process's) gets
+        a new one, and releasing a stopped kernel's dir can never touch its successor's."""
+        if self._fixed_runtime_dir is not None:
+            return self._fixed_runtime_dir
+        assert self._runtime_root is not None
+        return runtime_dir_of(self._runtime_root, self._runtime_name, self.kernel_id)
 
     # lifecycle -------------------------------------------------------------------------------------------------
 
@@ -187,9 +203,12 @@ class Kernel:
         The kernel is not asked to answer first: it may be busy with a cell sent by that other process.
         """
         try:
-            self.container = self.docker.containers.get(record.container_id)
+            container = self.docker.containers.get(record.container_id)
         except NotFound:
             return False
+        # From now on this object is that kernel, runtime dir included. A previous kernel of this object that is
+        # not the session's any more is left to whoever replaced it, or to gc (which releases its runtime dir).
+        self.container, self.kernel_id = container, record.kernel_id
         if self.exit_reason() is not None:
             self.shutdown()
             return False
@@ -198,7 +217,6 @@ class Kernel:
                         record.kernel_id)
             self.shutdown()
             return False
-        self.kernel_id = record.kernel_id
         self._connect(record.connection, timeout=None)
         try:
             self._wait_ready(5.0)  # makes sure iopub is subscribed before the first cell
@@ -358,6 +376,12 @@ class Kernel:
             self.restart()
             result.state_lost = True
         return result
+
+
+def runtime_dir_of(root: Path, name: str, kernel_id: str) -> Path:
+    """The runtime dir of one kernel: `<root>/<name>-<kernel id>` (a session id and a kernel id of 12 hex digits
+    each keep socket paths far below the 108 bytes of a unix socket address)."""
+    return root / f"{name}-{kernel_id}"
 
 
 def _unpack(data: bytes) -> Any:

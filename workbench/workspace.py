@@ -110,6 +110,48 @@ def _umount(target: Path) -> None:
             raise OSError(code, f"unmounting {target}: {os.strerror(code)}")
 
 
+def _unescape(field: str) -> str:
+    """A path as /proc/self/mountinfo writes it: space, tab, newline and backslash as octal escapes (\\040)."""
+    out, i = bytearray(), 0
+    raw = field.encode("utf-8", "surrogateescape")
+    while i < len(raw):
+        if raw[i] == 0x5C and i + 3 < len(raw) and all(0x30 <= c <= 0x37 for c in raw[i + 1:i + 4]):
+            out.append(int(raw[i + 1:i + 4], 8))
+            i += 4
+        else:
+            out.append(raw[i])
+            i += 1
+    return os.fsdecode(bytes(out))
+
+
+def mounts_under(root: Path) -> list[Path]:
+    """The mount points strictly below `root` in this process's mount namespace, deepest first."""
+    prefix = os.path.abspath(root).rstrip("/") + "/"
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as info:
+            lines = info.read().splitlines()
+    except OSError:
+        return []
+    found = {_unescape(line.split(" ")[4]) for line in lines if len(line.split(" ")) > 4}
+    return sorted((Path(p) for p in found if p.startswith(prefix)), key=lambda p: len(p.parts), reverse=True)
+
+
+def unmount_all_under(root: Path) -> list[Path]:
+    """Detach (lazily) every mount below `root`; the loop devices of images go once nothing uses them. Returns
+    what was mounted."""
+    found = mounts_under(root)
+    for path in found:
+        for _ in range(8):  # stacked mounts come off one at a time
+            try:
+                _umount(path)
+            except OSError as exc:
+                log.warning("could not unmount %s: %s", path, exc)
+                break
+            if path not in mounts_under(path.parent):
+                break
+    return found
+
+
 def is_mount(path: Path) -> bool:
     """Whether a filesystem is mounted at path (never following a symlink there)."""
     try:

@@ -271,6 +271,8 @@ def test_the_reaper_leaves_no_runtime_dir_and_no_mount(wb: Workbench, tmp_path: 
         assert not is_mount(s.workspace)
         result = s.execute("open('kept.txt').read()")
         assert result.text == "'kept'" and result.state_lost
+        assert s._kernel.runtime_dir != runtime  # a runtime dir per kernel: the reaper's never is the next one's
+        runtime = s._kernel.runtime_dir
         assert is_mount(s.workspace) and is_mount(runtime)
         s.close()
         assert not os.path.lexists(runtime) and not is_mount(s.workspace)

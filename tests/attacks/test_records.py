@@ -55,8 +55,13 @@ def test_tool_calls_that_returned_are_logged_when_the_process_is_killed(tmp_path
         assert len(tools) == 2 * n and all(e.status == "ok" for e in tools)
     finally:
         store.close()
-        for container in wb.docker.containers.list(all=True, filters={"label": "workbench.session=" + session_id}):
-            container.remove(force=True)
+        # the killed process could not close its session: closed here, its kernel, runtime dir and image with it
+        other = Workbench(home=tmp_path, idle_timeout=None, pool_size=0, docker_client=wb.docker)
+        try:
+            other.use(session_id).close(delete_workspace=True)
+        finally:
+            other.close()
+        assert not _mounted_under(tmp_path)
 
 
 def test_an_execution_that_raises_is_logged_as_failed(session: Session) -> None:
@@ -139,8 +144,18 @@ def test_an_empty_store_at_start_up_leaves_running_kernels_alone(tmp_path: Path,
         assert second.gc().removed == []
     finally:
         second.close()
+        # the session the store forgot: its kernel (container and runtime dir) and its workspace image go
+        session._kernel.shutdown()
+        session._kernel.disk.destroy(quiet=True)
         for container in wb.docker.containers.list(all=True, filters={"label": f"workbench.home={first.home_label}"}):
             container.remove(force=True)
+    assert not _mounted_under(tmp_path)
+
+
+def _mounted_under(root: Path) -> list[Path]:
+    from workbench.workspace import mounts_under
+
+    return mounts_under(root)
 
 
 def test_ids_slugs_and_limits_are_checked_exactly(wb: Workbench, session: Session) -> None:
