@@ -41,6 +41,8 @@ THREADS = 512  # calls of all sessions holding a thread at once (threads are mad
 MAX_CONNECTIONS = 64  # open connections per session; more are closed at once
 MAX_WAITING = 1024  # calls of one session waiting for a thread; past it, its sockets are not read
 WAITING_BYTES = 16 << 20  # bytes of waiting small requests of one session; past it, likewise
+RUNNING_BYTES = 2 << 20  # bytes of small requests of one session parsed and running at once (parsed JSON can
+# take thirty times its size): past it, the next waits for one to end
 BIG = 256 << 10  # a request larger than this needs one of BIG_PERMITS, held until its call ends
 BIG_PERMITS = 2
 FAIR_CONNECTIONS = 4  # connections a session may open even when all sessions together hold the most
@@ -289,6 +291,10 @@ class _LoopState:
             served.resume_if_room()
             if call is None:
                 continue
+            if not call.big and served.running_bytes and served.running_bytes + call.small_bytes > RUNNING_BYTES:
+                served.waiting.appendleft(call)  # its turn comes again when a running call ends
+                served.waiting_bytes += call.small_bytes
+                continue
             if call.big:  # parsed on its thread, where a slow parse holds up nobody else
                 call.limit = self.tool_timeout()
             else:
@@ -301,6 +307,7 @@ class _LoopState:
                         self.ready.append(served)
                     continue
             served.holding += 1
+            served.running_bytes += call.small_bytes
             self.running += 1
             call.started = self.loop.time()
             call.timer = self.loop.call_later(call.limit, self.expire, call)
@@ -333,6 +340,7 @@ class _LoopState:
         """On the loop: the call's thread returned."""
         served = call.served
         served.holding -= 1
+        served.running_bytes -= call.small_bytes
         self.running -= 1
         if call.timer is not None:
             call.timer.cancel()
@@ -373,6 +381,7 @@ class _Served:
         self.waiting: deque[_Call] = deque()
         self.waiting_bytes = 0
         self.holding = 0  # calls holding a thread, answered or not
+        self.running_bytes = 0  # bytes of the small requests among them
         self.queued = False  # in the state's ready queue
         self.closed = False
         self.big_free = BIG_PERMITS
@@ -406,8 +415,11 @@ class _Served:
                 self.release_big()
         return None
 
-    def has_room(self) -> bool:
-        return len(self.waiting) < MAX_WAITING and self.waiting_bytes < WAITING_BYTES
+    def has_room(self, size: int = 0) -> bool:
+        """Whether a request of `size` bytes may wait (one always may when none is waiting)."""
+        if not self.waiting:
+            return True
+        return len(self.waiting) < MAX_WAITING and self.waiting_bytes + size <= WAITING_BYTES
 
     def resume_if_room(self) -> None:
         if self.full and self.has_room():
@@ -532,14 +544,15 @@ class _Connection(asyncio.Protocol):
             end = self.offset + wire.HEADER + size
             if len(buffer) < end:
                 break
+            if not big and not served.has_room(size):  # it stays in the buffer until there is room
+                served.full.append(self)
+                self.pause("full")
+                break
             with memoryview(buffer) as view:
                 payload = bytes(view[self.offset + wire.HEADER:end])
             self.offset = end
             self.holding_big = False  # the permit goes with the call
             served.submit(self, payload, big)
-            if not served.has_room():
-                served.full.append(self)
-                self.pause("full")
         if self.offset:  # a new buffer, so that one large frame's memory is not kept for the connection's life
             self.buffer = buffer[self.offset:]
             self.offset = 0

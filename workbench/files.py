@@ -35,6 +35,8 @@ from .workspace import Workspace
 CHUNK = 1024 * 1024
 RECOUNT = 60.0  # seconds after which a plain folder's running count is taken again (the kernel writes too)
 _DIR = fstree.DIR_FLAGS
+MAX_LISTED = 200_000  # entries of one recursive listing
+MAX_LISTED_CHARS = 32 << 20  # characters of their paths (a deep tree of long names costs depth^2 x length)
 
 
 class FileInfo(BaseModel):
@@ -193,8 +195,13 @@ class Files:
                     return [info]
         with self._dir(rel) as folder, _mapped(rel):
             if recursive:
+                chars = 0
                 for entry in fstree.walk(folder):
                     entries.append(_info_of(entry.stat, _join(rel, ".", entry.rel)))
+                    chars += len(entries[-1].path)
+                    if len(entries) > MAX_LISTED or chars > MAX_LISTED_CHARS:
+                        raise FileError(f"{rel} holds too much to list at once (over {MAX_LISTED:,} entries or "
+                                        f"{MAX_LISTED_CHARS:,} characters of paths): list a folder inside it")
             else:
                 for name in os.listdir(folder):
                     try:

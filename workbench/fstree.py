@@ -40,7 +40,7 @@ class Entry:
 @dataclass
 class _Level:
     fd: int | None
-    rel: str
+    name: str  # its own name only: full paths of every level would cost depth^2 x name length
     ident: tuple[int, int]
     names: list[str] = field(default_factory=list)
     relisted: bool = False
@@ -75,9 +75,9 @@ class _Stack:
         self.root = _Level(fd, "", (info.st_dev, info.st_ino), _list(fd))  # the caller's descriptor: never closed
         self.levels = [self.root]
 
-    def push(self, fd: int, rel: str) -> None:
+    def push(self, fd: int, name: str) -> None:
         info = os.fstat(fd)
-        self.levels.append(_Level(fd, rel, (info.st_dev, info.st_ino), _list(fd)))
+        self.levels.append(_Level(fd, name, (info.st_dev, info.st_ino), _list(fd)))
         far = len(self.levels) - _MAX_OPEN - 1
         if far > 0 and self.levels[far].fd is not None:
             os.close(self.levels[far].fd)  # type: ignore[arg-type]
@@ -94,7 +94,7 @@ class _Stack:
             if (info.st_dev, info.st_ino) != parent.ident:
                 os.close(fd)
                 self.close_all(level)
-                raise TreeChangedError(errno.ESTALE, f"{parent.rel or '.'} was moved while being walked")
+                raise TreeChangedError(errno.ESTALE, f"{parent.name or '.'} was moved while being walked")
             parent.fd = fd
         return level
 
@@ -106,9 +106,10 @@ class _Stack:
         self.levels = []
 
 
-def walk(fd: int) -> Iterator[Entry]:
+def walk(fd: int, paths: bool = True) -> Iterator[Entry]:
     """Every entry below the folder open at `fd` (not closed here), parents before children, never following a
-    symlink. Entries that vanish while walking are skipped; an entry's `dir_fd` is valid while it is yielded."""
+    symlink. Entries that vanish while walking are skipped; an entry's `dir_fd` is valid while it is yielded.
+    Without `paths`, an entry's `rel` is only its name (nothing is built per entry)."""
     stack = _Stack(fd)
     try:
         while stack.levels:
@@ -123,7 +124,7 @@ def walk(fd: int) -> Iterator[Entry]:
             info = _lstat(name, level.fd)
             if info is None:
                 continue
-            rel = f"{level.rel}/{name}" if level.rel else name
+            rel = "/".join([*(up.name for up in stack.levels[1:]), name]) if paths else name
             yield Entry(rel, name, level.fd, info)
             if stat.S_ISDIR(info.st_mode):
                 try:
@@ -132,14 +133,14 @@ def walk(fd: int) -> Iterator[Entry]:
                     if exc.errno not in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR, errno.EACCES):
                         raise
                     continue
-                stack.push(child, rel)
+                stack.push(child, name)
     finally:
         stack.close_all()
 
 
 def usage(fd: int) -> int:
     """Bytes of the regular files below the folder open at `fd`."""
-    return sum(entry.stat.st_size for entry in walk(fd) if stat.S_ISREG(entry.stat.st_mode))
+    return sum(entry.stat.st_size for entry in walk(fd, paths=False) if stat.S_ISREG(entry.stat.st_mode))
 
 
 def _unlink(name: str, dir_fd: int) -> None:
@@ -189,7 +190,7 @@ def empty(fd: int) -> None:
                     assert parent.fd is not None and done.fd is not None
                     os.close(done.fd)
                     try:
-                        os.rmdir(done.rel.rsplit("/", 1)[-1], dir_fd=parent.fd)
+                        os.rmdir(done.name, dir_fd=parent.fd)
                     except FileNotFoundError:
                         pass
                 continue
@@ -207,7 +208,7 @@ def empty(fd: int) -> None:
             if child is None:
                 _unlink(name, level.fd)
                 continue
-            stack.push(child, f"{level.rel}/{name}" if level.rel else name)
+            stack.push(child, name)
     finally:
         stack.close_all()
 
