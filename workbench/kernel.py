@@ -344,19 +344,29 @@ class Kernel:
             log.warning("kernel %s: its %s messages stopped arriving; reconnecting", self.kernel_id,
                         "iopub" if outcome.reply_seen else "shell")
             self._reconnect()
-        if result.not_started:
-            log.warning("kernel %s: the cell did not start within its timeout (the kernel runs another cell); "
-                        "nothing was interrupted", self.kernel_id)
-        elif outcome.dead is not None:
+        result.started_late = outcome.started_late
+        if outcome.dead is not None:
             result.kernel_died = outcome.dead
+            result.not_started = not outcome.started  # dropped with the kernel that never took it up
             log.warning("kernel %s died: %s; restarting it", self.kernel_id, outcome.dead)
             self.restart()
             result.state_lost = True
         elif outcome.unresponsive:
-            result.kernel_died = "did not respond to the interrupt after the timeout; it was restarted"
-            log.warning("kernel %s ignored the interrupt; restarting it", self.kernel_id)
+            # The restart also drops our request when it never started: it cannot run later, unwatched.
+            result.not_started = not outcome.started
+            if result.not_started:
+                result.kernel_died = ("was running an earlier cell of this session (its caller gone, or the start "
+                                      "of this one went unseen) and did not respond to the interrupt after the "
+                                      "timeout; it was restarted and this cell dropped")
+            else:
+                result.kernel_died = "did not respond to the interrupt after the timeout; it was restarted"
+            log.warning("kernel %s ignored the interrupt; restarting it%s", self.kernel_id,
+                        " (the cell never started: it is dropped)" if result.not_started else "")
             self.restart()
             result.state_lost = True
+        elif outcome.started_late:
+            log.warning("kernel %s: the cell was not seen to start by its timeout; the kernel was interrupted (it "
+                        "ran an earlier cell of this session, or the cell's start went unseen)", self.kernel_id)
         return result
 
 
