@@ -22,7 +22,8 @@ from .results import ExecutionError, ExecutionResult, Output
 log = logging.getLogger(__name__)
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 HEALTH_INTERVAL = 0.2  # how often, without messages, the container is checked for death
-IDLE_GRACE = 1.0  # how long to wait for the iopub idle once the reply is in (iopub may drop messages)
+IDLE_GRACE = 1.0  # how long to wait for the iopub idle once the reply is in and our outputs stopped coming
+                  # (iopub may drop messages)
 DRAIN_SLICE = 0.05  # seconds of message handling between two looks at the clock, the deadline and the container
 _NAME_LIMIT = 200  # characters kept of an exception's name
 MAX_OUTPUTS = 1_000  # rich outputs kept per execution; later ones are counted in result.truncated["results"]
@@ -184,10 +185,11 @@ def run_cell(
     idle_at: float | None = None
     last_health = started
     interrupted_ours = False  # an interrupt was sent while our cell was known to run
+    last_output = started  # when the last iopub message of our request came
     while not (idle_seen and outcome.reply_seen):
         now = time.monotonic()
-        if reply_at is not None and now - reply_at > IDLE_GRACE:
-            break
+        if reply_at is not None and now - max(reply_at, last_output) > IDLE_GRACE:
+            break  # the idle was lost: our outputs stopped arriving (a large one may still be on its way after the reply)
         if idle_at is not None and now - idle_at > IDLE_GRACE:  # the reply was lost (the shell channel broke)
             break
         if deadline is not None and now >= deadline:
@@ -226,6 +228,7 @@ def run_cell(
             while time.monotonic() < slice_end and (msg := _receive(iopub, outcome)) is not None:
                 if msg is _DROPPED or _parent_id(msg) != msg_id:
                     continue
+                last_output = time.monotonic()
                 try:
                     if _handle(msg, outcome, callbacks) and not idle_seen:
                         idle_seen, idle_at = True, time.monotonic()
