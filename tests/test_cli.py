@@ -69,7 +69,7 @@ def test_gc_from_the_command_line_reports_the_running_kernels_it_leaves_alone(tm
         (tmp_path / name).unlink(missing_ok=True)  # a new, empty store: its kernel is unknown to it
     try:
         shown = cli(tmp_path, "gc").stdout
-        assert f"left alone (running, session unknown to the store) workbench-" in shown, shown
+        assert "left alone (running, session unknown to the store) workbench-" in shown, shown
         assert f": {session.session_id}" in shown and "nothing to clean" not in shown
     finally:
         for container in wb.docker.containers.list(all=True, filters={"label": f"workbench.home={first.home_label}"}):

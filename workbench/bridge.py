@@ -37,14 +37,15 @@ from .container import sandbox_uid
 log = logging.getLogger(__name__)
 
 CONCURRENCY = 32  # calls of one session holding a thread at once (abandoned ones too)
-THREADS = 256  # calls of all sessions running at once
+THREADS = 512  # calls of all sessions holding a thread at once (threads are made as needed)
 MAX_CONNECTIONS = 64  # open connections per session; more are closed at once
 MAX_WAITING = 1024  # calls of one session waiting for a thread; past it, its sockets are not read
 WAITING_BYTES = 16 << 20  # bytes of waiting small requests of one session; past it, likewise
 BIG = 256 << 10  # a request larger than this needs one of BIG_PERMITS, held until its call ends
 BIG_PERMITS = 4
+FAIR_CONNECTIONS = 4  # connections a session may open even when all sessions together hold the most
 WRITE_HIGH = 8 << 20  # unread reply bytes past which a connection is no longer read
-WRITE_ABORT = 64 << 20  # unread reply bytes past which a connection is closed
+WRITE_ABORT = 64 << 20  # unread reply bytes of one session past which its connection is closed
 _BIND_TIMEOUT = 10.0
 
 
@@ -65,12 +66,15 @@ class Endpoint(Protocol):
 class BridgeServer:
     """Serves the bridges of one Workbench's sessions (see the module's docstring)."""
 
-    def __init__(self, tool_timeout: Callable[[], float]) -> None:
+    def __init__(self, tool_timeout: Callable[[], float], *, threads: int = THREADS) -> None:
+        """`tool_timeout` gives the host's time limit of a call; `threads`, how many calls of all sessions may
+        hold a thread at once (handed out in turn between sessions)."""
         self._tool_timeout = tool_timeout
+        self._threads = threads
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._pool = ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="workbench-bridge-call")
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="workbench-bridge-call")
         self._bound: dict[str, tuple[int, int]] = {}  # session id -> (st_dev, st_ino) of its socket as bound
         self._state: _LoopState | None = None
 
@@ -133,7 +137,7 @@ class BridgeServer:
             self._bound.clear()
             loop = asyncio.new_event_loop()
             loop.set_exception_handler(_log_loop_error)
-            self._state = _LoopState(loop, self._pool, self._tool_timeout)
+            self._state = _LoopState(loop, self._pool, self._tool_timeout, self._threads)
             started = threading.Event()
             self._thread = threading.Thread(target=_serve, args=(loop, self._state, started),
                                             name="workbench-bridge", daemon=True)
@@ -216,8 +220,8 @@ class _LoopState:
     """Everything the loop thread owns; touched only from that thread."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, pool: ThreadPoolExecutor,
-                 tool_timeout: Callable[[], float]) -> None:
-        self.loop, self.pool, self.tool_timeout = loop, pool, tool_timeout
+                 tool_timeout: Callable[[], float], threads: int) -> None:
+        self.loop, self.pool, self.tool_timeout, self.threads = loop, pool, tool_timeout, threads
         self.endpoints: dict[str, _Served] = {}
         self.ready: deque[_Served] = deque()  # sessions with calls waiting and a thread they may use
         self.running = 0  # calls holding a pool thread, all sessions
@@ -227,22 +231,33 @@ class _LoopState:
         self.max_connections = max(256, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4)
 
     async def bind(self, session: Endpoint) -> tuple[int, int]:
-        await self.unbind(session.session_id)
+        """Serve a session on a new socket. Its counts (calls holding threads, permits) are kept from any
+        earlier socket of the session: binding again gives a sandbox no new room."""
+        served = self.endpoints.get(session.session_id)
+        if served is None:
+            served = self.endpoints[session.session_id] = _Served(self, session)
+        served.shut()
+        served.session, served.closed = session, False
         sock = bind_socket(session.runtime_dir)
-        served = _Served(self, session)
         try:
             served.server = await self.loop.create_unix_server(lambda: _Connection(served), sock=sock)
         except BaseException:
             sock.close()
+            served.closed = True
             raise
-        self.endpoints[session.session_id] = served
         info = os.lstat(session.runtime_dir / wire.SOCKET)
         return info.st_dev, info.st_ino
 
     async def unbind(self, session_id: str) -> None:
-        served = self.endpoints.pop(session_id, None)
+        served = self.endpoints.get(session_id)
         if served is not None:
             served.shut()
+            self.forget_if_idle(served)
+
+    def forget_if_idle(self, served: _Served) -> None:
+        """A session no longer served is forgotten once none of its calls holds a thread."""
+        if served.closed and served.holding == 0 and self.endpoints.get(served.session.session_id) is served:
+            del self.endpoints[served.session.session_id]
 
     async def close(self) -> None:
         for session_id in list(self.endpoints):
@@ -265,7 +280,7 @@ class _LoopState:
 
     def pump(self) -> None:
         """Give free threads to waiting calls, one session at a time in turn."""
-        while self.ready and self.running < THREADS:
+        while self.ready and self.running < self.threads:
             served = self.ready.popleft()
             served.queued = False
             if served.closed or not served.waiting or served.holding >= CONCURRENCY:
@@ -309,6 +324,7 @@ class _LoopState:
         if call.big:
             served.release_big()
         self.schedule(served)
+        self.forget_if_idle(served)
 
     def expire(self, call: _Call) -> None:
         """On the loop: the call's time is up. It is answered now; it keeps its thread (and its session's
@@ -339,8 +355,13 @@ class _Served:
         self.full: list[_Connection] = []  # connections not read because too much is waiting
 
     def accepts(self) -> bool:
-        return (not self.closed and len(self.connections) < MAX_CONNECTIONS
-                and self.state.connections < self.state.max_connections)
+        if self.closed or len(self.connections) >= MAX_CONNECTIONS:
+            return False
+        return len(self.connections) < FAIR_CONNECTIONS or self.state.connections < self.state.max_connections
+
+    def unread(self) -> int:
+        """Reply bytes written to this session's connections that its sandbox has not read yet."""
+        return sum(c.transport.get_write_buffer_size() for c in self.connections if c.transport is not None)
 
     def submit(self, connection: _Connection, request: wire.Request, size: int, big: bool) -> None:
         limit = wire.bounded_timeout(request.timeout, self.state.tool_timeout())
@@ -385,13 +406,19 @@ class _Served:
                 connection.unpause("big")  # it takes the permit when it reads the frame's header again
 
     def shut(self) -> None:
+        """Stop serving: the socket and connections are closed and waiting calls dropped; calls holding threads
+        keep counting until they return."""
         self.closed = True
         if self.server is not None:
             self.server.close()
+            self.server = None
         for connection in list(self.connections):
             connection.abort()
+        self.big_free += sum(call.big for call in self.waiting)
         self.waiting.clear()
         self.waiting_bytes = 0
+        self.full.clear()
+        self.big_waiting.clear()
 
 
 class _Call:
@@ -422,9 +449,11 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        if not self.served.accepts():  # too many: closed before anything is read
+        if not self.served.accepts():  # too many: told so, and closed before anything is read
             self.gone = True
-            transport.abort()
+            transport.write(wire.encode(wire.error_reply(None, "busy", f"this sandbox has {MAX_CONNECTIONS} "
+                                                                       "connections to its bridge open already")))
+            transport.close()
             return
         self.served.connections.add(self)
         self.served.state.connections += 1
@@ -495,7 +524,7 @@ class _Connection(asyncio.Protocol):
         except TypeError:
             frame = wire.encode(wire.error_reply(reply.get("id"), "internal", "the reply could not be encoded"))
         self.transport.write(frame)
-        if self.transport.get_write_buffer_size() > WRITE_ABORT:
+        if self.transport.get_write_buffer_size() > WRITE_HIGH and self.served.unread() > WRITE_ABORT:
             log.warning("tool bridge: session %s does not read its replies; closing its connection",
                         self.served.session.session_id)
             self.abort()
@@ -509,7 +538,8 @@ class _Connection(asyncio.Protocol):
         self.paused.discard(reason)
         if not self.paused and not self.gone and self.transport is not None:
             self.transport.resume_reading()
-            self.frames()
+            # later, not now: the caller may be handing out threads, and these frames would start calls
+            self.served.state.loop.call_soon(self.frames)
 
     def pause_writing(self) -> None:  # the sandbox is not reading its replies: read no more requests for now
         self.pause("writing")

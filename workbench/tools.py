@@ -26,7 +26,11 @@ class ToolContext(BaseModel):
 class ToolCallError(Exception):
     """An error a tool call ended with, as it is reported to the caller; `kind` says which."""
 
+    MAX_MESSAGE = 2000  # characters: an error never grows with what the caller sent
+
     def __init__(self, kind: str, message: str, retry_after: float | None = None) -> None:
+        if len(message) > self.MAX_MESSAGE:
+            message = f"{message[:self.MAX_MESSAGE]}... [{len(message) - self.MAX_MESSAGE:,} characters cut]"
         super().__init__(message)
         self.kind = kind
         self.retry_after = retry_after
@@ -80,7 +84,7 @@ class Tool:
         try:
             parsed = self.arguments.model_validate(arguments or {})
         except ValidationError as exc:
-            raise ToolCallError("invalid_arguments", f"invalid arguments for {self.slug}: {exc}") from None
+            raise ToolCallError("invalid_arguments", f"invalid arguments for {self.slug}: {_errors(exc)}") from None
         kwargs = {name: getattr(parsed, name) for name in type(parsed).model_fields}
         if self._context_param:
             kwargs[self._context_param] = context
@@ -88,6 +92,13 @@ class Tool:
         if inspect.isawaitable(result):
             result = asyncio.run(_awaited(result))
         return result
+
+
+def _errors(exc: ValidationError, shown: int = 5) -> str:
+    """A validation error in words, naming where and what but quoting none of the input."""
+    errors = exc.errors(include_url=False, include_input=False, include_context=False)
+    text = "; ".join(f"{'.'.join(map(str, e['loc']))[:80] or 'arguments'}: {e['msg'][:200]}" for e in errors[:shown])
+    return text + (f" (and {len(errors) - shown:,} more)" if len(errors) > shown else "")
 
 
 async def _awaited(awaitable: Any) -> Any:
