@@ -53,3 +53,24 @@ def test_session_exec_files_and_gc_from_the_command_line(wb: Workbench, home: Pa
     assert session_id not in cli(home, "session", "list").stdout
     assert "is closed" in cli(home, "exec", session_id, "1", ok=False).stderr
     assert "no session 'nope'" in cli(home, "exec", "nope", "1", ok=False).stderr
+
+
+def test_gc_from_the_command_line_reports_the_running_kernels_it_leaves_alone(tmp_path: Path, wb: Workbench) -> None:
+    import pytest
+
+    from workbench.errors import StoreError
+
+    first = Workbench(home=tmp_path, idle_timeout=None, pool_size=0, docker_client=wb.docker)
+    session = first.create(user_id="alice")
+    first.close()
+    with pytest.raises(StoreError, match="closed"):  # close() closes the store as well
+        first.store.logs(session.session_id)
+    for name in ("workbench.db", "workbench.db-wal", "workbench.db-shm"):
+        (tmp_path / name).unlink(missing_ok=True)  # a new, empty store: its kernel is unknown to it
+    try:
+        shown = cli(tmp_path, "gc").stdout
+        assert "left alone (running, session unknown to the store) workbench-" in shown, shown
+        assert f": {session.session_id}" in shown and "nothing to clean" not in shown
+    finally:
+        for container in wb.docker.containers.list(all=True, filters={"label": f"workbench.home={first.home_label}"}):
+            container.remove(force=True)

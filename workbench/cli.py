@@ -308,7 +308,12 @@ def gc() -> None:
         out.print(f"removed {line}")
     for session_id in first.stopped + again.stopped:
         out.print(f"stopped idle kernel of {session_id}")
-    if not (first.removed or first.stopped or again.removed or again.stopped):
+    for session_id in dict.fromkeys(first.over_cap + again.over_cap):
+        out.print(f"stopped the kernel of {session_id}: its workspace is past its size cap")
+    for line in dict.fromkeys(again.unknown):  # still running now: the start-up gc saw the same ones
+        out.print(f"left alone (running, session unknown to the store) {line}")
+    if not (first.removed or first.stopped or first.over_cap or again.removed or again.stopped or again.over_cap
+            or again.unknown):
         out.print("nothing to clean")
 
 

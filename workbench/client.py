@@ -431,16 +431,19 @@ class Workbench:
                 log.exception("idle reaper failed; retrying in %.0fs", interval)
 
     def close(self) -> None:
-        """Disconnect this process from its sessions; their kernels keep running (see Session.close)."""
+        """Disconnect this process from its sessions; their kernels keep running (see Session.close). The store is
+        closed last (what is journaled copied into it): this Workbench cannot be used afterwards."""
         self._stop.set()
         self.pool.close()
         self._bridge.close()
-        self.store.flush()
         self._tool_pool.shutdown(wait=False)
         with self._lock:
             sessions, self._sessions = list(self._sessions.values()), {}
         for session in sessions:
             session._kernel.disconnect()
+        if self._reaper is not None and self._reaper is not threading.current_thread():
+            self._reaper.join(timeout=30)  # it may be in the middle of a gc, using the store
+        self.store.close()
 
     def _call_tool(self, tool: Tool, arguments: dict[str, Any] | None, context: ToolContext,
                    timeout: float | None) -> Any:

@@ -22,7 +22,8 @@ from .results import ExecutionError, ExecutionResult, Output
 log = logging.getLogger(__name__)
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 HEALTH_INTERVAL = 0.2  # how often, without messages, the container is checked for death
-IDLE_GRACE = 1.0  # how long to wait for the iopub idle once the reply is in (iopub may drop messages)
+IDLE_GRACE = 1.0  # how long to wait for the iopub idle once the reply is in and our outputs stopped coming
+                  # (iopub may drop messages)
 DRAIN_SLICE = 0.05  # seconds of message handling between two looks at the clock, the deadline and the container
 _NAME_LIMIT = 200  # characters kept of an exception's name
 MAX_OUTPUTS = 1_000  # rich outputs kept per execution; later ones are counted in result.truncated["results"]
@@ -126,7 +127,8 @@ class Outcome:
     result: ExecutionResult
     reply_seen: bool = False
     idle_seen: bool = False
-    started: bool = False  # the kernel said it runs our cell (status busy or execute_input for our request)
+    started: bool = False  # the kernel said it runs our cell (any message for our request: busy, execute_input, ...)
+    started_late: bool = False  # not seen to start by the deadline: the kernel was interrupted anyway
     dead: str | None = None  # the container's exit reason, when it died
     unresponsive: bool = False  # timed out and did not answer the interrupt either
     streams: dict[str, _Capped] = field(default_factory=dict)
@@ -160,7 +162,12 @@ def run_cell(
     has the wrong shape is dropped and counted in `result.dropped_messages`, never raised. Streams keep a head
     and tail of `output_limit` characters; rich outputs share a budget of `output_limit` characters per
     execution, past which each value goes whole to a workspace file (with `spill`) and a short reference stays.
-    The deadline is looked at while messages pour in: past it the cell is interrupted, if it is known to run.
+    The deadline is looked at while messages pour in. The caller holds the session's lock (one execution at a
+    time, across processes), so whatever the kernel runs is this session's: our cell, or an orphan of a caller
+    that died (or ours with its start messages lost in an iopub flood). Past the deadline the kernel is
+    interrupted whatever it runs; if our cell starts during the grace, it is interrupted as well (with a grace of
+    its own); when nothing answers, `unresponsive` tells the kernel layer to restart the kernel, which also drops
+    our request if it never started, so nothing runs later unwatched.
     """
     started = time.monotonic()
     result = ExecutionResult()
@@ -177,21 +184,28 @@ def run_cell(
     reply_at: float | None = None
     idle_at: float | None = None
     last_health = started
+    interrupted_ours = False  # an interrupt was sent while our cell was known to run
+    last_output = started  # when the last iopub message of our request came
     while not (idle_seen and outcome.reply_seen):
         now = time.monotonic()
-        if reply_at is not None and now - reply_at > IDLE_GRACE:
-            break
+        if reply_at is not None and now - max(reply_at, last_output) > IDLE_GRACE:
+            break  # the idle was lost: our outputs stopped arriving (a large one may still be on its way after the reply)
         if idle_at is not None and now - idle_at > IDLE_GRACE:  # the reply was lost (the shell channel broke)
             break
         if deadline is not None and now >= deadline:
-            if result.timed_out:
+            if result.timed_out:  # the grace passed and nothing answered
                 outcome.unresponsive = True
                 break
             result.timed_out = True
-            if not outcome.started:  # the kernel is busy with someone else's cell: leave that cell alone
-                result.not_started = True
-                break
+            # Under the session lock the kernel runs nothing but this session's cells: ours, or an orphan of a
+            # caller that died (or ours, its busy dropped by a flood). Interrupt whichever it is.
+            outcome.started_late = not outcome.started
+            interrupted_ours = outcome.started
             interrupt()
+            deadline = now + interrupt_grace
+        elif result.timed_out and outcome.started and not interrupted_ours and not outcome.reply_seen:
+            interrupt()  # our cell started during the grace (the orphan before it gave way): it is past its time too
+            interrupted_ours = True
             deadline = now + interrupt_grace
         wait = HEALTH_INTERVAL if deadline is None else max(min(HEALTH_INTERVAL, deadline - now), 0.0)
         events = dict(poller.poll(wait * 1000))
@@ -214,6 +228,7 @@ def run_cell(
             while time.monotonic() < slice_end and (msg := _receive(iopub, outcome)) is not None:
                 if msg is _DROPPED or _parent_id(msg) != msg_id:
                     continue
+                last_output = time.monotonic()
                 try:
                     if _handle(msg, outcome, callbacks) and not idle_seen:
                         idle_seen, idle_at = True, time.monotonic()
@@ -273,7 +288,7 @@ def _reply(msg: dict[str, Any], outcome: Outcome) -> bool:
         raise Malformed("status is not a string")
     count = _count(content)
     error = _error(content, outcome) if status == "error" and result.error is None and "ename" in content else None
-    outcome.reply_seen = True
+    outcome.reply_seen = outcome.started = True
     if count is not None:
         result.execution_count = count
     if error is not None:
@@ -296,9 +311,9 @@ def _handle(msg: dict[str, Any], outcome: Outcome, cb: Callbacks) -> bool:
         state = content.get("execution_state")
         if not isinstance(state, str):
             raise Malformed("execution_state is not a string")
-        if state == "busy":
-            outcome.started = True
+        outcome.started = True  # any message for our request says it was taken up (busy may have been dropped)
         return state == "idle"
+    outcome.started = True
     if kind == "stream":
         name, text = content.get("name", "stdout"), content.get("text", "")
         if not isinstance(name, str) or not isinstance(text, str):
@@ -340,7 +355,6 @@ def _handle(msg: dict[str, Any], outcome: Outcome, cb: Callbacks) -> bool:
             cb.on_error(result.error)
     elif kind == "execute_input":
         count = _count(content)
-        outcome.started = True
         if count is not None:
             result.execution_count = count
     return False

@@ -35,10 +35,15 @@ log = logging.getLogger(__name__)
 _PORTS = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
 SOCKETS = "kernel"  # the folder of the kernel's IPC sockets in the runtime dir
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-# What the kernel can make this process hold: a message (one frame) larger than MAX_MESSAGE drops the connection
-# (it is reconnected at once; the message is lost) and at most RECEIVE_QUEUE messages wait per socket, so a
-# flood waits in the kernel's own memory. A print of 100 MB is one message: it still passes.
-MAX_MESSAGE = 128 * 1024**2
+# What the kernel can make this process hold: a message (one frame) larger than its channel's limit drops the
+# connection (it is connected again; the message is lost) and at most RECEIVE_QUEUE messages wait per socket, so a
+# flood waits in the kernel's own memory. iopub carries the outputs: a print or an image of up to 32 MiB is one
+# message and passes (larger outputs belong in files). shell carries only replies, which are small: a forged huge
+# execute_reply is dropped. Per session, at worst: iopub (RECEIVE_QUEUE queued + 1 being received) x 32 MiB =
+# 160 MiB, shell 5 x 1 MiB = 5 MiB, about 165 MiB of frames, plus the one message being decoded (its Python str;
+# the part is parsed by the standard library's parser past _SMALL_PART). stdin and heartbeat are not connected.
+MAX_IOPUB_MESSAGE = 32 * 1024**2
+MAX_SHELL_MESSAGE = 1024**2  # shell and control
 RECEIVE_QUEUE = 4
 _SMALL_PART = 1 << 20
 _context: zmq.Context | None = None
@@ -73,7 +78,7 @@ class _Client(BlockingKernelClient):
     def _create_connected_socket(self, channel: str, identity: bytes | None = None) -> zmq.Socket:
         sock = self.context.socket(channel_socket_types[channel])
         sock.linger = 0
-        sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE)
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_IOPUB_MESSAGE if channel == "iopub" else MAX_SHELL_MESSAGE)
         sock.setsockopt(zmq.RCVHWM, RECEIVE_QUEUE)
         if identity:
             sock.identity = identity
@@ -357,24 +362,34 @@ class Kernel:
         )
         result = outcome.result
         if outcome.reply_seen != outcome.idle_seen and outcome.dead is None:
-            # a channel lost messages: a flood past the queues, or a message over MAX_MESSAGE, after which libzmq
+            # a channel lost messages: a flood past the queues, or a message over its channel's limit, after which libzmq
             # drops the connection for good (a protocol error is not reconnected). Connect again.
             log.warning("kernel %s: its %s messages stopped arriving; reconnecting", self.kernel_id,
                         "iopub" if outcome.reply_seen else "shell")
             self._reconnect()
-        if result.not_started:
-            log.warning("kernel %s: the cell did not start within its timeout (the kernel runs another cell); "
-                        "nothing was interrupted", self.kernel_id)
-        elif outcome.dead is not None:
+        result.started_late = outcome.started_late
+        if outcome.dead is not None:
             result.kernel_died = outcome.dead
+            result.not_started = not outcome.started  # dropped with the kernel that never took it up
             log.warning("kernel %s died: %s; restarting it", self.kernel_id, outcome.dead)
             self.restart()
             result.state_lost = True
         elif outcome.unresponsive:
-            result.kernel_died = "did not respond to the interrupt after the timeout; it was restarted"
-            log.warning("kernel %s ignored the interrupt; restarting it", self.kernel_id)
+            # The restart also drops our request when it never started: it cannot run later, unwatched.
+            result.not_started = not outcome.started
+            if result.not_started:
+                result.kernel_died = ("was running an earlier cell of this session (its caller gone, or the start "
+                                      "of this one went unseen) and did not respond to the interrupt after the "
+                                      "timeout; it was restarted and this cell dropped")
+            else:
+                result.kernel_died = "did not respond to the interrupt after the timeout; it was restarted"
+            log.warning("kernel %s ignored the interrupt; restarting it%s", self.kernel_id,
+                        " (the cell never started: it is dropped)" if result.not_started else "")
             self.restart()
             result.state_lost = True
+        elif outcome.started_late:
+            log.warning("kernel %s: the cell was not seen to start by its timeout; the kernel was interrupted (it "
+                        "ran an earlier cell of this session, or the cell's start went unseen)", self.kernel_id)
         return result
 
 

@@ -46,8 +46,13 @@ class ExecutionResult(BaseModel):
     execution_count: int | None = None
     duration: float = 0.0
     timed_out: bool = False
-    not_started: bool = Field(default=False, description="timed out before the cell started: the kernel was busy "
-                              "with another caller's cell, which was left alone (not interrupted)")
+    not_started: bool = Field(default=False, description="the cell never ran: another caller held the session for "
+                              "all of the timeout (the cell was not sent, nothing was interrupted), or the kernel was "
+                              "restarted (or died) before it took the cell up, which dropped it")
+    started_late: bool = Field(default=False, description="the cell was not seen to start by its deadline: the "
+                               "kernel was running an earlier cell of this session (its caller gone), or the cell's "
+                               "start messages were lost; the kernel was interrupted then, and the cell too if it "
+                               "started afterwards")
     kernel_died: str | None = Field(default=None, description="why the kernel died during this execution")
     state_lost: bool = Field(default=False, description="the kernel was restarted: variables are gone, files kept")
     truncated: dict[str, int] = Field(default_factory=dict, description="stream -> characters cut from its middle")
@@ -80,9 +85,17 @@ class ExecutionResult(BaseModel):
     def notes(self) -> list[str]:
         """What happened to the kernel during the execution, in words: a timeout, its death, a restart."""
         notes = []
-        if self.not_started:
-            notes.append(f"timed out after {self.duration:.1f}s before the cell started: the kernel was busy with "
-                         "another caller's cell, which was not interrupted")
+        if self.not_started and not self.kernel_died:
+            notes.append(f"timed out after {self.duration:.1f}s waiting for another caller's cell on this session: "
+                         "this cell was not sent, and the other cell was not interrupted")
+        elif self.not_started:
+            notes.append(f"{'timed out after ' if self.timed_out else 'after '}{self.duration:.1f}s this cell had not "
+                         "started (the kernel was running an earlier cell of this session); the kernel was restarted "
+                         "and this cell was dropped: it never ran")
+        elif self.started_late:
+            notes.append(f"timed out after {self.duration:.1f}s before the cell was seen to start: the kernel was "
+                         "interrupted (it was running an earlier cell of this session whose caller is gone, or this "
+                         "cell with its start unseen), and this cell too once it started")
         elif self.timed_out:
             notes.append(f"timed out after {self.duration:.1f}s; the kernel was interrupted")
         if self.kernel_died:

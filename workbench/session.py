@@ -198,7 +198,7 @@ class Session:
         if result is None or failure is not None:
             status = "failed"
         else:
-            status = ("died" if result.kernel_died else "not_started" if result.not_started
+            status = ("not_started" if result.not_started else "died" if result.kernel_died
                       else "timeout" if result.timed_out else "error" if result.error else "ok")
         detail = {
             "code": code[:_CODE_IN_LOG],

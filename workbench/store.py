@@ -4,11 +4,13 @@ from __future__ import annotations
 import fcntl
 import functools
 import json
+import logging
 import os
 import secrets
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,7 +22,10 @@ from .config import Limits
 from .errors import ConflictError, SessionNotFoundError, StoreError
 
 F = TypeVar("F", bound=Callable[..., Any])
-LOG_DELAY = 0.5  # seconds a journaled tool call may wait to be copied into the logs table with others
+log = logging.getLogger(__name__)
+LOG_DELAY = 0.5  # seconds within which a journaled tool call is copied into the logs table (with others)
+_FLUSH_MARGIN = 0.05  # the flusher commits this long before LOG_DELAY is up: the commit itself takes time
+_STALE_NEW = 60.0  # seconds after which an unlocked `.new` journal is a leftover of a process that died creating it
 LOG_BATCH = 512  # ... or until this many wait
 JOURNAL_ROTATE = 64 * 1024**2  # bytes after which a fully copied journal is replaced by a new one
 _INSERT_LOG = "INSERT INTO logs (session_id, kind, status, duration, detail, created_at) VALUES (?, ?, ?, ?, ?, ?)"
@@ -116,9 +121,12 @@ class Store:
     Every write is durable before the call returns, against the death of the process (not of the machine):
     sessions and executions are committed (WAL with synchronous=NORMAL), group-committed when several threads log
     at once (whichever gets the connection commits everyone's queued entries in one transaction while the others
-    wait for it). A tool call, which comes in bulk, is appended to this Store's journal file (one write()) and
-    copied into the logs table in batches (LOG_BATCH entries or LOG_DELAY seconds, the next execution, `logs()`,
-    `flush()` or `close()`); the journal of a process that died is copied by the next Store opened on the file.
+    wait for it), and visible at once to every process. A tool call, which comes in bulk, is appended to this
+    Store's journal file (one write()) before `log()` returns: from then on it survives the death of this process.
+    It reaches the logs table, where other processes see it, within LOG_DELAY seconds: a flusher thread of this
+    Store copies the journal then (earlier when LOG_BATCH entries wait, or at the next execution, `logs()`,
+    `flush()` or `close()`). The journal of a process that died is copied by the next Store opened on the file,
+    or by any Store's `logs()`. `close()` stops the flusher; a Store never closed keeps it until it is garbage.
     """
 
     def __init__(self, path: Path) -> None:
@@ -134,6 +142,9 @@ class Store:
         self._journal: tuple[int, str] | None = None  # this Store's journal: its descriptor, its name
         self._journal_size = 0
         self._journal_oldest = 0.0  # when the oldest tool call not yet in the logs table was journaled
+        self._due = threading.Condition(self._queue)  # wakes the flusher: a tool call was journaled, or closing
+        self._flusher: threading.Thread | None = None  # started with the first journaled tool call
+        self._stopping = False
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
@@ -258,9 +269,11 @@ class Store:
     @_guarded
     def log(self, session_id: str, kind: str, status: str, duration: float, detail: dict[str, Any],
             touch: bool = True) -> None:
-        """Record an execution or tool call, durably before this returns. An execution (`touch`) also marks the
-        session used (its kernel is not idle) and is committed at once; a tool call (`touch=False`) is journaled
-        and copied into the logs table with others."""
+        """Record an execution or tool call, durably (against this process's death) before this returns.
+
+        An execution (`touch`) also marks the session used (its kernel is not idle) and is committed at once:
+        every process sees it on return. A tool call (`touch=False`) is written to this Store's journal on return
+        (it survives the process) and is in the logs table, seen by other processes, within LOG_DELAY seconds."""
         now = time.time()
         detail_json = _dumps(detail)
         entry = (session_id, kind, status, duration, detail_json.decode(), now)
@@ -285,23 +298,51 @@ class Store:
                 self._journal_size += written
                 if len(self._pending) == 1 or not self._journal_oldest:
                     self._journal_oldest = now
+                    self._wake_flusher()
                 if len(self._pending) < LOG_BATCH and now - self._journal_oldest < LOG_DELAY:
-                    return  # journaled: it survives this process; copied into the table later
+                    return  # journaled: it survives this process; the flusher copies it into the table in time
         self._commit(mine)
 
+    def _wake_flusher(self) -> None:
+        """Tell the flusher a tool call waits (start it the first time); called holding `_queue`."""
+        if self._flusher is None and not self._stopping:
+            self._flusher = threading.Thread(target=_flush_journal, args=(weakref.ref(self), self._due),
+                                             name=f"workbench-store-flusher-{self.path.name}", daemon=True)
+            self._flusher.start()
+        self._due.notify()
+
+    def _flush_due(self) -> float | None:
+        """For the flusher, holding `_queue`: seconds until the oldest journaled call must be in the table (0: now),
+        or None when none waits."""
+        if not self._journal_oldest:
+            return None
+        return max(self._journal_oldest + LOG_DELAY - _FLUSH_MARGIN - time.time(), 0.0)
+
     def _open_journal(self) -> None:
-        """Create this Store's journal, locked for as long as it lives (an unlocked journal is a dead one's)."""
+        """Create this Store's journal, locked for as long as it lives (an unlocked journal is a dead one's).
+
+        It is made as `<name>.new`, locked, then renamed: a recovery takes only `.log` journals (and `.new` ones
+        left long ago by a process that died in between), so it never takes one between its creation and its
+        lock."""
         self._journals.mkdir(mode=0o700, exist_ok=True)
-        name = f"{os.getpid()}-{secrets.token_hex(6)}.log"
-        fresh = self._journals / f"{name}.new"
-        fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.rename(fresh, self._journals / name)  # only now can a recovery find it, already locked
-        except BaseException:
-            os.close(fd)
-            raise
-        self._journal, self._journal_size = (fd, name), 0
+        for attempt in range(3):
+            name = f"{os.getpid()}-{secrets.token_hex(6)}.log"
+            fresh = self._journals / f"{name}.new"
+            fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW,
+                         0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                os.rename(fresh, self._journals / name)  # only now can a recovery find it, already locked
+            except (FileNotFoundError, BlockingIOError):  # taken as stale: this process stalled past _STALE_NEW
+                os.close(fd)
+                if attempt == 2:
+                    raise
+                continue
+            except BaseException:
+                os.close(fd)
+                raise
+            self._journal, self._journal_size = (fd, name), 0
+            return
 
     def _commit(self, upto: int) -> None:
         """Make sure entry `upto` is committed: by committing everything queued, unless a caller that had the
@@ -313,7 +354,7 @@ class Store:
                 batch, self._pending = self._pending, []
                 touched, self._touched = self._touched, {}
                 mark = (self._journal[1], self._journal_size) if self._journal is not None else None
-                self._journal_oldest = 0.0
+                oldest, self._journal_oldest = self._journal_oldest, 0.0
                 last = self._queued
             db = self._connection()
             try:
@@ -331,8 +372,10 @@ class Store:
                         db.execute("ROLLBACK")
                     raise
             except BaseException:
-                with self._queue:  # the next caller tries them again
+                with self._queue:  # the next caller (or the flusher) tries them again
                     self._pending[:0] = batch
+                    if oldest and (not self._journal_oldest or oldest < self._journal_oldest):
+                        self._journal_oldest = oldest
                     for session, when in touched.items():
                         self._touched.setdefault(session, when)
                 raise
@@ -355,6 +398,12 @@ class Store:
         for path in sorted(self._journals.iterdir()):
             if self._journal is not None and path.name == self._journal[1]:
                 continue
+            if not path.name.endswith(".log"):  # a journal being created, not yet locked: never touch it then
+                try:
+                    if time.time() - path.lstat().st_mtime < _STALE_NEW:
+                        continue
+                except FileNotFoundError:
+                    continue
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
             except FileNotFoundError:
@@ -418,8 +467,14 @@ class Store:
         return [LogEntry(**{**dict(row), "detail": json.loads(row["detail"])}) for row in reversed(rows)]
 
     def close(self) -> None:
-        """Copy what is journaled into the logs table, remove the journal and close the file; later calls raise
-        StoreError. Closing twice is fine."""
+        """Stop the flusher, copy what is journaled into the logs table, remove the journal and close the file;
+        later calls raise StoreError. Closing twice is fine."""
+        with self._queue:
+            self._stopping = True
+            flusher = self._flusher
+            self._due.notify_all()
+        if flusher is not None and flusher is not threading.current_thread():
+            flusher.join()
         if self._db is None:
             return
         try:
@@ -435,6 +490,36 @@ class Store:
                 if self._db is not None:
                     self._db.close()
                     self._db = None
+
+
+def _flush_journal(ref: weakref.ref[Store], due: threading.Condition) -> None:
+    """The flusher of a Store: copies its journaled tool calls into the logs table within LOG_DELAY of the oldest,
+    so that other processes see them without waiting for another call. Holds the Store only weakly: a Store
+    dropped unclosed lets it end."""
+    with due:
+        while True:
+            store = ref()
+            if store is None or store._stopping:
+                return
+            wait = store._flush_due()
+            if wait is None or wait > 0:
+                del store
+                due.wait(5.0 if wait is None else wait)  # bounded: it notices a Store that is gone
+                continue
+            upto = store._queued
+            due.release()  # _commit takes the connection, then _queue
+            try:
+                store._commit(upto)
+            except Exception as exc:  # noqa: BLE001  e.g. the file locked too long: the entries wait, journaled
+                log.warning("could not copy journaled tool calls into the logs table of %s: %s", store.path, exc)
+                retry = True
+            else:
+                retry = False
+            finally:
+                due.acquire()
+            if retry and not store._stopping:
+                del store
+                due.wait(LOG_DELAY)
 
 
 def _dumps(value: Any) -> bytes:

@@ -13,3 +13,8 @@ from workbench_sandbox import (  # noqa: F401  (preloaded globals: see help(run_
 
 _prepare_environment()
 del _prepare_environment
+
+from workbench_sandbox.streams import split_large_streams
+
+split_large_streams()  # a print past 32 MiB still reaches the host, in parts
+del split_large_streams

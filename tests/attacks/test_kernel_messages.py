@@ -183,6 +183,27 @@ def test_an_oversized_forged_reply_does_not_break_the_shell_channel(fresh: Sessi
         assert fresh.execute(f"{value} * 2", timeout=10).text == str(value * 2)
 
 
+def test_a_forged_execute_reply_over_a_megabyte_never_reaches_the_host(fresh: Session) -> None:
+    # a 2 MB reply for our request, sent before the real one: the shell channel takes no message over 1 MiB
+    result = fresh.execute(FORGE + textwrap.dedent("""
+        ident = k._shell_parent_ident.get() if hasattr(k._shell_parent_ident, 'get') else k._shell_parent_ident
+        k.session.send(k.shell_stream, 'execute_reply', {'status': 'error', 'ename': 'Forged', 'evalue': 'r' * 2_000_000,
+                       'traceback': [], 'execution_count': 7777}, parent=p, ident=ident)
+        print('after the forged reply')
+        """), timeout=30)
+    assert result.error is None and not result.timed_out, result
+    assert result.execution_count != 7777 and result.dropped_messages == 0
+    assert result.stdout == "after the forged reply\n"
+    assert fresh.execute("6 * 7", timeout=10).text == "42"
+
+
+def test_a_print_larger_than_an_iopub_message_arrives_in_parts(fresh: Session) -> None:
+    result = fresh.execute("print('p' * 40_000_000, end='')\nprint('END')", timeout=60)
+    assert result.error is None and not result.timed_out, result
+    assert result.stdout.endswith("pEND\n") and result.truncated["stdout"] > 38_000_000
+    assert fresh.files.list(result.spilled["stdout"])[0].size == 40_000_004
+
+
 _OTHER_PROCESS = """
 import json, sys
 from workbench import Workbench
@@ -222,11 +243,12 @@ def test_a_timeout_in_one_process_never_interrupts_another_process_cell(wb: Work
 def test_the_kernel_client_bounds_what_zmq_may_queue(session: Session) -> None:
     import zmq
 
-    from workbench.kernel import MAX_MESSAGE, RECEIVE_QUEUE
+    from workbench.kernel import MAX_IOPUB_MESSAGE, MAX_SHELL_MESSAGE, RECEIVE_QUEUE
     session.execute("1")
     client = session._kernel.client
     assert client is not None
-    for channel in (client.iopub_channel, client.shell_channel):
-        assert channel.socket.getsockopt(zmq.MAXMSGSIZE) == MAX_MESSAGE
+    assert (MAX_IOPUB_MESSAGE, MAX_SHELL_MESSAGE) == (32 * 2**20, 2**20)  # at most ~165 MiB of frames per session
+    for channel, limit in ((client.iopub_channel, MAX_IOPUB_MESSAGE), (client.shell_channel, MAX_SHELL_MESSAGE)):
+        assert channel.socket.getsockopt(zmq.MAXMSGSIZE) == limit
         assert channel.socket.getsockopt(zmq.RCVHWM) == RECEIVE_QUEUE
     assert Path(session.workspace).is_dir()
