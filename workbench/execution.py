@@ -141,6 +141,9 @@ class Outcome:
 
     def drop(self, reason: str) -> None:
         self.result.dropped_messages += 1
+        reason = reason[:120]
+        if reason not in self.drop_reasons and len(self.drop_reasons) >= _DROP_REASONS:
+            reason = "other reasons"  # a flood of distinct forgeries costs one entry, not one each
         self.drop_reasons[reason] = self.drop_reasons.get(reason, 0) + 1
 
 
@@ -318,6 +321,7 @@ def _handle(msg: dict[str, Any], outcome: Outcome, cb: Callbacks) -> bool:
         name, text = content.get("name", "stdout"), content.get("text", "")
         if not isinstance(name, str) or not isinstance(text, str):
             raise Malformed("stream name and text must be strings")
+        text = clean(text)
         outcome.streams["stderr" if name == "stderr" else "stdout"].add(text)
         callback = cb.on_stderr if name == "stderr" else cb.on_stdout
         if callback:
@@ -360,6 +364,24 @@ def _handle(msg: dict[str, Any], outcome: Outcome, cb: Callbacks) -> bool:
     return False
 
 
+def clean(text: str) -> str:
+    """Text with any lone surrogate (the kernel can send one as a JSON escape) replaced, so that results always
+    encode as UTF-8 and JSON."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def _utf8_json(value: Any) -> bool:
+    try:
+        json.dumps(value, ensure_ascii=False, default=str).encode("utf-8")
+        return True
+    except (UnicodeEncodeError, ValueError, TypeError, RecursionError):
+        return False
+
+
 def _is_json_mime(mime: str) -> bool:
     return mime == "application/json" or mime.endswith("+json")
 
@@ -370,14 +392,30 @@ def _bundle(content: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], st
     data, metadata, transient = content.get("data", {}), content.get("metadata", {}), content.get("transient", {})
     if not isinstance(data, dict) or not isinstance(metadata, dict) or not isinstance(transient or {}, dict):
         raise Malformed("data, metadata and transient must be objects")
+    if len(data) > _MIME_TYPES:
+        raise Malformed(f"more than {_MIME_TYPES} MIME types in one output")
+    checked: dict[str, Any] = {}
     for mime, value in data.items():
-        if not isinstance(mime, str) or not (isinstance(value, str) or _is_json_mime(mime)):
+        if not isinstance(mime, str) or len(mime) > _MIME_LENGTH or not (isinstance(value, str) or
+                                                                         _is_json_mime(mime)):
             raise Malformed("data must map MIME types to strings")
+        if isinstance(value, str):
+            checked[clean(mime)] = clean(value)
+        elif _utf8_json(value) and clean(mime) == mime:
+            checked[mime] = value
+        else:
+            raise Malformed("a JSON output that is not UTF-8")
+    if metadata and not _utf8_json(metadata):
+        metadata = {}
     display_id = (transient or {}).get("display_id")
     if display_id is not None and not isinstance(display_id, str):
         raise Malformed("display_id is not a string")
-    return dict(data), metadata, display_id
+    return checked, metadata, display_id
 
+
+_DROP_REASONS = 16  # distinct reasons kept for dropped messages
+_MIME_TYPES = 64  # in one output
+_MIME_LENGTH = 255  # characters of a MIME type
 
 _EXTENSIONS = {"text/plain": "txt", "text/html": "html", "text/markdown": "md", "text/latex": "tex",
                "image/svg+xml": "svg", "application/javascript": "js"}
@@ -405,6 +443,7 @@ def _cap_values(output: Output, index: int, outcome: Outcome) -> None:
         else:
             outcome.budget -= size
     for mime, value in list(output.data.items()):
+        outcome.budget = max(outcome.budget - len(mime), 0)  # the MIME type takes room too
         text = value if isinstance(value, str) else _json(value)
         size = len(text)
         textual = mime in _EXTENSIONS or (mime.startswith("text/") and not _is_json_mime(mime))
@@ -471,4 +510,5 @@ def _error(content: dict[str, Any], outcome: Outcome) -> ExecutionError:
             break
         lines.append(line)
         total += len(line)
-    return ExecutionError(ename=ename[:_NAME_LIMIT], evalue=strip_ansi(capped.value()), traceback=lines)
+    return ExecutionError(ename=clean(ename[:_NAME_LIMIT]), evalue=clean(strip_ansi(capped.value())),
+                          traceback=[clean(line) for line in lines])

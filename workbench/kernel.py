@@ -46,6 +46,7 @@ MAX_IOPUB_MESSAGE = 32 * 1024**2
 MAX_SHELL_MESSAGE = 1024**2  # shell and control
 RECEIVE_QUEUE = 4
 _SMALL_PART = 1 << 20
+MAX_CONTAINERS = 100_000  # lists and objects in one large message part (an output of JSON data)
 _context: zmq.Context | None = None
 _context_lock = threading.Lock()
 
@@ -407,6 +408,8 @@ def _unpack(data: bytes) -> Any:
             return orjson.loads(data)
         except orjson.JSONDecodeError:
             pass  # e.g. a lone surrogate, which the standard library's parser reads
+    elif data.count(b"[") + data.count(b"{") > MAX_CONTAINERS:  # millions of them hold the GIL for seconds
+        raise ValueError(f"a message part with more than {MAX_CONTAINERS:,} lists and objects")
     return json.loads(data)
 
 

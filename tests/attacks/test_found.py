@@ -186,9 +186,6 @@ for _ in range(4):
 
 # 5. kernel messages: every dropped message's reason is kept, unbounded -----------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="execution.Outcome.drop keys drop_reasons by a reason that quotes 100 "
-                   "characters of the exception, e.g. the forged signature: one dict entry per dropped message, "
-                   "for the whole execution (host memory grows with the flood's length)")
 def test_a_flood_of_distinct_bad_signatures_holds_bounded_memory(attacker: Session) -> None:
     from workbench import execution
 
@@ -277,10 +274,6 @@ def _rss() -> int:
     raise AssertionError("no VmRSS")
 
 
-@pytest.mark.xfail(strict=True, reason="kernel._unpack parses any message part up to MAX_MESSAGE (128 MB) with "
-                   "json.loads, holding the GIL throughout: 28 MB of '[]' values is ~10 million lists, seconds "
-                   "during which no other thread of the host (bridge loop, other sessions' executions) runs, and "
-                   "hundreds of MB of host memory; 128 MB would be ~3 GB")
 def test_one_message_of_tiny_values_neither_stalls_nor_bloats_the_host(fresh: Session) -> None:
     gaps: list[float] = []
     stop = threading.Event()
@@ -396,9 +389,6 @@ def test_a_message_of_many_frames_is_bounded_in_host_memory(fresh: Session) -> N
 
 # 12. outputs: the budget counts values, not MIME keys -----------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="execution._cap_values charges only each value's length to the output "
-                   "budget: a display bundle of a million MIME types with empty values is kept whole in the result "
-                   "(up to MAX_OUTPUTS=1,000 such outputs, each up to MAX_MESSAGE), far past output_limit")
 def test_mime_keys_count_against_the_output_budget(fresh: Session) -> None:
     code = textwrap.dedent("""
         k = get_ipython().kernel
@@ -432,9 +422,6 @@ def test_a_listing_with_a_non_utf8_name_serialises(attacker: Session) -> None:
         attacker.execute("import os; os.remove(b'/workspace/odd-\\xff')")
 
 
-@pytest.mark.xfail(strict=True, reason="execution keeps a lone surrogate the kernel sends in stdout (a \\ud800 "
-                   "escape in a forged stream message): ExecutionResult.model_dump_json() then raises "
-                   "PydanticSerializationError (the CLI's crash above is the same text)")
 def test_an_execution_result_with_a_forged_surrogate_serialises(attacker: Session) -> None:
     result = attacker.execute(textwrap.dedent("""
         k = get_ipython().kernel
