@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from workbench import store as store_module
 from workbench.store import LOG_DELAY, Store
 
 
@@ -120,3 +121,19 @@ def test_a_stale_unlocked_new_journal_is_removed(tmp_path: Path) -> None:
     os.utime(stale, (old, old))
     Store(path).close()
     assert fresh.exists() and not stale.exists()
+
+
+def test_a_session_keeps_only_its_newest_log_entries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_module, "LOG_KEEP", 50)
+    monkeypatch.setattr(store_module, "_PRUNE_EVERY", 20)
+    store = Store(tmp_path / "workbench.db")
+    try:
+        for i in range(500):
+            store.log("s1", "tool", "ok", 0.0, {"i": i}, touch=False)
+        store.log("s2", "tool", "ok", 0.0, {"i": 0}, touch=False)
+        store.flush()
+        kept = store.logs("s1", limit=1000)
+        assert 50 <= len(kept) < 50 + 20 and kept[-1].detail == {"i": 499}  # the newest, in order
+        assert len(store.logs("s2")) == 1  # another session's entries are its own
+    finally:
+        store.close()

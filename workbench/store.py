@@ -28,6 +28,8 @@ _FLUSH_MARGIN = 0.05  # the flusher commits this long before LOG_DELAY is up: th
 _STALE_NEW = 60.0  # seconds after which an unlocked `.new` journal is a leftover of a process that died creating it
 LOG_BATCH = 512  # ... or until this many wait
 JOURNAL_ROTATE = 64 * 1024**2  # bytes after which a fully copied journal is replaced by a new one
+LOG_KEEP = 100_000  # newest log entries kept per session: a sandbox calling tools in a loop cannot fill the disk
+_PRUNE_EVERY = 10_000  # entries a session may add before its oldest beyond LOG_KEEP are deleted
 _INSERT_LOG = "INSERT INTO logs (session_id, kind, status, duration, detail, created_at) VALUES (?, ?, ?, ?, ?, ?)"
 
 _SCHEMA = """
@@ -135,6 +137,7 @@ class Store:
         self._lock = threading.Lock()  # the connection
         self._queue = threading.Lock()  # the entries waiting for a commit
         self._pending: list[tuple] = []
+        self._added: dict[str, int] = {}  # log entries per session since its last pruning (see _prune)
         self._touched: dict[str, float] = {}  # session -> when an execution last used it, with the pending entries
         self._queued = 0  # sequence number of the last entry queued
         self._committed = 0  # ... and of the last one committed
@@ -379,6 +382,7 @@ class Store:
                     for session, when in touched.items():
                         self._touched.setdefault(session, when)
                 raise
+            self._prune(db, batch)
             with self._queue:
                 self._committed = max(self._committed, last)
                 retire = None
@@ -389,6 +393,15 @@ class Store:
                 (self._journals / retire[1]).unlink(missing_ok=True)
                 db.execute("DELETE FROM journal_marks WHERE name = ?", (retire[1],))
                 os.close(retire[0])
+
+    def _prune(self, db: sqlite3.Connection, batch: list[tuple]) -> None:
+        """Delete a session's oldest log entries beyond LOG_KEEP, every _PRUNE_EVERY entries it adds."""
+        for entry in batch:
+            self._added[entry[0]] = self._added.get(entry[0], 0) + 1
+        for session_id in [sid for sid, n in self._added.items() if n >= _PRUNE_EVERY]:
+            del self._added[session_id]
+            db.execute("DELETE FROM logs WHERE session_id = ? AND id <= (SELECT id FROM logs WHERE session_id = ? "
+                       "ORDER BY id DESC LIMIT 1 OFFSET ?)", (session_id, session_id, LOG_KEEP))
 
     def _recover(self) -> None:
         """Copy into the logs table the journals of Stores whose process died (their lock is free), then remove
