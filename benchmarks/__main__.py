@@ -93,8 +93,8 @@ def run(quick: bool, say: Any) -> dict[str, Any]:
 
 
 def table(figures: dict[str, Any]) -> Table:
-    ms = lambda s: f"{s * 1000:.1f} ms"  # noqa: E731
-    sec = lambda s: f"{s:.3f} s"  # noqa: E731
+    ms = lambda s: f"{s * 1000:.1f} ms"
+    sec = lambda s: f"{s:.3f} s"
     cold, warm, rt = figures["cold_start"], figures["warm_create"], figures["exec_roundtrip"]
     off, calls, live = figures["offload_100mb"], figures["bulk_calls_per_s"], figures["live_sessions"]
     t = Table("figure", "p50 / value", "p95", "baseline", "ratio", "target", title="workbench benchmarks")

@@ -91,7 +91,8 @@ def measure(wb: Workbench, megabytes: float = 100, runs: int = 3) -> dict[str, A
     seconds, floor_seconds = statistics.median(times), statistics.median(floor_times)
     return {
         "bytes": size, "records": len(data), "seconds": seconds, "floor_seconds": floor_seconds,
-        "ratio": seconds / floor_seconds, "mb_per_s": size / 1e6 / seconds, "floor_mb_per_s": size / 1e6 / floor_seconds,
+        "ratio": seconds / floor_seconds, "mb_per_s": size / 1e6 / seconds,
+        "floor_mb_per_s": size / 1e6 / floor_seconds,
         "runs": times, "floor_runs": floor_times,
     }
 

@@ -13,7 +13,7 @@ import pytest
 
 os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")  # Ryuk's image cannot be pulled here
 
-from workbench import Session, Workbench  # noqa: E402
+from workbench import Session, Workbench
 from workbench.config import default_runtime_root
 from workbench.workspace import release_runtime_dir, unmount_all_under
 
@@ -58,7 +58,7 @@ def release_test_folder(root: Path) -> None:
 
     try:
         client = docker.from_env()
-    except Exception:  # noqa: BLE001 -- no engine: only mounts to release
+    except Exception:
         client = None
     runtime_root = default_runtime_root()
     for home in _homes(root):

@@ -97,7 +97,7 @@ pairs = {
 }
 {name: (result, error.kind if error else None) for name, (result, error) in pairs.items()}
 """
-    kinds = eval(run(session, code).text)  # noqa: S307 - a dict literal printed by the kernel
+    kinds = eval(run(session, code).text)
     assert kinds == {"unknown": (None, "not_found"), "other toolkit": (None, "not_allowed"),
                      "invalid": (None, "invalid_arguments"), "raises": (None, "tool_error"),
                      "hangs": (None, "timeout"), "too large": (None, "bad_request")}
@@ -152,7 +152,7 @@ for _ in range(flood):
     answers[kind] = answers.get(kind, 0) + 1
 (kinds, closing, answers)
 """
-    kinds, closing, answered = eval(run(session, code).text)  # noqa: S307
+    kinds, closing, answered = eval(run(session, code).text)
     assert kinds == ["bad_request"] * 6
     assert closing == ("bad_request", None)
     assert answered == {"ok": 6000}  # every call of the flood answered: the bridge reads no faster than it runs
@@ -170,7 +170,7 @@ shuffled = run_tools([("NAP", {"i": i, "seconds": random.random() / 20}) for i i
 (elapsed, [r for r, _ in pairs] == list(range(1000)), all(e is None for _, e in pairs),
  [r for r, _ in shuffled] == list(range(64)))
 """)
-    elapsed, in_order, no_errors, shuffled_in_order = eval(result.text)  # noqa: S307
+    elapsed, in_order, no_errors, shuffled_in_order = eval(result.text)
     assert in_order and no_errors and shuffled_in_order
     assert elapsed < 3.0, f"1,000 calls of 50 ms with 32 workers took {elapsed:.2f}s"
     progress = [o.text for o in result.results if o.type == "display_data"]
@@ -184,7 +184,7 @@ pairs = run_tools([("LIMITED", {"key": "a", "fail_times": 2}), ("LIMITED", {"key
                    ("FLAKY", {"key": "c"})], retries=3)
 [(r, e.kind if e else None) for r, e in pairs]
 """)
-    assert eval(result.text) == [("a after 3 calls", None), (None, "rate_limited"), (None, "tool_error")]  # noqa: S307
+    assert eval(result.text) == [("a after 3 calls", None), (None, "rate_limited"), (None, "tool_error")]
     assert calls["a"] == 3 and calls["b"] == 4 and calls["c"] == 1  # b: first try + 3 retries; c: never retried
 
 
@@ -195,7 +195,7 @@ big, error = run_tool("ROWS", {"n": 5000})
 small = run_tools([("ROWS", {"n": 2}), ("ROWS", {"n": 3}), ("NO_SUCH_TOOL", {})], as_table=True)
 (type(big).__name__, len(big.table()), big.value()[4999]["square"], small.shape, list(small["_call"]))
 """)
-    assert eval(result.text) == ("Offloaded", 5000, 4999**2, (5, 4), [0, 0, 1, 1, 1])  # noqa: S307
+    assert eval(result.text) == ("Offloaded", 5000, 4999**2, (5, 4), [0, 0, 1, 1, 1])
 
 
 def test_no_secret_reaches_the_sandbox(bridged: tuple[Session, Session]) -> None:
@@ -235,7 +235,7 @@ import os
 (sorted(os.listdir('/run/workbench')), os.path.exists({str(first._kernel.runtime_dir)!r}),
  {first.session_id!r} in open('/proc/self/mountinfo').read())
 """).text
-    files, other_visible, other_mounted = eval(seen)  # noqa: S307
+    files, other_visible, other_mounted = eval(seen)
     assert "bridge" in files and not other_visible and not other_mounted
     entries = [e for e in second.logs() if e.kind == "tool"]
     assert [(e.detail["slug"], e.status) for e in entries] == [("OTHER_KIT", "ok"), ("NAP", "not_allowed")]

@@ -35,7 +35,7 @@ def test_write_read_list_remove_and_the_kernel_sees_the_same_files(session: Sess
     files.remove("out")
     assert not files.exists("out")
     assert session.execute("import os; os.path.exists('out')").text == "False"
-    with pytest.raises(WorkspaceFileNotFoundError, match="no file data/missing.txt"):
+    with pytest.raises(WorkspaceFileNotFoundError, match=r"no file data/missing\.txt"):
         files.read("data/missing.txt")
     with pytest.raises(FileNotFoundError):  # also a plain FileNotFoundError
         files.remove("data/missing.txt")
@@ -51,7 +51,8 @@ def test_every_way_out_is_refused(session: Session, wb: Workbench) -> None:
                str(session.workspace.parent / "other-session" / "x"), "passwd", "etc/hostname", "up/x",
                "etc", "bad\0name"]
     for path in escapes:
-        for attempt in (lambda: files.read(path), lambda: files.write(path, b"x"), lambda: files.list(path)):
+        for attempt in (lambda p=path: files.read(p), lambda p=path: files.write(p, b"x"),
+                        lambda p=path: files.list(p)):
             with pytest.raises(PathOutsideWorkspaceError):
                 attempt()
     with pytest.raises(PathOutsideWorkspaceError):
@@ -95,7 +96,7 @@ def test_a_write_past_the_workspace_cap_is_refused_and_loses_nothing(wb: Workben
     with wb.create(user_id="alice", limits={"workspace_size": "1m"}) as session:
         files = session.files
         files.write("a.bin", b"a" * 600_000)
-        with pytest.raises(WorkspaceFullError, match="size cap of 1.0 MiB"):
+        with pytest.raises(WorkspaceFullError, match=r"size cap of 1\.0 MiB"):
             files.write("b.bin", b"b" * 600_000)
         assert not files.exists("b.bin")
         assert [e.path for e in files.list()] == ["a.bin"]  # no partial file left behind

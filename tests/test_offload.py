@@ -71,7 +71,7 @@ def tooled(wb: Workbench) -> Iterator[Session]:
                 "conflict": lambda: [{"a": i} for i in range(n)] + [{"a": "not a number"}],
                 "drift": lambda: [{"i": i, "score": i, "pad": "x" * 100} for i in range(n)]
                 + [{"i": i, "score": i + 0.5, "late": {"k": [i]}} for i in range(n)],
-                "odd": lambda: {"when": datetime.datetime(2026, 11, 21, 10, 30, tzinfo=datetime.timezone.utc),
+                "odd": lambda: {"when": datetime.datetime(2026, 11, 21, 10, 30, tzinfo=datetime.UTC),
                                 "price": decimal.Decimal("12.30"), "raw": b"\x00\xffhi", "count": np.int64(3),
                                 "vector": np.arange(3), "repo": Repo(name="a/b", stars=5), "tags": {"x"},
                                 "point": Point(1.0, 2.5), "day": datetime.date(2026, 11, 21)},

@@ -10,14 +10,14 @@ from workbench import Workbench
 from workbench.pool import LABEL_POOL
 
 
-def wait_for(condition, timeout: float = 60.0) -> None:  # noqa: ANN001
+def wait_for(condition, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, "timed out waiting"
         time.sleep(0.05)
 
 
-def containers(wb: Workbench) -> list:  # noqa: ANN201
+def containers(wb: Workbench) -> list:
     return wb.docker.containers.list(all=True, filters={"label": f"workbench.home={wb.home_label}"})
 
 

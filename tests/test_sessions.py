@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import os
@@ -117,7 +118,7 @@ def test_ten_sessions_run_in_parallel_and_each_keeps_its_order(wb: Workbench) ->
         with ThreadPoolExecutor(10) as pool:
             spans = list(pool.map(drive, sessions))
         for own in spans:  # one at a time within a session
-            assert all(end <= next_start for (_, end), (next_start, _) in zip(own, own[1:]))
+            assert all(end <= next_start for (_, end), (next_start, _) in itertools.pairwise(own))
         # and sessions overlap each other: some cell of every session ran while another session's cell ran
         for i, own in enumerate(spans):
             others = [span for j, theirs in enumerate(spans) if j != i for span in theirs]

@@ -90,7 +90,7 @@ def test_concurrent_store_opens_lose_no_tool_call(tmp_path: Path) -> None:
                 for i in range(25):
                     store.log("s", "tool", "ok", 0.0, {"t": t, "r": round_, "i": i}, touch=False)
                 store.close()
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]

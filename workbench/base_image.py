@@ -96,7 +96,7 @@ def _run(argv: list[str], progress: Progress, what: str) -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
             line = line.rstrip()
-            tail = (tail + [line])[-20:]
+            tail = [*tail, line][-20:]
             progress(f"  {line}")
     if proc.returncode != 0:
         raise ImageBuildError(f"{what} failed (exit {proc.returncode}):\n" + "\n".join(tail))

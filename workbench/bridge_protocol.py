@@ -91,7 +91,7 @@ def parse_request(payload: bytes) -> Request:
     if not isinstance(raw, dict):
         raise BadRequest("request must be a JSON object")
     rid = raw.get("id")
-    if not (isinstance(rid, int) and not isinstance(rid, bool) or isinstance(rid, str) and len(rid) <= MAX_ID):
+    if not ((isinstance(rid, int) and not isinstance(rid, bool)) or (isinstance(rid, str) and len(rid) <= MAX_ID)):
         rid = None
     try:
         request = Request.model_validate(raw)

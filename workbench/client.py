@@ -213,7 +213,7 @@ class Workbench:
             _discard(kernel)
             try:
                 self.store.set_status(record.session_id, "closed")
-            except Exception as exc:  # noqa: BLE001 -- the start's own error is the one to raise
+            except Exception as exc:
                 log.warning("could not mark session %s closed: %s", record.session_id, exc)
             raise
         return self._register(Session(self, record, kernel))

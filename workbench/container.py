@@ -159,7 +159,8 @@ def run_sandbox(
     except ImageNotFound:
         raise ImageNotFoundError(f"kernel image {image} not found: build it with `workbench image build`") from None
     except APIError as exc:
-        raise DockerUnavailableError(f"the Docker engine refused to start the sandbox: {exc.explanation or exc}") from exc
+        raise DockerUnavailableError(
+            f"the Docker engine refused to start the sandbox: {exc.explanation or exc}") from exc
 
 
 def exit_reason(container: Container) -> str | None:

@@ -12,7 +12,7 @@ from .errors import DockerUnavailableError
 log = logging.getLogger(__name__)
 
 
-def connect(timeout: float = 60) -> docker.DockerClient:
+def connect(timeout: int = 60) -> docker.DockerClient:
     """A client for the engine named by DOCKER_HOST (or the local socket), checked with a ping."""
     try:
         client = docker.from_env(timeout=timeout, max_pool_size=64)

@@ -66,7 +66,8 @@ class _Capped:
         if self.spill is not None:
             self._spill_write(text)
         elif self._spill_open is not None and self.total > self.limit:
-            self._spill_open, opener = None, self._spill_open
+            opener: Callable[[], Any] = self._spill_open
+            self._spill_open = None
             try:
                 self.spill = opener()
             except (WorkbenchError, OSError):  # e.g. the sandbox put a file or symlink at .outputs: no spill
@@ -147,6 +148,10 @@ class Outcome:
         self.drop_reasons[reason] = self.drop_reasons.get(reason, 0) + 1
 
 
+def _spill_opener(spill: Spill, name: str) -> Callable[[], Any]:
+    return lambda: spill(name)
+
+
 def run_cell(
     client: BlockingKernelClient,
     code: str,
@@ -175,7 +180,7 @@ def run_cell(
     started = time.monotonic()
     result = ExecutionResult()
     outcome = Outcome(result=result, streams={
-        name: _Capped(output_limit, (lambda n=name: spill(f"{n}.txt")) if spill else None)
+        name: _Capped(output_limit, _spill_opener(spill, f"{name}.txt") if spill else None)
         for name in ("stdout", "stderr")}, output_limit=output_limit, budget=output_limit, spill=spill)
     msg_id = client.execute(code, allow_stdin=False, stop_on_error=False)
     iopub, shell = client.iopub_channel, client.shell_channel
@@ -192,7 +197,7 @@ def run_cell(
     while not (idle_seen and outcome.reply_seen):
         now = time.monotonic()
         if reply_at is not None and now - max(reply_at, last_output) > IDLE_GRACE:
-            break  # the idle was lost: our outputs stopped arriving (a large one may still be on its way after the reply)
+            break  # the idle was lost: our outputs stopped (a large one may still be on its way after the reply)
         if idle_at is not None and now - idle_at > IDLE_GRACE:  # the reply was lost (the shell channel broke)
             break
         if deadline is not None and now >= deadline:
@@ -211,7 +216,7 @@ def run_cell(
             interrupted_ours = True
             deadline = now + interrupt_grace
         wait = HEALTH_INTERVAL if deadline is None else max(min(HEALTH_INTERVAL, deadline - now), 0.0)
-        events = dict(poller.poll(wait * 1000))
+        events = dict(poller.poll(int(wait * 1000)))
         if not events or now - last_health >= 1.0:
             last_health = time.monotonic()
             if (reason := exit_reason()) is not None:
@@ -264,7 +269,7 @@ def _receive(channel: Any, outcome: Outcome) -> dict[str, Any] | None:
         return None
     except zmq.ZMQError:
         raise
-    except Exception as exc:  # noqa: BLE001  jupyter-client refused it: bad signature, a replay, too few frames, bad JSON
+    except Exception as exc:
         outcome.drop(f"unreadable: {type(exc).__name__}: {str(exc)[:100]}")
         return _DROPPED
     if not (isinstance(msg, dict) and isinstance(msg.get("msg_type"), str) and isinstance(msg.get("header"), dict)

@@ -129,7 +129,7 @@ def python_mounts(client: docker.DockerClient, tag: str = DEFAULT_IMAGE) -> dict
         image_id = client.images.get(tag).id
     except ImageNotFound:
         return {}
-    copy = _python_copy(image_id)
+    copy = _python_copy(str(image_id))
     if not (copy / ".complete").exists():
         return {}
     return {str(copy / tree): "/" + tree for tree in PYTHON_TREES}
@@ -141,7 +141,7 @@ def _python_copy(image_id: str) -> Path:
 
 def _copy_python(client: docker.DockerClient, tag: str, progress: Progress) -> None:
     """Copy the image's Python trees to the host once per image (and drop the copies of older images)."""
-    image_id = client.images.get(tag).id
+    image_id = str(client.images.get(tag).id)
     target = _python_copy(image_id)
     if (target / ".complete").exists():
         return
@@ -155,7 +155,7 @@ def _copy_python(client: docker.DockerClient, tag: str, progress: Progress) -> N
         assert tar.stdin is not None
         try:
             for chunk in container.export(chunk_size=1 << 20):
-                tar.stdin.write(chunk)
+                tar.stdin.write(chunk)  # type: ignore[call-overload]  # docker-py yields bytes
         finally:
             tar.stdin.close()
             error = tar.stderr.read().decode(errors="replace") if tar.stderr else ""
@@ -220,7 +220,7 @@ def _import_runtime(client: docker.DockerClient, tag: str, staged: Path, work: P
     try:
         with open(tarball, "wb") as out:
             for chunk in container.export(chunk_size=1 << 20):
-                out.write(chunk)
+                out.write(chunk)  # type: ignore[arg-type]  # docker-py yields bytes
     finally:
         container.remove(force=True)
     # Only the site dir's entries are appended: the export already holds its parent folders.
@@ -241,7 +241,7 @@ def _import_runtime(client: docker.DockerClient, tag: str, staged: Path, work: P
     for image in client.images.list(name=RUNTIME_REPOSITORY):  # older runtimes are no longer needed
         if tag not in image.tags:
             try:
-                client.images.remove(image.id)
+                client.images.remove(str(image.id))
             except APIError:
                 pass  # still used by an image or a container
 
@@ -249,7 +249,8 @@ def _import_runtime(client: docker.DockerClient, tag: str, staged: Path, work: P
 def _docker_build(client: docker.DockerClient, context: Path, tag: str, runtime: str, progress: Progress) -> None:
     buildargs = {"RUNTIME_IMAGE": runtime, "INPUTS": inputs_hash()}  # the Dockerfile labels the image with INPUTS
     try:
-        for chunk in client.api.build(path=str(context), tag=tag, buildargs=buildargs, rm=True, forcerm=True, decode=True, pull=False):
+        for chunk in client.api.build(path=str(context), tag=tag, buildargs=buildargs, rm=True, forcerm=True,
+                                      decode=True, pull=False):
             if "error" in chunk:
                 raise ImageBuildError(f"building {tag} failed: {chunk['error'].strip()}")
             line = chunk.get("stream", "").rstrip()

@@ -157,8 +157,9 @@ class Kernel:
                 hand_over(fd)  # readable by the kernel only (the runtime dir is 0700 as well)
                 out.write(json.dumps({**info, "ip": f"{RUNTIME}/{SOCKETS}/k"}))
             os.mkdir(SOCKETS, 0o700, dir_fd=runtime)
-            self._hold_sockets(os.open(SOCKETS, _DIR, dir_fd=runtime))
-            hand_over(self._sockets)  # the kernel binds its sockets there, then the folder is locked (see _lock)
+            sockets = os.open(SOCKETS, _DIR, dir_fd=runtime)
+            self._hold_sockets(sockets)
+            hand_over(sockets)  # the kernel binds its sockets there, then the folder is locked (see _lock)
         finally:
             os.close(runtime)
         self.container = run_sandbox(
@@ -233,7 +234,7 @@ class Kernel:
     def record(self) -> KernelRecord:
         """What another process needs to reattach to this kernel."""
         assert self.container is not None and self.connection is not None
-        return KernelRecord(kernel_id=self.kernel_id, container_id=self.container.id, connection=self.connection)
+        return KernelRecord(kernel_id=self.kernel_id, container_id=str(self.container.id), connection=self.connection)
 
     def _connect(self, info: dict, timeout: float | None) -> None:
         client = _Client(context=zmq_context())
@@ -363,8 +364,8 @@ class Kernel:
         )
         result = outcome.result
         if outcome.reply_seen != outcome.idle_seen and outcome.dead is None:
-            # a channel lost messages: a flood past the queues, or a message over its channel's limit, after which libzmq
-            # drops the connection for good (a protocol error is not reconnected). Connect again.
+            # a channel lost messages: a flood past the queues, or a message over its channel's limit, after which
+            # libzmq drops the connection for good (a protocol error is not reconnected). Connect again.
             log.warning("kernel %s: its %s messages stopped arriving; reconnecting", self.kernel_id,
                         "iopub" if outcome.reply_seen else "shell")
             self._reconnect()
@@ -421,7 +422,7 @@ def _parent_id(channel: Any) -> Any:
         return None
     except zmq.ZMQError:
         raise
-    except Exception as exc:  # noqa: BLE001  a bad signature, a replay, garbage frames: the kernel is not to be trusted
+    except Exception as exc:
         log.warning("dropped an unreadable kernel message: %s: %s", type(exc).__name__, str(exc)[:100])
         return None
     parent = msg.get("parent_header") if isinstance(msg, dict) else None

@@ -1,7 +1,8 @@
 """Routing a tool's response: small ones inline, large ones into the session's workspace with a short envelope.
 
 A large response is written on the host straight into `.responses/` of the workspace as JSON (plain text as
-.txt); when it is, or holds, a list of records, an Arrow IPC file made by pyarrow's JSON reader goes beside it. In the kernel, `responses[id]` and `tables[id]` load them lazily.
+.txt); when it is, or holds, a list of records, an Arrow IPC file made by pyarrow's JSON reader goes beside
+it. In the kernel, `responses[id]` and `tables[id]` load them lazily.
 """
 from __future__ import annotations
 
@@ -98,9 +99,8 @@ def _records_in(value: Any) -> tuple[str, list[Any]] | None:
         found = _records_in(item) if isinstance(item, list) else None
         if found is None and isinstance(item, dict):
             for inner_key, inner in item.items():
-                if isinstance(inner, list) and _all_records(inner):
-                    if best is None or len(inner) > len(best[1]):
-                        best = (f"{key}.{inner_key}", inner)
+                if isinstance(inner, list) and _all_records(inner) and (best is None or len(inner) > len(best[1])):
+                    best = (f"{key}.{inner_key}", inner)
         elif found is not None and (best is None or len(found[1]) > len(best[1])):
             best = (str(key), found[1])
     return best
@@ -186,10 +186,11 @@ def _write_records(head: list[bytes], rest: Iterator[bytes], files: Files,
             if len(parsing) >= 2:
                 wait([parsing[-2]])  # at most two chunks in flight: memory stays bounded
             parsing.append(parser.submit(_parse, chunk))
-            for batch in chunk if out is not None else ():
-                out.write(b"[" if first else b",")
-                out.write(memoryview(batch)[1:-1])
-                first = False
+            if out is not None:
+                for batch in chunk:
+                    out.write(b"[" if first else b",")
+                    out.write(memoryview(batch)[1:-1])
+                    first = False
             del chunk
         if out is not None:
             out.write(b"[]" if first else b"]")
@@ -253,9 +254,8 @@ def _describe_table(envelope: OffloadEnvelope, files: Files, table: pa.Table | N
                          "could not be made into one table).")
         return
     table_path = f"{RESPONSES}/{rid}.arrow"
-    with files.writer(table_path) as out:
-        with ipc.new_file(pa.PythonFile(out, mode="w"), table.schema) as writer:
-            writer.write_table(table)
+    with files.writer(table_path) as out, ipc.new_file(pa.PythonFile(out, mode="w"), table.schema) as writer:
+        writer.write_table(table)
     envelope.table_path, envelope.records = table_path, table.num_rows
     envelope.columns = {field.name: str(field.type) for field in table.schema}
     where = f" (the records at {envelope.records_at!r} in the response)" if envelope.records_at else ""

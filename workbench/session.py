@@ -432,7 +432,7 @@ class Session:
             for what, step in steps:
                 try:
                     step()
-                except Exception as exc:  # noqa: BLE001 -- closing goes on; the problem is logged
+                except Exception as exc:
                     self.log.warning("closing session: could not %s: %s", what, exc)
 
     def _resize_workspace(self, size: int, restart_if_needed: bool) -> bool:

@@ -1,6 +1,7 @@
 """The session store: SQLite under WORKBENCH_HOME, the one source of truth for sessions, configs and logs."""
 from __future__ import annotations
 
+import builtins
 import fcntl
 import functools
 import json
@@ -211,8 +212,8 @@ class Store:
         return _record(row)
 
     @_guarded
-    def list(self, user_id: str | None = None, status: str | None = "open") -> list[SessionRecord]:
-        sql, args = "SELECT * FROM sessions WHERE 1=1", []
+    def list(self, user_id: str | None = None, status: str | None = "open") -> builtins.list[SessionRecord]:
+        sql, args = "SELECT * FROM sessions WHERE 1=1", builtins.list[str]()
         if user_id is not None:
             sql, args = sql + " AND user_id = ?", [*args, user_id]
         if status is not None:
@@ -394,7 +395,7 @@ class Store:
                 db.execute("DELETE FROM journal_marks WHERE name = ?", (retire[1],))
                 os.close(retire[0])
 
-    def _prune(self, db: sqlite3.Connection, batch: list[tuple]) -> None:
+    def _prune(self, db: sqlite3.Connection, batch: builtins.list[tuple]) -> None:
         """Delete a session's oldest log entries beyond LOG_KEEP, every _PRUNE_EVERY entries it adds."""
         for entry in batch:
             self._added[entry[0]] = self._added.get(entry[0], 0) + 1
@@ -472,7 +473,7 @@ class Store:
         self._commit(queued)
 
     @_guarded
-    def logs(self, session_id: str, limit: int = 1000) -> list[LogEntry]:
+    def logs(self, session_id: str, limit: int = 1000) -> builtins.list[LogEntry]:
         self.flush()
         self._recover()
         rows = self._exec("SELECT * FROM logs WHERE session_id = ? ORDER BY id DESC LIMIT ?",
@@ -523,7 +524,7 @@ def _flush_journal(ref: weakref.ref[Store], due: threading.Condition) -> None:
             due.release()  # _commit takes the connection, then _queue
             try:
                 store._commit(upto)
-            except Exception as exc:  # noqa: BLE001  e.g. the file locked too long: the entries wait, journaled
+            except Exception as exc:
                 log.warning("could not copy journaled tool calls into the logs table of %s: %s", store.path, exc)
                 retry = True
             else:

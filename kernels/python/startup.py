@@ -10,11 +10,10 @@ from workbench_sandbox import (  # noqa: F401  (preloaded globals: see help(run_
     tables,
     tool_schema,
 )
+from workbench_sandbox.streams import split_large_streams
 
 _prepare_environment()
 del _prepare_environment
-
-from workbench_sandbox.streams import split_large_streams
 
 split_large_streams()  # a print past 32 MiB still reaches the host, in parts
 del split_large_streams

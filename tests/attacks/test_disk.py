@@ -240,7 +240,7 @@ def test_sandboxes_run_as_a_uid_no_host_account_has_and_another_host_user_reache
         "except OSError as exc: print('refused', exc.errno)\n"
     )
     # a real login of this host (uid 1000 when there is one, the sandbox's old uid), and an unused uid
-    others = [u.pw_uid for u in pwd.getpwall() if 1000 <= u.pw_uid < 60000][:1] + [54321]
+    others = [*[u.pw_uid for u in pwd.getpwall() if 1000 <= u.pw_uid < 60000][:1], 54321]
     python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable  # not under /root
     for other in others:
         proc = subprocess.run(
@@ -329,7 +329,7 @@ def test_workspace_size_can_be_changed_and_not_below_what_is_used(wb: Workbench)
 
     with wb.create(user_id="resizer", limits={"workspace_size": "32m"}) as s:
         s.files.write("keep.bin", b"k" * (3 * MiB))
-        with pytest.raises(SessionError, match="shrink|remove files"):
+        with pytest.raises(SessionError, match=r"shrink|remove files"):
             s.update(limits={"workspace_size": "2m"})
         try:
             s.update(limits={"workspace_size": "128m"})  # online, when this host's kernel allows it (root with

@@ -216,7 +216,7 @@ def _ask(request: dict[str, Any], wait: float) -> dict[str, Any]:
         while (left := deadline - time.monotonic()) > 0:
             for reply in connection.pump(left):
                 # an answer to a frame the host could not read, or a refused connection, has no id
-                if reply.get("id") == request["id"] or reply.get("id") is None and not reply.get("ok"):
+                if reply.get("id") == request["id"] or (reply.get("id") is None and not reply.get("ok")):
                     return reply
     except OSError as exc:
         connection.close()
