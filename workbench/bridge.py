@@ -9,8 +9,8 @@ thread pool, handed out round-robin between sessions, and each call goes through
 The sandbox is hostile, so everything it can do to the bridge is bounded per session: connections, bytes
 buffered (requests over 256 KiB need one of two permits, and are parsed on a call's thread, not the
 loop's), calls waiting and calls holding a thread (a call past its timeout is answered at once but counts
-until its thread really returns), and unread replies. A session over a bound is slowed (its sockets are not read) or its connection is closed; others are not
-affected. The socket is bound in a host-only folder, then renamed into the runtime dir, so no symlink the
+until its thread really returns), and unread replies. A session over a bound is slowed (its sockets are
+not read) or its connection is closed; others are not affected. The socket is bound in a host-only folder, then renamed into the runtime dir, so no symlink the
 sandbox plants is ever followed.
 """
 from __future__ import annotations
