@@ -10,8 +10,8 @@ The sandbox is hostile, so everything it can do to the bridge is bounded per ses
 buffered (requests over 256 KiB need one of two permits, and are parsed on a call's thread, not the
 loop's), calls waiting and calls holding a thread (a call past its timeout is answered at once but counts
 until its thread really returns), and unread replies. A session over a bound is slowed (its sockets are
-not read) or its connection is closed; others are not affected. The socket is bound in a host-only folder, then renamed into the runtime dir, so no symlink the
-sandbox plants is ever followed.
+not read) or its connection is closed; others are not affected. The socket is bound in a host-only
+folder, then renamed into the runtime dir, so no symlink the sandbox plants is ever followed.
 """
 from __future__ import annotations
 
