@@ -46,5 +46,5 @@ def run_demo(session: Session) -> None:
             out.print(str(result) or "(no output)", markup=False)
             out.print(f"[dim]{result.duration * 1000:.1f} ms[/dim]")
     finally:
-        session.close()
-        out.print(f"session closed; its workspace is kept at {session.workspace}", soft_wrap=True)
+        session.close(delete_workspace=True)
+        out.print("session closed, its container and workspace removed", soft_wrap=True)
