@@ -74,3 +74,12 @@ def test_gc_from_the_command_line_reports_the_running_kernels_it_leaves_alone(tm
     finally:
         for container in wb.docker.containers.list(all=True, filters={"label": f"workbench.home={first.home_label}"}):
             container.remove(force=True)
+
+
+def test_the_demo_runs_and_leaves_nothing_behind(wb: Workbench, tmp_path: Path) -> None:
+    home = tmp_path / "demo-home"
+    out = cli(home, "demo").stdout
+    assert "ZeroDivisionError" in out and "session closed" in out
+    with Workbench(home=home, pool_size=0, idle_timeout=None) as again:
+        left = wb.docker.containers.list(all=True, filters={"label": f"workbench.home={again.home_label}"})
+    assert not left and not any((home / "workspaces").iterdir())
