@@ -153,3 +153,35 @@ def fresh(wb: Workbench) -> Iterator[Session]:
     s = wb.create(user_id="test-user")
     yield s
     s.close()
+
+
+BRIDGE_CLIENT = """
+import json, socket, struct
+def connect():
+    raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    raw.connect("/run/workbench/bridge")
+    raw.settimeout(60)
+    return raw
+def frame(body):
+    return struct.pack(">I", len(body)) + body
+def read(raw):
+    head = b""
+    while len(head) < 4:
+        chunk = raw.recv(4 - len(head))
+        if not chunk:
+            return None
+        head += chunk
+    size, body = struct.unpack(">I", head)[0], b""
+    while len(body) < size:
+        body += raw.recv(size - len(body))
+    return json.loads(body)
+def request(**fields):
+    return frame(json.dumps({"v": 1, **fields}).encode())
+"""
+
+
+@pytest.fixture(scope="session")
+def bridge_client() -> str:
+    """Sandbox code speaking the bridge's wire format by hand (connect, frame, read, request), for tests that
+    send what run_tool never would."""
+    return BRIDGE_CLIENT

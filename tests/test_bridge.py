@@ -106,34 +106,11 @@ pairs = {
     assert run(session, "run_tool('NAP', {'i': 2, 'seconds': 0})").text == "(2, None)"  # still serving
 
 
-RAW = """
-import json, socket, struct
-def connect():
-    raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    raw.connect("/run/workbench/bridge")
-    raw.settimeout(20)
-    return raw
-def frame(body):
-    return struct.pack(">I", len(body)) + body
-def read(raw):
-    head = b""
-    while len(head) < 4:
-        chunk = raw.recv(4 - len(head))
-        if not chunk:
-            return None
-        head += chunk
-    size, body = struct.unpack(">I", head)[0], b""
-    while len(body) < size:
-        body += raw.recv(size - len(body))
-    return json.loads(body)
-def request(**fields):
-    return frame(json.dumps({"v": 1, **fields}).encode())
-"""
 
 
-def test_malformed_oversized_and_flooding_frames_do_not_stop_the_bridge(bridged: tuple[Session, Session]) -> None:
+def test_malformed_oversized_and_flooding_frames_do_not_stop_the_bridge(bridged: tuple[Session, Session], bridge_client: str) -> None:
     session, _ = bridged
-    code = RAW + """
+    code = bridge_client + """
 raw = connect()
 def ask(body):
     raw.sendall(frame(body))

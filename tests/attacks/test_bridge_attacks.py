@@ -10,33 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from host_probes import memory
 
 from workbench import Session, Workbench
 from workbench.bridge import CONCURRENCY, MAX_CONNECTIONS
-
-RAW = """
-import json, socket, struct
-def connect():
-    raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    raw.connect("/run/workbench/bridge")
-    raw.settimeout(30)
-    return raw
-def frame(body):
-    return struct.pack(">I", len(body)) + body
-def read(raw):
-    head = b""
-    while len(head) < 4:
-        chunk = raw.recv(4 - len(head))
-        if not chunk:
-            return None
-        head += chunk
-    size, body = struct.unpack(">I", head)[0], b""
-    while len(body) < size:
-        body += raw.recv(size - len(body))
-    return json.loads(body)
-def request(**fields):
-    return frame(json.dumps({"v": 1, **fields}).encode())
-"""
 
 running = {"now": 0, "most": 0}
 guard = threading.Lock()
@@ -114,9 +91,9 @@ threading.Thread(target=swap, daemon=True).start()
     victim_is_served(victim)
 
 
-def test_timeouts_of_any_size_are_bounded_and_the_bridge_keeps_serving(pair: tuple[Session, Session]) -> None:
+def test_timeouts_of_any_size_are_bounded_and_the_bridge_keeps_serving(pair: tuple[Session, Session], bridge_client: str) -> None:
     attacker, victim = pair
-    kinds = run(attacker, RAW + """
+    kinds = run(attacker, bridge_client + """
 raw = connect()
 def ask(timeout):
     raw.sendall(request(id=1, op="call", slug="ATTACK_SLEEP", arguments={}, timeout=timeout))
@@ -175,9 +152,9 @@ out[0][1].kind
     assert run(attacker, "run_tool('ATTACK_SLEEP', {'pad': 'ab'})") == (2, None)
 
 
-def test_a_flood_from_one_sandbox_does_not_starve_another(pair: tuple[Session, Session]) -> None:
+def test_a_flood_from_one_sandbox_does_not_starve_another(pair: tuple[Session, Session], bridge_client: str) -> None:
     attacker, victim = pair
-    run(attacker, RAW + """
+    run(attacker, bridge_client + """
 import threading
 def flood():
     raw = connect()
@@ -211,10 +188,10 @@ sorted(set(e.kind for _, e in pairs if e))
 
 
 def test_large_requests_and_unread_replies_do_not_pile_up_in_host_memory(
-        wb: Workbench, pair: tuple[Session, Session]) -> None:
+        wb: Workbench, pair: tuple[Session, Session], bridge_client: str) -> None:
     attacker, victim = pair
-    rss = _rss()
-    answered = run(attacker, RAW + """
+    rss = memory()
+    answered = run(attacker, bridge_client + """
 raw = connect()
 pad = "x" * (7 << 20)
 for i in range(60):
@@ -231,7 +208,7 @@ reply = read(probe)
 """, timeout=120)
     kind, size = answered
     assert kind == "bad_request" and size < 3000  # the error does not echo the slug
-    grown = _rss() - rss
+    grown = memory() - rss
     assert grown < 150 << 20, f"host memory grew by {grown >> 20} MiB"
     time.sleep(0.5)
     stats = wb._bridge.stats(attacker.session_id)  # every call answered: nothing is still held for them
@@ -239,17 +216,11 @@ reply = read(probe)
     victim_is_served(victim)
 
 
-def _rss() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
 
 
 def test_a_bridge_loop_that_dies_is_started_again(wb: Workbench, pair: tuple[Session, Session]) -> None:
     attacker, victim = pair
-    loop = wb._bridge._running_loop()
+    loop, _ = wb._bridge._running_loop()
     loop.call_soon_threadsafe(_raise_system_exit)  # the worst a bug in the loop could do: end its thread
     time.sleep(0.5)
     assert not loop.is_running()

@@ -1,5 +1,5 @@
-"""New ways through, found after issue 10's fixes: each reproduces an attack from inside a real sandbox (or from
-what a sandbox controls) and is marked xfail(strict) until it is fixed; attacks that held are plain tests."""
+"""Ways through found by attacking issue 10's fixes, each reproduced from inside a real sandbox (or from what a
+sandbox controls) and now held; the one known limit is marked xfail(strict), so fixing it shows."""
 from __future__ import annotations
 
 import os
@@ -11,33 +11,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from host_probes import memory, reset_peak_memory
 
 from workbench import Session, Workbench
 from workbench.errors import FileError
-
-RAW = """
-import json, socket, struct
-def connect():
-    raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    raw.connect("/run/workbench/bridge")
-    raw.settimeout(60)
-    return raw
-def frame(body):
-    return struct.pack(">I", len(body)) + body
-def read(raw):
-    head = b""
-    while len(head) < 4:
-        chunk = raw.recv(4 - len(head))
-        if not chunk:
-            return None
-        head += chunk
-    size, body = struct.unpack(">I", head)[0], b""
-    while len(body) < size:
-        body += raw.recv(size - len(body))
-    return json.loads(body)
-def request(**fields):
-    return frame(json.dumps({"v": 1, **fields}).encode())
-"""
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +47,8 @@ def run(session: Session, code: str, timeout: float = 120) -> Any:
 
 # 1. bridge: an invalid_arguments reply echoes every argument name, unbounded --------------------------------------
 
-def test_an_invalid_arguments_reply_does_not_echo_the_arguments(attacker: Session) -> None:
-    size, kind = run(attacker, RAW + """
+def test_an_invalid_arguments_reply_does_not_echo_the_arguments(attacker: Session, bridge_client: str) -> None:
+    size, kind = run(attacker, bridge_client + """
 raw = connect()
 arguments = {f"k{i}": 0 for i in range(300_000)}   # about 3.5 MB of JSON, under the 8 MB frame limit
 raw.sendall(request(id=1, op="call", slug="FOUND_REPO", arguments=arguments))
@@ -160,9 +137,9 @@ def victim_wait(victim: Session) -> float:
     return time.monotonic() - started
 
 
-def test_frames_that_are_slow_to_parse_do_not_starve_another_session(attacker: Session, victim: Session) -> None:
+def test_frames_that_are_slow_to_parse_do_not_starve_another_session(attacker: Session, victim: Session, bridge_client: str) -> None:
     assert victim_wait(victim) < 2.0
-    run(attacker, RAW + """
+    run(attacker, bridge_client + """
 import threading, time
 junk = b'{"v":1,"id":1,"op":"nope","arguments":{"a":[' + b','.join([b'[]'] * 2_700_000) + b']}}'
 stop_at = time.monotonic() + 20
@@ -251,27 +228,10 @@ def test_exec_survives_a_lone_surrogate_in_the_output(wb: Workbench, attacker: S
     assert proc.returncode == 0 and "the end" in proc.stdout
 
 
-# 7. the kernel's IPC sockets: a symlink planted at k-* is followed by the host's ZMQ connect ------------------------
-
-def _hwm_reset() -> None:
-    with open("/proc/self/clear_refs", "w") as refs:
-        refs.write("5")  # resets VmHWM, the peak resident size
 
 
-def _hwm() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmHWM")
 
 
-def _rss() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
 
 
 def test_one_message_of_tiny_values_neither_stalls_nor_bloats_the_host(fresh: Session) -> None:
@@ -298,15 +258,15 @@ def test_one_message_of_tiny_values_neither_stalls_nor_bloats_the_host(fresh: Se
         'sent'
         """)
     ticker = threading.Thread(target=tick, daemon=True)
-    rss = _rss()
-    _hwm_reset()
+    rss = memory()
+    reset_peak_memory()
     ticker.start()
     try:
         result = fresh.execute(code, timeout=120)
     finally:
         stop.set()
         ticker.join()
-    grown = _hwm() - rss
+    grown = memory("VmHWM") - rss
     assert result.error is None, result
     problems = [f"every other host thread was held for {max(gaps):.1f}s"] if max(gaps) >= 1.0 else []
     if grown >= 150 << 20:
@@ -316,9 +276,9 @@ def test_one_message_of_tiny_values_neither_stalls_nor_bloats_the_host(fresh: Se
 
 # 9. bridge: waiting requests are counted in payload bytes, but held parsed (many times larger) -----------------------
 
-def test_waiting_requests_hold_host_memory_near_their_byte_count(wb: Workbench, attacker: Session) -> None:
-    rss = _rss()
-    run(attacker, RAW + """
+def test_waiting_requests_hold_host_memory_near_their_byte_count(wb: Workbench, attacker: Session, bridge_client: str) -> None:
+    rss = memory()
+    run(attacker, bridge_client + """
 import threading
 pad = '[' + ','.join(['[]'] * 83_000) + ']'
 def calls(n):
@@ -333,7 +293,7 @@ for _ in range(8):
 """)
     time.sleep(4)
     stats = wb._bridge.stats(attacker.session_id)
-    grown = _rss() - rss
+    grown = memory() - rss
     time.sleep(14)  # the calls end before the next test
     assert stats["waiting_bytes"] <= 16 << 20
     assert grown < 150 << 20, f"{stats} took {grown >> 20} MiB of host memory"
@@ -379,10 +339,10 @@ def test_a_message_of_many_frames_is_bounded_in_host_memory(fresh: Session) -> N
         import time; time.sleep(2)
         'sent'
         """)
-    rss = _rss()
-    _hwm_reset()
+    rss = memory()
+    reset_peak_memory()
     result = fresh.execute(code, timeout=60)
-    grown = _hwm() - rss
+    grown = memory("VmHWM") - rss
     assert result.error is None, result
     assert grown < 200 << 20, f"one kernel message of 12 x 30 MB frames took {grown >> 20} MiB of host memory"
 

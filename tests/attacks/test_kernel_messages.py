@@ -12,6 +12,8 @@ import time
 import tracemalloc
 from pathlib import Path
 
+from host_probes import wait_for_file
+
 from workbench import Session, Workbench
 
 FORGE = """
@@ -221,11 +223,7 @@ def test_a_timeout_in_one_process_never_interrupts_another_process_cell(wb: Work
     other = subprocess.Popen([sys.executable, "-c", _OTHER_PROCESS, str(wb.home), fresh.session_id],
                              stdout=subprocess.PIPE, text=True, env=os.environ.copy())
     try:
-        marker = fresh.workspace / "b-started"
-        deadline = time.monotonic() + 60
-        while not marker.exists():
-            assert time.monotonic() < deadline and other.poll() is None, "the other process's cell never started"
-            time.sleep(0.05)
+        wait_for_file(fresh.workspace / "b-started", other, "the other process's cell")
         result = fresh.execute("'A ran'", timeout=1)
         assert result.timed_out and result.not_started and result.error is None
         assert "not interrupted" in str(result)

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+from host_probes import wait_for_file
+
 from workbench import Session, Workbench
 
 _ORPHAN = """
@@ -26,11 +28,7 @@ def _orphan(wb: Workbench, session: Session, code: str) -> None:
     other = subprocess.Popen([sys.executable, "-c", _ORPHAN, str(wb.home), session.session_id, code],
                              env=os.environ.copy())
     try:
-        marker = session.workspace / "orphan-started"
-        deadline = time.monotonic() + 60
-        while not marker.exists():
-            assert time.monotonic() < deadline and other.poll() is None, "the orphan cell never started"
-            time.sleep(0.05)
+        wait_for_file(session.workspace / "orphan-started", other, "the orphan cell")
     finally:
         other.send_signal(signal.SIGKILL)
         other.wait()
