@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from . import bridge_protocol as wire
-from .container import sandbox_uid
+from .container import SANDBOX_UID
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class BridgeServer:
         """Serve this session's bridge from this process, (re)binding when its socket is gone or not ours (a
         kernel restart recreates the runtime dir; another process may have bound it since; the loop may have
         been restarted)."""
-        loop = self._running_loop()
+        loop, state = self._running_loop()
         bound = self._bound.get(session.session_id)
         if bound is not None:
             try:
@@ -95,7 +95,7 @@ class BridgeServer:
                     return
             except OSError:
                 pass
-        future = asyncio.run_coroutine_threadsafe(self._bind(session), loop)
+        future = asyncio.run_coroutine_threadsafe(state.bind(session), loop)
         try:
             self._bound[session.session_id] = future.result(_BIND_TIMEOUT)
         except Exception as exc:  # what the sandbox did to its runtime dir must not fail the execution
@@ -128,29 +128,26 @@ class BridgeServer:
             return {}
         return asyncio.run_coroutine_threadsafe(state.stats(session_id), loop).result(_BIND_TIMEOUT)
 
-    def _running_loop(self) -> asyncio.AbstractEventLoop:
+    def _running_loop(self) -> tuple[asyncio.AbstractEventLoop, _LoopState]:
         """The bridge's loop, started on first use and again if its thread ever died (then every session is
         bound anew on its next use)."""
         with self._lock:
-            if self._loop is not None and self._thread is not None and self._thread.is_alive():
-                return self._loop
+            if self._loop is not None and self._state is not None and self._thread is not None \
+                    and self._thread.is_alive():
+                return self._loop, self._state
             if self._thread is not None:
                 log.error("tool bridge: its loop had stopped; starting it again")
             self._bound.clear()
             loop = asyncio.new_event_loop()
             loop.set_exception_handler(_log_loop_error)
-            self._state = _LoopState(loop, self._pool, self._tool_timeout, self._threads)
+            state = _LoopState(loop, self._pool, self._tool_timeout, self._threads)
             started = threading.Event()
-            self._thread = threading.Thread(target=_serve, args=(loop, self._state, started),
-                                            name="workbench-bridge", daemon=True)
+            self._thread = threading.Thread(target=_serve, args=(loop, state, started), name="workbench-bridge",
+                                            daemon=True)
             self._thread.start()
             started.wait()
-            self._loop = loop
-            return loop
-
-    async def _bind(self, session: Endpoint) -> tuple[int, int]:
-        assert self._state is not None
-        return await self._state.bind(session)
+            self._loop, self._state = loop, state
+            return loop, state
 
 
 def _serve(loop: asyncio.AbstractEventLoop, state: _LoopState, started: threading.Event) -> None:
@@ -192,7 +189,7 @@ def bind_socket(runtime_dir: Path) -> socket.socket:
             if info.st_uid != os.getuid() or info.st_mode & 0o077:
                 raise OSError(f"the host-only folder in {runtime_dir} is not private")
             sock.bind(f"/proc/self/fd/{folder}/{wire.SOCKET}")
-            os.chown(wire.SOCKET, sandbox_uid(), sandbox_uid(), dir_fd=folder, follow_symlinks=False)
+            os.chown(wire.SOCKET, SANDBOX_UID, SANDBOX_UID, dir_fd=folder, follow_symlinks=False)
             os.chmod(wire.SOCKET, 0o600, dir_fd=folder)  # nobody but this user can add a link here
             try:
                 os.rename(wire.SOCKET, wire.SOCKET, src_dir_fd=folder, dst_dir_fd=runtime)

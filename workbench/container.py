@@ -42,11 +42,6 @@ SANDBOX_UID = os.getuid() if os.getuid() != 0 else _configured_uid()
 host account has (`WORKBENCH_SANDBOX_UID` to choose it)."""
 
 
-def sandbox_uid() -> int:
-    """The uid the kernel runs as (see SANDBOX_UID)."""
-    return SANDBOX_UID
-
-
 def check_sandbox_uid() -> None:
     """When the host side is root, refuse a sandbox uid that a host account or group has: the sandbox would
     own that account's files and sockets."""
@@ -73,19 +68,24 @@ def hand_over(fd: int) -> None:
         os.fchown(fd, SANDBOX_UID, SANDBOX_UID)
 
 
-def private_dir(path: Path) -> None:
-    """Create (or check) a folder only the host user can enter: 0700, owned by this uid, not a symlink.
-    Its parents are created as needed (0700 too)."""
-    if path.parent != path and not path.parent.exists():
-        private_dir(path.parent)
+def _folder(path: Path) -> int:
+    """A descriptor of the folder at `path`, made (0700) when missing; a symlink or file there is refused."""
     try:
         os.mkdir(path, 0o700)
     except FileExistsError:
         pass
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
         raise WorkbenchError(f"{path} must be a folder (not a symlink): {exc.strerror}") from None
+
+
+def private_dir(path: Path) -> None:
+    """Create (or check) a folder only the host user can enter: 0700, owned by this uid, not a symlink.
+    Its parents are created as needed (0700 too)."""
+    if path.parent != path and not path.parent.exists():
+        private_dir(path.parent)
+    fd = _folder(path)
     try:
         info = os.fstat(fd)
         if info.st_uid != os.getuid():
@@ -100,14 +100,7 @@ def private_dir(path: Path) -> None:
 def prepare_dir(path: Path) -> None:
     """Create a folder the sandbox user owns (the host side, when root, hands it over); its parent must exist
     and be the host's. A symlink in its place is refused."""
-    try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        pass
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:
-        raise WorkbenchError(f"{path} must be a folder (not a symlink): {exc.strerror}") from None
+    fd = _folder(path)
     try:
         hand_over(fd)
     finally:
@@ -126,7 +119,7 @@ def run_sandbox(
     read_only_mounts: dict[str, str] | None = None,
 ) -> Container:
     """Start a locked-down kernel container: no network, no capabilities, read-only root, non-root, limited."""
-    uid = sandbox_uid()
+    uid = SANDBOX_UID
     try:
         return client.containers.run(
             image,
