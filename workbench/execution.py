@@ -188,13 +188,12 @@ def run_cell(
     poller.register(iopub.socket, zmq.POLLIN)
     poller.register(shell.socket, zmq.POLLIN)
     deadline = started + timeout if timeout is not None else None
-    idle_seen = False
     reply_at: float | None = None
     idle_at: float | None = None
     last_health = started
     interrupted_ours = False  # an interrupt was sent while our cell was known to run
     last_output = started  # when the last iopub message of our request came
-    while not (idle_seen and outcome.reply_seen):
+    while not (outcome.idle_seen and outcome.reply_seen):
         now = time.monotonic()
         if reply_at is not None and now - max(reply_at, last_output) > IDLE_GRACE:
             break  # the idle was lost: our outputs stopped (a large one may still be on its way after the reply)
@@ -224,8 +223,8 @@ def run_cell(
                 break
         slice_end = time.monotonic() + DRAIN_SLICE
         if shell.socket in events:
-            while time.monotonic() < slice_end and (msg := _receive(shell, outcome)) is not None:
-                if msg is _DROPPED or _parent_id(msg) != msg_id:
+            while time.monotonic() < slice_end and (msg := receive(shell, outcome.drop)) is not None:
+                if msg is DROPPED or _parent_id(msg) != msg_id:
                     continue
                 try:
                     if _reply(msg, outcome):
@@ -233,16 +232,15 @@ def run_cell(
                 except Malformed as exc:
                     outcome.drop(f"execute_reply: {exc}")
         if iopub.socket in events:
-            while time.monotonic() < slice_end and (msg := _receive(iopub, outcome)) is not None:
-                if msg is _DROPPED or _parent_id(msg) != msg_id:
+            while time.monotonic() < slice_end and (msg := receive(iopub, outcome.drop)) is not None:
+                if msg is DROPPED or _parent_id(msg) != msg_id:
                     continue
                 last_output = time.monotonic()
                 try:
-                    if _handle(msg, outcome, callbacks) and not idle_seen:
-                        idle_seen, idle_at = True, time.monotonic()
+                    if _handle(msg, outcome, callbacks) and not outcome.idle_seen:
+                        outcome.idle_seen, idle_at = True, time.monotonic()
                 except Malformed as exc:
                     outcome.drop(f"{msg['msg_type']}: {exc}")
-    outcome.idle_seen = idle_seen
     for name, capped in outcome.streams.items():
         spilled = capped.finish()
         setattr(result, name, capped.value(spilled))
@@ -257,12 +255,12 @@ def run_cell(
     return outcome
 
 
-_DROPPED: dict[str, Any] = {}  # what _receive returns for a message it dropped
+DROPPED: dict[str, Any] = {}  # what `receive` returns for a message it dropped
 
 
-def _receive(channel: Any, outcome: Outcome) -> dict[str, Any] | None:
-    """The next message of a channel, checked to be a well-formed Jupyter message; `_DROPPED` for one that is
-    not; None when there is none waiting."""
+def receive(channel: Any, drop: Callable[[str], Any]) -> dict[str, Any] | None:
+    """The next message of a channel, checked to be a well-formed Jupyter message; `DROPPED` (after calling
+    `drop` with the reason) for one that is not; None when there is none waiting."""
     try:
         msg = channel.get_msg(timeout=0)
     except queue.Empty:
@@ -270,13 +268,13 @@ def _receive(channel: Any, outcome: Outcome) -> dict[str, Any] | None:
     except zmq.ZMQError:
         raise
     except Exception as exc:
-        outcome.drop(f"unreadable: {type(exc).__name__}: {str(exc)[:100]}")
-        return _DROPPED
+        drop(f"unreadable: {type(exc).__name__}: {str(exc)[:100]}")
+        return DROPPED
     if not (isinstance(msg, dict) and isinstance(msg.get("msg_type"), str) and isinstance(msg.get("header"), dict)
             and isinstance(msg.get("parent_header"), dict) and isinstance(msg.get("content"), dict)
             and isinstance(msg.get("metadata"), dict)):
-        outcome.drop("not a message: header, parent_header, metadata and content must be objects")
-        return _DROPPED
+        drop("not a message: header, parent_header, metadata and content must be objects")
+        return DROPPED
     return msg
 
 
@@ -334,10 +332,10 @@ def _handle(msg: dict[str, Any], outcome: Outcome, cb: Callbacks) -> bool:
     elif kind in ("execute_result", "display_data"):
         data, metadata, display_id = _bundle(content)
         count = _count(content) if kind == "execute_result" else None
+        if count is not None:
+            result.execution_count = count
         if len(result.results) >= MAX_OUTPUTS:
             result.truncated["results"] = result.truncated.get("results", 0) + 1
-            if count is not None:
-                result.execution_count = count
             return False
         output = Output(type=kind, data=data, metadata=metadata)
         _cap_output(output, len(result.results), outcome)
@@ -346,8 +344,6 @@ def _handle(msg: dict[str, Any], outcome: Outcome, cb: Callbacks) -> bool:
         result.results.append(output)
         if kind == "execute_result":
             result.text = output.text
-            if count is not None:
-                result.execution_count = count
         if cb.on_result:
             cb.on_result(output)
     elif kind == "update_display_data":  # e.g. a progress line updated in place: keep its latest state
@@ -413,8 +409,8 @@ def _bundle(content: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], st
     if metadata and not _utf8_json(metadata):
         metadata = {}
     display_id = (transient or {}).get("display_id")
-    if display_id is not None and not isinstance(display_id, str):
-        raise Malformed("display_id is not a string")
+    if display_id is not None and (not isinstance(display_id, str) or len(display_id) > _MIME_LENGTH):
+        raise Malformed("display_id is not a short string")
     return checked, metadata, display_id
 
 

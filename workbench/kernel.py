@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
 import resource
 import secrets
 import stat
@@ -25,7 +24,7 @@ from requests import RequestException
 from .config import Limits
 from .container import LABEL_KERNEL, RUNTIME, exit_reason, hand_over, run_sandbox
 from .errors import DockerUnavailableError, KernelStartError, WorkbenchError
-from .execution import Callbacks, Outcome, Spill, run_cell
+from .execution import DROPPED, Callbacks, Outcome, Spill, receive, run_cell
 from .results import ExecutionResult
 from .store import KernelRecord
 from .workspace import Workspace, release_runtime_dir, reset_runtime_dir
@@ -415,15 +414,6 @@ def _unpack(data: bytes) -> Any:
 
 
 def _parent_id(channel: Any) -> Any:
-    """The parent msg_id of a channel's next message; None when it is unreadable or malformed (it is dropped)."""
-    try:
-        msg = channel.get_msg(timeout=0)
-    except queue.Empty:
-        return None
-    except zmq.ZMQError:
-        raise
-    except Exception as exc:
-        log.warning("dropped an unreadable kernel message: %s: %s", type(exc).__name__, str(exc)[:100])
-        return None
-    parent = msg.get("parent_header") if isinstance(msg, dict) else None
-    return parent.get("msg_id") if isinstance(parent, dict) else None
+    """The parent msg_id of a channel's next message; None when there is none, or it was malformed (dropped)."""
+    msg = receive(channel, lambda reason: log.warning("dropped a malformed kernel message: %s", reason))
+    return None if msg is None or msg is DROPPED else msg["parent_header"].get("msg_id")
