@@ -26,8 +26,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger(__name__)
 LOG_DELAY = 0.5  # seconds within which a journaled tool call is copied into the logs table (with others)
 _FLUSH_MARGIN = 0.05  # the flusher commits this long before LOG_DELAY is up: the commit itself takes time
-_STALE_NEW = 60.0  # seconds after which an unlocked `.new` journal is a leftover of a process that died creating it
 LOG_BATCH = 512  # ... or until this many wait
+_STALE_NEW = 60.0  # seconds after which an unlocked `.new` journal is a leftover of a process that died creating it
 JOURNAL_ROTATE = 64 * 1024**2  # bytes after which a fully copied journal is replaced by a new one
 LOG_KEEP = 100_000  # newest log entries kept per session: a sandbox calling tools in a loop cannot fill the disk
 _PRUNE_EVERY = 10_000  # entries a session may add before its oldest beyond LOG_KEEP are deleted
@@ -47,8 +47,8 @@ CREATE TABLE IF NOT EXISTS sessions (
 );
 CREATE INDEX IF NOT EXISTS sessions_user ON sessions (user_id, status);
 CREATE TABLE IF NOT EXISTS logs (
-    id         INTEGER PRIMARY KEY,  -- rowid order is commit order (logs are never deleted); no AUTOINCREMENT
-                                     -- table to update on every commit
+    id         INTEGER PRIMARY KEY,  -- rowid order is commit order (only a session's oldest entries beyond
+                                     -- LOG_KEEP are deleted); no AUTOINCREMENT table to update on every commit
     session_id TEXT NOT NULL,
     kind       TEXT NOT NULL,
     status     TEXT NOT NULL,
@@ -294,11 +294,15 @@ class Store:
                 line = _dumps([session_id, kind, status, duration, now])[:-1] + b"," + detail_json + b"]\n"
                 try:
                     written = os.write(self._journal[0], line)
+                    if written != len(line):
+                        raise OSError(f"short write to the journal: {written} of {len(line)} bytes")
                 except BaseException:
                     self._pending.pop()
+                    try:  # no torn line left for the next entry to be appended to
+                        os.ftruncate(self._journal[0], self._journal_size)
+                    except OSError:
+                        pass
                     raise
-                if written != len(line):
-                    raise OSError(f"short write to the journal: {written} of {len(line)} bytes")
                 self._journal_size += written
                 if len(self._pending) == 1 or not self._journal_oldest:
                     self._journal_oldest = now
