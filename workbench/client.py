@@ -35,7 +35,7 @@ from .errors import (
     WorkbenchError,
 )
 from .kernel import Kernel, runtime_dir_of
-from .pool import LABEL_POOL, WarmPool, owner_alive
+from .pool import LABEL_POOL, WarmPool, discard_kernel, owner_alive
 from .session import Session
 from .store import SessionConfig, SessionRecord, Store
 from .tools import RateLimited, Tool, ToolCallError, ToolContext, ToolRegistry
@@ -201,7 +201,7 @@ class Workbench:
             self.store.add(record)
         except BaseException:
             if warm is not None:
-                _discard(warm[1])  # its container, runtime dir and (never used) workspace image
+                discard_kernel(warm[1])  # its container, runtime dir and (never used) workspace image
             raise
         kernel = warm[1] if warm is not None else self._kernel(record)
         try:
@@ -210,7 +210,7 @@ class Workbench:
             self.store.set_kernel(record.session_id, kernel.record())
         except BaseException:
             # nothing of a session that never opened stays: no container, no runtime dir, no mounted image
-            _discard(kernel)
+            discard_kernel(kernel)
             try:
                 self.store.set_status(record.session_id, "closed")
             except Exception as exc:
@@ -376,8 +376,9 @@ class Workbench:
         return runtime_dir_of(self.runtime_root, session_id, kernel_id)
 
     def _release_path(self, session_id: str, path: Path | None) -> None:
-        """Unmount and remove one kernel's runtime dir (its container is gone: no other kernel uses it)."""
-        if path is None:
+        """Unmount and remove one kernel's runtime dir (its container is gone: no other kernel uses it). Only a
+        folder directly under the runtime root, with a name of ours, is ever touched."""
+        if path is None or path.parent != self.runtime_root or not _plain_name(path.name):
             return
         try:
             release_runtime_dir(path)
@@ -410,7 +411,7 @@ class Workbench:
 
     def _release_workspace(self, session_id: str, record: SessionRecord | None, pooled: bool) -> None:
         """A closed session's workspace is unmounted (kept); a dead warm pool's never-used one is removed."""
-        if not session_id or "/" in session_id or session_id.startswith("."):
+        if not _plain_name(session_id):
             return
         try:
             if record is not None and record.status != "open":
@@ -520,14 +521,6 @@ class Workbench:
 def _plain_name(name: str) -> bool:
     """A name usable as one path component of ours (session and kernel ids are letters, digits, - and _)."""
     return bool(name) and re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name) is not None
-
-
-def _discard(kernel: Kernel) -> None:
-    """Remove a kernel no session ever held: its container, runtime dir and never-used workspace."""
-    try:
-        kernel.shutdown()
-    finally:
-        kernel.disk.destroy(quiet=True)
 
 
 def _age(container: Container) -> float:

@@ -32,10 +32,6 @@ class Entry:
     dir_fd: int  # its parent folder, open while the entry is yielded
     stat: os.stat_result
 
-    @property
-    def is_dir(self) -> bool:
-        return stat.S_ISDIR(self.stat.st_mode)
-
 
 @dataclass
 class _Level:
@@ -143,13 +139,12 @@ def usage(fd: int) -> int:
     return sum(entry.stat.st_size for entry in walk(fd, paths=False) if stat.S_ISREG(entry.stat.st_mode))
 
 
-def _unlink(name: str, dir_fd: int) -> None:
+def _unlink(name: str | Path, dir_fd: int | None) -> None:
+    """Unlink (a folder swapped in after the lstat raises IsADirectoryError: it is emptied on the next pass)."""
     try:
         os.unlink(name, dir_fd=dir_fd)
     except FileNotFoundError:
         pass
-    except IsADirectoryError:  # a folder swapped in after the lstat: emptied on the next pass
-        raise
 
 
 def _open_for_removal(name: str, dir_fd: int) -> int | None:
@@ -222,7 +217,7 @@ def rmtree(path: str | Path, dir_fd: int | None = None) -> None:
     except OSError as exc:
         if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
             raise
-        _unlink(str(path), dir_fd) if dir_fd is not None else _unlink_path(path)
+        _unlink(path, dir_fd)
         return
     try:
         empty(fd)
@@ -230,12 +225,5 @@ def rmtree(path: str | Path, dir_fd: int | None = None) -> None:
         os.close(fd)
     try:
         os.rmdir(path, dir_fd=dir_fd)
-    except FileNotFoundError:
-        pass
-
-
-def _unlink_path(path: str | Path) -> None:
-    try:
-        os.unlink(path)
     except FileNotFoundError:
         pass

@@ -68,7 +68,7 @@ class WarmPool:
             self._wake.set()
             if kernel.exit_reason() is None:
                 return session_id, kernel
-            _discard(kernel)  # died while waiting: never hand it out
+            discard_kernel(kernel)  # died while waiting: never hand it out
 
     def want(self, limits: Limits) -> None:
         """Keep this tier filled from now on."""
@@ -94,7 +94,7 @@ class WarmPool:
             kernels = [k for ready in self._ready.values() for _, k in ready]
             self._ready.clear()
         for kernel in kernels:
-            _discard(kernel)
+            discard_kernel(kernel)
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=60)  # a kernel being started is discarded as soon as it is up
 
@@ -112,7 +112,7 @@ class WarmPool:
                 kernel.start()
             except Exception as exc:  # Docker down, image missing: keep serving cold creates, retry later
                 log.warning("warm pool: could not start a kernel (%s); retrying in %.0fs", exc, RETRY_AFTER)
-                _discard(kernel)
+                discard_kernel(kernel)
                 self._wake.wait(RETRY_AFTER)
                 continue
             with self._lock:
@@ -122,10 +122,12 @@ class WarmPool:
                     self._ready[short[0]].append((session_id, kernel))
                     stale = False
             if stale:
-                _discard(kernel)
+                discard_kernel(kernel)
 
 
-def _discard(kernel: Kernel) -> None:
-    """Remove a pooled kernel that no session ever held, with its (empty) workspace."""
-    kernel.shutdown()
-    kernel.disk.destroy(quiet=True)
+def discard_kernel(kernel: Kernel) -> None:
+    """Remove a kernel no session ever held: its container, runtime dir and never-used workspace."""
+    try:
+        kernel.shutdown()
+    finally:
+        kernel.disk.destroy(quiet=True)

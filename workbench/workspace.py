@@ -141,15 +141,19 @@ def unmount_all_under(root: Path) -> list[Path]:
     what was mounted."""
     found = mounts_under(root)
     for path in found:
-        for _ in range(8):  # stacked mounts come off one at a time
-            try:
-                _umount(path)
-            except OSError as exc:
-                log.warning("could not unmount %s: %s", path, exc)
-                break
-            if path not in mounts_under(path.parent):
-                break
+        try:
+            unmount_fully(path)
+        except OSError as exc:
+            log.warning("could not unmount %s: %s", path, exc)
     return found
+
+
+def unmount_fully(path: Path) -> None:
+    """Detach every mount at `path` (stacked mounts come off one at a time); nothing mounted: nothing to do."""
+    for _ in range(8):
+        if not is_mount(path):
+            return
+        _umount(path)
 
 
 def is_mount(path: Path) -> bool:
@@ -268,10 +272,7 @@ class Workspace:
     def unmount(self) -> None:
         """Unmount the image (the kernel must be stopped); the next `ensure` mounts it again."""
         if self.quota:
-            for _ in range(8):
-                if not self.mounted():
-                    break
-                _umount(self.path)
+            unmount_fully(self.path)
 
     def usage(self) -> int:
         """Bytes the workspace's files take on its filesystem (blocks, with ext4's folders and extents)."""
@@ -362,10 +363,7 @@ class Workspace:
         without recursion and without following any link."""
         try:
             if os.path.lexists(self.image):
-                for _ in range(8):
-                    if not self.mounted():
-                        break
-                    _umount(self.path)
+                unmount_fully(self.path)
                 try:
                     os.unlink(self.image)
                 except FileNotFoundError:
@@ -430,8 +428,5 @@ def reset_runtime_dir(path: Path) -> None:
 
 def release_runtime_dir(path: Path) -> None:
     """Unmount and remove a kernel's runtime dir (its kernel stopped). Missing: nothing to do."""
-    for _ in range(8):
-        if not is_mount(path):
-            break
-        _umount(path)
+    unmount_fully(path)
     fstree.rmtree(path)
