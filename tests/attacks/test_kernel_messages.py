@@ -250,3 +250,12 @@ def test_the_kernel_client_bounds_what_zmq_may_queue(session: Session) -> None:
         assert channel.socket.getsockopt(zmq.MAXMSGSIZE) == limit
         assert channel.socket.getsockopt(zmq.RCVHWM) == RECEIVE_QUEUE
     assert Path(session.workspace).is_dir()
+
+
+def test_a_long_display_id_is_dropped_not_kept(session: Session) -> None:
+    result = session.execute(FORGE + textwrap.dedent("""
+        forge('display_data', {'data': {'text/plain': 'x'}, 'metadata': {}, 'transient': {'display_id': 'd' * 10_000}})
+        'done'
+        """))
+    assert result.text == "'done'" and result.dropped_messages == 1 and not any(
+        o.data.get("text/plain") == "x" for o in result.results)
