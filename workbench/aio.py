@@ -53,8 +53,9 @@ class AsyncWorkbench(_Threads):
         """The session with this id (see `Workbench.use`)."""
         return AsyncSession(await self._run(self.sync.use, session_id), self._pool)
 
-    async def list(self, user_id: str | None = None) -> list[SessionRecord]:
-        return await self._run(self.sync.list, user_id)
+    async def list(self, user_id: str | None = None, metadata: dict[str, str] | None = None) -> list[SessionRecord]:
+        """The open sessions (see `Workbench.list`)."""
+        return await self._run(self.sync.list, user_id, metadata)
 
     async def gc(self) -> GcReport:
         return await self._run(self.sync.gc)

@@ -117,24 +117,38 @@ def session() -> None:
 @click.option("--tool", "tools", multiple=True, help="A single tool the session may use (repeatable).")
 @click.option("--memory", help="Memory limit, e.g. 512m or 2g.")
 @click.option("--cpus", type=float, help="CPU limit in cores.")
+@click.option("--metadata", "metadata", multiple=True, metavar="KEY=VALUE",
+              help="Metadata of the session, e.g. x-correlation-id=abc (repeatable).")
 @click.option("--allow-default-user", is_flag=True, help='Accept user "default" (local experiments only).')
 def session_create(user_id: str, toolkits: tuple[str, ...], tools: tuple[str, ...], memory: str | None,
-                   cpus: float | None, allow_default_user: bool) -> None:
+                   cpus: float | None, metadata: tuple[str, ...], allow_default_user: bool) -> None:
     """Open a session and print its id."""
     limits = {key: value for key, value in (("memory", memory), ("cpus", cpus)) if value is not None}
     wb = _workbench()
     with console.status("starting the kernel"):
         created = wb.create(user_id, toolkits=list(toolkits), tools=list(tools), limits=limits or None,
-                            allow_default_user=allow_default_user)
+                            metadata=_pairs(metadata), allow_default_user=allow_default_user)
     out.print(created.session_id)
     wb.close()
 
 
+def _pairs(pairs: tuple[str, ...]) -> dict[str, str]:
+    parsed = {}
+    for pair in pairs:
+        key, equals, value = pair.partition("=")
+        if not equals:
+            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--metadata")
+        parsed[key] = value
+    return parsed
+
+
 @session.command("list")
 @click.option("--user", "user_id", help="Only this user's sessions.")
-def session_list(user_id: str | None) -> None:
+@click.option("--metadata", "metadata", multiple=True, metavar="KEY=VALUE",
+              help="Only sessions with this metadata (repeatable: all must match).")
+def session_list(user_id: str | None, metadata: tuple[str, ...]) -> None:
     """The open sessions."""
-    records = _workbench().list(user_id=user_id)
+    records = _workbench().list(user_id=user_id, metadata=_pairs(metadata))
     table = Table("session", "user", "kernel", "toolkits", "created", "last used", box=None)
     for record in records:
         table.add_row(record.session_id, record.user_id, _kernel_state(record),
@@ -157,6 +171,7 @@ def session_show(session_id: str, log_count: int) -> None:
         ("toolkits", ", ".join(record.config.toolkits) or "-"), ("tools", ", ".join(record.config.tools) or "-"),
         ("limits", f"memory {limits.memory // 2**20} MiB, cpus {limits.cpus:g}, pids {limits.pids}, "
                    f"/tmp {limits.tmp_size // 2**20} MiB, workspace {limits.workspace_size // 2**20} MiB"),
+        ("metadata", ", ".join(f"{k}={v}" for k, v in record.config.metadata.items()) or "-"),
         ("workspace", str(wb.home / "workspaces" / record.session_id)),
         ("created", _when(record.created_at)), ("last used", _when(record.last_used_at)),
     ]:

@@ -24,7 +24,7 @@ from requests import RequestException
 from . import fstree
 from . import image as images
 from .bridge import BridgeServer
-from .config import DEFAULT_IMAGE, Limits, default_home, default_runtime_root
+from .config import DEFAULT_IMAGE, Limits, check_metadata, default_home, default_runtime_root
 from .container import LABEL_KERNEL, RUNTIME, check_sandbox_uid, private_dir
 from .docker_client import connect, security_options
 from .errors import (
@@ -178,10 +178,12 @@ class Workbench:
         tools: list[str] | None = None,
         limits: Limits | dict | None = None,
         offload_threshold: int | None = None,
+        metadata: dict[str, str] | None = None,
         allow_default_user: bool = False,
     ) -> Session:
         """Open a new session for one user, with its own kernel and workspace, allowed the tools of `toolkits`
-        and the single `tools` named."""
+        and the single `tools` named. `metadata` (string keys and values, e.g. a correlation id) is stored with
+        the session, given to every tool call (`ToolContext.metadata`) and written into every log entry."""
         if not isinstance(user_id, str) or not _USER_ID.fullmatch(user_id):
             raise SessionError("user_id must be 1 to 128 characters of letters, digits and _ . @ : -")
         if user_id == "default" and not allow_default_user:
@@ -192,6 +194,7 @@ class Workbench:
         self._check_image()
         config = SessionConfig(
             toolkits=toolkits or [], tools=tools or [], limits=self._limits(limits),
+            metadata=check_metadata(metadata or {}),
             offload_threshold=self.offload_threshold if offload_threshold is None else offload_threshold)
         warm = self.pool.take(config.limits)
         now = time.time()
@@ -233,9 +236,9 @@ class Workbench:
         # The kernel is reattached (or started anew) on first need, so files and close() never wait for it.
         return self._register(Session(self, record, self._kernel(record)))
 
-    def list(self, user_id: str | None = None) -> list[SessionRecord]:
-        """The open sessions, of one user or of all."""
-        return self.store.list(user_id=user_id)
+    def list(self, user_id: str | None = None, metadata: dict[str, str] | None = None) -> list[SessionRecord]:
+        """The open sessions, of one user or of all, and with every `metadata` key at the value given."""
+        return self.store.list(user_id=user_id, metadata=metadata)
 
     def gc(self) -> GcReport:
         """Remove containers the store says are done with (their session closed, or on another kernel now, or the

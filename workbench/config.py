@@ -1,12 +1,16 @@
 """Settings and resource limits, with the embedded defaults."""
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
+from typing import Annotated
 
 import platformdirs
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+from .errors import MetadataError
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
@@ -50,6 +54,34 @@ class Limits(BaseModel):
         if size < 1024**2:
             raise ValueError("must be at least 1 MiB")
         return size
+
+
+METADATA_KEYS = 16
+METADATA_KEY = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+METADATA_VALUE = 256  # characters
+METADATA_BYTES = 4096  # of JSON in all: the metadata is copied into every log entry of its session
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def check_metadata(metadata: dict[str, str]) -> dict[str, str]:
+    """Session metadata as it may be stored: at most 16 string keys of letters, digits and _ . : - (64 at most),
+    string values of at most 256 printable characters, 4 KiB of JSON in all. Raises MetadataError."""
+    if not isinstance(metadata, dict):
+        raise MetadataError(f"metadata must be a dict of strings, not {type(metadata).__name__}")
+    if len(metadata) > METADATA_KEYS:
+        raise MetadataError(f"metadata holds at most {METADATA_KEYS} keys, not {len(metadata)}")
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not METADATA_KEY.fullmatch(key):
+            raise MetadataError(f"a metadata key is 1 to 64 of letters, digits and _ . : -, not {str(key)[:80]!r}")
+        if not isinstance(value, str) or len(value) > METADATA_VALUE or _CONTROL.search(value):
+            raise MetadataError(f"metadata {key}: a value is a string of at most {METADATA_VALUE} printable characters")
+    if len(json.dumps(metadata)) > METADATA_BYTES:
+        raise MetadataError(f"metadata takes at most {METADATA_BYTES} bytes of JSON")
+    return metadata
+
+
+Metadata = Annotated[dict[str, str], AfterValidator(check_metadata)]
+"""A session's metadata (correlation ids and the like), checked by `check_metadata`."""
 
 
 def default_home() -> Path:

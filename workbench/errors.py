@@ -34,6 +34,10 @@ class SessionError(WorkbenchError):
     """A session cannot be used as asked."""
 
 
+class MetadataError(SessionError, ValueError):
+    """Session metadata that cannot be stored: too many keys, a key or value of the wrong kind or size."""
+
+
 class SessionNotFoundError(SessionError):
     """No session has this id."""
 

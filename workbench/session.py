@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from .bridge_protocol import MAX_INLINE, error_reply
 from .bridge_protocol import SLUG as _SLUG
 from .bridge_protocol import Request as BridgeRequest
-from .config import Limits
+from .config import Limits, check_metadata
 from .errors import (
     ConflictError,
     FileError,
@@ -132,6 +132,11 @@ class Session:
         `remove`."""
 
     @property
+    def metadata(self) -> dict[str, str]:
+        """The session's metadata (correlation ids and the like), as given to `create` or `update`."""
+        return self.config.metadata
+
+    @property
     def limits(self) -> Limits:
         return self.config.limits
 
@@ -209,8 +214,7 @@ class Session:
             "dropped_messages": result.dropped_messages if result else 0,
         }
         try:
-            self._workbench.store.log(self.session_id, "execution", status,
-                                      result.duration if result and not failure else duration, detail)
+            self._log("execution", status, result.duration if result and not failure else duration, detail)
         except Exception:
             if failure is None:
                 raise  # the result is not returned unlogged
@@ -225,11 +229,13 @@ class Session:
         tools: list[str] | None = None,
         limits: Limits | dict | None = None,
         offload_threshold: int | None = None,
+        metadata: dict[str, str] | None = None,
         restart_if_needed: bool = False,
     ) -> int:
         """Change the session's config in place; returns the new `config_version`.
 
-        Raises ConflictError when another caller changed the config since this session object read it.
+        `metadata` replaces the session's metadata as a whole. Raises ConflictError when another caller changed
+        the config since this session object read it.
         Memory and CPU limits apply to the running kernel; a change of `pids` or `tmp_size` needs a new
         container (variables lost) and is refused unless `restart_if_needed`.
         """
@@ -245,6 +251,7 @@ class Session:
                 tools=self.config.tools if tools is None else tools,
                 limits=new_limits,
                 offload_threshold=self.config.offload_threshold if offload_threshold is None else offload_threshold,
+                metadata=self.config.metadata if metadata is None else check_metadata(metadata),
             )
             if new_limits.workspace_size != self.limits.workspace_size:
                 # the disk changes only for an update that is not stale (checked again when it is stored)
@@ -329,7 +336,8 @@ class Session:
                 raise ToolCallError("invalid_arguments", f"arguments must be a dict, not {type(arguments).__name__}")
             config = self._current_config()  # the allowlist as the store has it now
             tool = self._workbench.tools.check_allowed(slug, config.toolkits, config.tools)
-            context = ToolContext(user_id=self.user_id, session_id=self.session_id, slug=slug)
+            context = ToolContext(user_id=self.user_id, session_id=self.session_id, slug=slug,
+                                  metadata=config.metadata)
             if abandoned is None:
                 value = self._workbench._call_tool(tool, arguments, context, timeout)
             else:
@@ -357,7 +365,7 @@ class Session:
             duration = time.perf_counter() - started
             status = error.kind if error else "ok" if routed is not None else "internal"
             try:
-                self._workbench.store.log(self.session_id, "tool", status, duration, {
+                self._log("tool", status, duration, {
                     "slug": shown, "error": str(error)[:2000] if error else None,
                     "offload": routed.offload.id if routed and routed.offload else None,
                     "bytes": routed.offload.bytes if routed and routed.offload else None,
@@ -372,6 +380,12 @@ class Session:
             result = ToolResult(slug=slug, data=routed.data, offload=routed.offload, duration=duration)
         self.log.debug("tool %s %s in %.3fs", shown, status, duration)
         return result
+
+    def _log(self, kind: str, status: str, duration: float, detail: dict[str, Any], touch: bool = True) -> None:
+        """One log entry of this session, carrying its metadata."""
+        if self.config.metadata:
+            detail["metadata"] = self.config.metadata
+        self._workbench.store.log(self.session_id, kind, status, duration, detail, touch=touch)
 
     def _current_config(self) -> SessionConfig:
         """The session's config as stored, read again only when the store changed (another process wrote to it,

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import orjson
 from pydantic import BaseModel, Field, ValidationError
 
-from .config import Limits
+from .config import Limits, Metadata, check_metadata
 from .errors import ConflictError, SessionNotFoundError, StoreError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -72,6 +72,8 @@ class SessionConfig(BaseModel):
     limits: Limits = Field(default_factory=Limits)
     offload_threshold: int = Field(default=20_000, ge=0, description="bytes of JSON above which a tool's "
                                    "response goes to the workspace instead of inline")
+    metadata: Metadata = Field(default_factory=dict, description="the caller's labels (e.g. a correlation id): "
+                               "given to every tool call and written into every log entry")
 
 
 class KernelRecord(BaseModel):
@@ -104,6 +106,11 @@ class LogEntry(BaseModel):
     duration: float
     detail: dict[str, Any]
     created_at: float
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The session's metadata when the entry was written."""
+        return self.detail.get("metadata") or {}
 
 
 def _guarded(method: F) -> F:
@@ -212,12 +219,16 @@ class Store:
         return _record(row)
 
     @_guarded
-    def list(self, user_id: str | None = None, status: str | None = "open") -> builtins.list[SessionRecord]:
+    def list(self, user_id: str | None = None, status: str | None = "open",
+             metadata: dict[str, str] | None = None) -> builtins.list[SessionRecord]:
+        """Sessions, oldest first: of one user, of one status, and with every `metadata` key at that value."""
         sql, args = "SELECT * FROM sessions WHERE 1=1", builtins.list[str]()
         if user_id is not None:
             sql, args = sql + " AND user_id = ?", [*args, user_id]
         if status is not None:
             sql, args = sql + " AND status = ?", [*args, status]
+        for key, value in check_metadata(metadata or {}).items():  # keys are checked: none holds a quote
+            sql, args = sql + " AND json_extract(config, ?) = ?", [*args, f'$.metadata."{key}"', value]
         return [_record(row) for row in self._exec(sql + " ORDER BY created_at", tuple(args)).fetchall()]
 
     @_guarded

@@ -7,7 +7,7 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from .bridge_protocol import (
     SLUG as _SLUG,  # always fullmatch: `$` would let a trailing newline in
@@ -21,6 +21,8 @@ class ToolContext(BaseModel):
     user_id: str
     session_id: str
     slug: str
+    metadata: dict[str, str] = Field(default_factory=dict, description="the session's metadata, e.g. a "
+                                     "correlation id to pass on to the service behind the tool")
 
 
 class ToolCallError(Exception):
