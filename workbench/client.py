@@ -23,6 +23,7 @@ from requests import RequestException
 
 from . import fstree
 from . import image as images
+from .agent.answers import DEFAULT_LIMIT, MIN_LIMIT
 from .bridge import BridgeServer
 from .config import DEFAULT_IMAGE, Limits, check_metadata, default_home, default_runtime_root
 from .container import LABEL_KERNEL, RUNTIME, check_sandbox_uid, private_dir
@@ -83,13 +84,19 @@ class Workbench:
         offload_threshold: int = 20_000,
         tool_timeout: float = 60.0,
         pool_size: int = 2,
+        answer_limit: int = DEFAULT_LIMIT,
         docker_client: docker.DockerClient | None = None,
     ) -> None:
         """`idle_timeout` (seconds; None turns it off): a kernel unused this long is stopped, its workspace kept,
         and started again on the session's next use. Orphan containers are removed at start-up.
         `offload_threshold`: a session's default for tool responses (bytes of JSON) kept inline.
         `tool_timeout`: seconds a tool call may take before it is reported as timed out.
-        `pool_size`: kernels kept ready per limits tier once a tier was asked for (0 turns the warm pool off)."""
+        `pool_size`: kernels kept ready per limits tier once a tier was asked for (0 turns the warm pool off).
+        `answer_limit`: characters a model reads of one meta-tool answer (`Session.handle_tool_call`); the rest is
+        written to the workspace and the answer says where."""
+        if not isinstance(answer_limit, int) or answer_limit < MIN_LIMIT:
+            raise WorkbenchError(f"answer_limit must be at least {MIN_LIMIT} characters, not {answer_limit!r}")
+        self.answer_limit = answer_limit
         self.home = Path(home) if home is not None else default_home()
         self.image = image
         self.limits = limits or Limits()

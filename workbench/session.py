@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import fcntl
+import functools
 import logging
 import os
 import secrets
@@ -12,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .agent import Format, MetaTools, answer_calls, render
 from .bridge_protocol import MAX_INLINE, error_reply
 from .bridge_protocol import SLUG as _SLUG
 from .bridge_protocol import Request as BridgeRequest
@@ -30,7 +32,7 @@ from .kernel import Kernel
 from .offload import NotSerialisable, Routed, route
 from .results import ExecutionError, ExecutionResult, Output, ToolResult
 from .store import LogEntry, SessionConfig, SessionRecord
-from .tools import ToolCallError, ToolContext
+from .tools import Tool, ToolCallError, ToolContext
 from .workspace import NeedsOffline
 
 if TYPE_CHECKING:
@@ -273,16 +275,22 @@ class Session:
 
     def execute_tool(
         self, slug: str, arguments: dict[str, Any] | None = None, *, sync_to_workbench: bool = False,
-        timeout: float | None = None,
+        timeout: float | None = None, inline_limit: int | None = None,
     ) -> ToolResult:
         """Run one of the host's tools for this session and route its response.
 
         A response of at most the session's `offload_threshold` bytes of JSON comes back as `data`; a larger one
         is written into the workspace (`.responses/`) and `offload` describes it in at most 2 KB: the kernel reads
         it as `responses[id]`, and a list of records also as the DataFrame `tables[id]`. `sync_to_workbench`
-        writes every response to the workspace, small ones too. Errors come back in the result, never raised.
+        writes every response to the workspace, small ones too; `inline_limit` (bytes) lowers the threshold for
+        this call. Errors come back in the result, never raised.
         """
-        return self._tool_call(slug, arguments, sync_to_workbench, timeout)
+        return self._tool_call(slug, arguments, sync_to_workbench, timeout, inline_limit=inline_limit)
+
+    def available_tools(self) -> list[Tool]:
+        """The tools this session may call now (its toolkits' and the single tools named in its config)."""
+        config = self._current_config()
+        return self._workbench.tools.allowed(config.toolkits, config.tools)
 
     @property
     def runtime_dir(self) -> Path:
@@ -404,7 +412,7 @@ class Session:
 
     def execute_tools(
         self, calls: list[tuple[str, dict[str, Any]]], *, sync_to_workbench: bool = False, max_workers: int = 8,
-        timeout: float | None = None,
+        timeout: float | None = None, inline_limit: int | None = None,
     ) -> list[ToolResult]:
         """Run several tool calls concurrently (at most `max_workers` at a time); results in the calls' order."""
         if not calls:
@@ -412,7 +420,43 @@ class Session:
         with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(calls)))) as pool:
             return list(pool.map(
                 lambda call: self.execute_tool(call[0], call[1], sync_to_workbench=sync_to_workbench,
-                                               timeout=timeout), calls))
+                                               timeout=timeout, inline_limit=inline_limit), calls))
+
+    # for models -----------------------------------------------------------------------------------------------
+
+    def tools(self, format: Format = "openai", *, include_tools: bool = False) -> list[Any]:
+        """The session's meta tools as tool definitions for a model: `format` is "openai" (Chat Completions),
+        "openai_responses", "anthropic", "mcp" (MCP Tool dicts) or "langchain" (StructuredTools, which run
+        themselves; needs langchain-core). `include_tools` adds the session's allowed tools as direct tools.
+
+        The meta tools: WORKBENCH_SEARCH_TOOLS, WORKBENCH_GET_TOOL_SCHEMAS, WORKBENCH_MULTI_EXECUTE_TOOL,
+        WORKBENCH_REMOTE_WORKBENCH (Python in this kernel) and WORKBENCH_REMOTE_BASH_TOOL (a shell command)."""
+        return render(self._meta.definitions(include_tools), format, self.handle_tool_call)
+
+    def handle_tool_call(self, name: str, arguments: dict[str, Any] | str | None = None) -> str:
+        """Answer one tool call a model made (`arguments` as a dict or JSON text): the text the model reads,
+        bounded by the workbench's `answer_limit`. Unknown tools and bad arguments are answered with an error
+        text, never raised."""
+        return self._meta.call(name, arguments).text
+
+    def handle_tool_calls(self, response: Any) -> list[dict[str, Any]]:
+        """Run every call in a model's response that names a tool of this session, in order, and return the
+        messages that carry the results, in the provider's shape, ready to append to the conversation.
+
+        `response` is an OpenAI `ChatCompletion` (-> `{"role": "tool", ...}` messages) or Responses API
+        `Response` (-> `function_call_output` items), or an Anthropic `Message` (-> one user message of
+        `tool_result` blocks), as their SDKs return them (or as dicts of the same shape). Calls of other tools
+        are left to the caller."""
+        def answer(name: str, arguments: Any) -> tuple[str, bool]:
+            given = self._meta.call(name, arguments)
+            return given.text, given.is_error
+
+        return answer_calls(response, self._meta.handles, answer)
+
+    @functools.cached_property
+    def _meta(self) -> MetaTools:
+        return MetaTools(self, answer_limit=self._workbench.answer_limit,
+                         execute_timeout=self._workbench.execute_timeout, tool_timeout=self._workbench.tool_timeout)
 
     def logs(self, limit: int = 1000) -> list[LogEntry]:
         """The session's executions and tool calls, oldest first; `session_id` is their trace id."""

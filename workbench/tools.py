@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import typing
 from collections.abc import Callable
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model
 
 from .bridge_protocol import (
     SLUG as _SLUG,  # always fullmatch: `$` would let a trailing newline in
@@ -77,6 +78,17 @@ class Tool:
         """The JSON Schema of the tool's arguments."""
         return self.arguments.model_json_schema()
 
+    @functools.cached_property
+    def output_schema(self) -> dict[str, Any] | None:
+        """The JSON Schema of what the tool returns, when its return annotation says (else None)."""
+        hint = typing.get_type_hints(self.fn).get("return")
+        if hint is None or hint is Any or hint is type(None):
+            return None
+        try:
+            return TypeAdapter(hint).json_schema()
+        except Exception:  # a type pydantic cannot describe
+            return None
+
     def describe(self) -> dict[str, Any]:
         return {"slug": self.slug, "toolkit": self.toolkit, "description": self.description,
                 "arguments": self.schema}
@@ -86,7 +98,8 @@ class Tool:
         try:
             parsed = self.arguments.model_validate(arguments or {})
         except ValidationError as exc:
-            raise ToolCallError("invalid_arguments", f"invalid arguments for {self.slug}: {_errors(exc)}") from None
+            raise ToolCallError("invalid_arguments",
+                                f"invalid arguments for {self.slug}: {validation_message(exc)}") from None
         kwargs = {name: getattr(parsed, name) for name in type(parsed).model_fields}
         if self._context_param:
             kwargs[self._context_param] = context
@@ -96,7 +109,7 @@ class Tool:
         return result
 
 
-def _errors(exc: ValidationError, shown: int = 5) -> str:
+def validation_message(exc: ValidationError, shown: int = 5) -> str:
     """A validation error in words, naming where and what but quoting none of the input."""
     errors = exc.errors(include_url=False, include_input=False, include_context=False)
     text = "; ".join(f"{'.'.join(map(str, e['loc']))[:80] or 'arguments'}: {e['msg'][:200]}" for e in errors[:shown])
