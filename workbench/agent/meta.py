@@ -3,6 +3,7 @@ shell commands in the session's sandbox. Each answer is text a model reads, boun
 from __future__ import annotations
 
 import json
+import logging
 import re
 import secrets
 import time
@@ -22,6 +23,7 @@ from .search import index_of
 if TYPE_CHECKING:
     from ..session import Session
 
+log = logging.getLogger(__name__)
 PREFIX = "WORKBENCH_"
 SEARCH_TOOLS = "WORKBENCH_SEARCH_TOOLS"
 GET_TOOL_SCHEMAS = "WORKBENCH_GET_TOOL_SCHEMAS"
@@ -228,6 +230,13 @@ class MetaTools:
             return self._call(name, arguments)
         except _Refused as exc:
             return Answer(f"[error: {exc.kind}] {exc}", is_error=True)
+        except WorkbenchError as exc:  # e.g. the session was closed, or Docker is gone: the model is told
+            kind = re.sub(r"(?<!^)(?=[A-Z])", "_", type(exc).__name__.removesuffix("Error")).lower()
+            return Answer(f"[error: {kind}] {str(exc)[:2000]}", is_error=True)
+        except Exception:
+            log.exception("meta tool %s failed on the host", name if name in _ARGUMENTS else "<direct tool>")
+            return Answer("[error: internal] the host failed to handle this call; it was logged there",
+                          is_error=True)
 
     def _call(self, name: Any, arguments: Any) -> Answer:
         if not isinstance(name, str) or not self.handles(name):

@@ -16,6 +16,23 @@ _SEPARATORS = re.compile(r"[_.\-/]+")
 _STEMMER = Stemmer.Stemmer("english")
 
 
+# What agents ask for in other words than tools are named by: a query word adds the verbs it means. (BM25 alone
+# knows no synonyms: "remove a ticket" would rank JIRA_LIST_TICKET as high as JIRA_DELETE_TICKET.)
+_MEANS = {
+    "create": "add new make post open file schedule compose insert start submit register book",
+    "delete": "remove cancel drop erase destroy trash discard unsubscribe",
+    "get": "fetch retrieve read lookup detail details single specific one",
+    "list": "all show enumerate browse which every many",
+    "update": "edit modify change patch rename alter set",
+    "send": "post notify deliver dispatch reply forward",
+    "search": "find query look lookup",
+}
+_SYNONYMS: dict[str, list[str]] = {}
+for _verb, _words_meaning in _MEANS.items():
+    for _word in _words_meaning.split():
+        _SYNONYMS.setdefault(_STEMMER.stemWord(_word), []).append(_STEMMER.stemWord(_verb))
+
+
 def _words(text: str) -> str:
     """Identifiers split into words: GITHUB_LIST_ISSUES, listIssues and list-issues all become 'list issues'."""
     return _SEPARATORS.sub(" ", _CAMEL.sub(" ", text))
@@ -51,7 +68,8 @@ class ToolIndex:
         out."""
         if self._retriever is None or not query.strip():
             return []
-        scores = self._retriever.get_scores(_tokens([query])[0])
+        words = _tokens([query])[0]
+        scores = self._retriever.get_scores(words + [verb for word in words for verb in _SYNONYMS.get(word, ())])
         ranked = sorted(range(len(self.tools)), key=lambda i: (-scores[i], i))
         return [(self.tools[i], float(scores[i])) for i in ranked[:limit] if scores[i] > 0]
 
