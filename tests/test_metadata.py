@@ -6,11 +6,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_cli import cli
 
 from workbench import MetadataError, SessionError, Workbench
 from workbench.tools import ToolContext
-
-from test_cli import cli
 
 
 @pytest.mark.parametrize("metadata", [
@@ -47,7 +46,7 @@ def test_metadata_reaches_tools_logs_and_the_list(wb: Workbench) -> None:
         assert [e.kind for e in entries] == ["tool", "execution", "tool"]
         assert all(e.metadata == first.metadata for e in entries)
 
-        ids = lambda **filters: [r.session_id for r in wb.list(**filters)]  # noqa: E731
+        ids = lambda **filters: [r.session_id for r in wb.list(**filters)]
         assert ids(metadata={"x-correlation-id": "run-2"}) == [second.session_id]
         assert ids(metadata={"team": "data"}) == [first.session_id, second.session_id]
         assert ids(metadata={"team": "data", "x-correlation-id": "run-1"}) == [first.session_id]
