@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from scripted_model import scripted_model
 
 from workbench import Workbench
 
@@ -22,5 +23,9 @@ def test_readme_example_runs(lang: str, code: str, wb: Workbench, home: Path, tm
     command = [sys.executable, "-c", code] if lang == "python" else ["bash", "-euo", "pipefail", "-c", code]
     if lang == "bash":  # the `workbench` script of this interpreter's environment
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    with scripted_model() as model:  # the agent loops' OpenAI() and Anthropic() talk to a scripted model
+        proc = subprocess.run(command, cwd=tmp_path, env={**env, **model}, capture_output=True, text=True,
+                              timeout=300)
     assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
+    if "OpenAI()" in code or "Anthropic()" in code:
+        assert proc.stdout.strip().endswith("Paris brings the most revenue (2 files in .responses)"), proc.stdout
