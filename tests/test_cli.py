@@ -80,6 +80,8 @@ def test_the_demo_runs_and_leaves_nothing_behind(wb: Workbench, tmp_path: Path) 
     home = tmp_path / "demo-home"
     out = cli(home, "demo").stdout
     assert "ZeroDivisionError" in out and "session closed" in out
+    assert "is a DataFrame of 3,650 rows" in out  # a large response offloaded, queried as tables[id]
+    assert "3650 days" in out and "exit code: 0" in out  # meta tools answered as a model reads them
     with Workbench(home=home, pool_size=0, idle_timeout=None) as again:
         left = wb.docker.containers.list(all=True, filters={"label": f"workbench.home={again.home_label}"})
     assert not left and not any((home / "workspaces").iterdir())
