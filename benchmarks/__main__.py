@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from benchmarks import bridge, offload, sessions
+from benchmarks import agent, bridge, offload, sessions
 from benchmarks.kernel import (
     bare_ipykernel_roundtrips,
     bare_ipykernel_starts,
@@ -34,9 +34,9 @@ from workbench import Workbench
 
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
 FULL = {"starts": 20, "creates": 20, "roundtrips": 300, "offload_mb": 100, "offload_runs": 3, "calls": 5000,
-        "idle": 3, "live": 300}
+        "idle": 3, "live": 300, "pairs": 300}
 QUICK = {"starts": 3, "creates": 3, "roundtrips": 50, "offload_mb": 10, "offload_runs": 1, "calls": 500,
-         "idle": 1, "live": 10}
+         "idle": 1, "live": 10, "pairs": 30}
 
 
 def machine(wb: Workbench) -> dict[str, Any]:
@@ -80,6 +80,9 @@ def run(quick: bool, say: Any) -> dict[str, Any]:
             calls = bridge.measure(wb, sizes["calls"])
             figures["bulk_calls_per_s"] = {"single": calls["single"], "bulk": calls["bulk"],
                                            "host_baseline": calls["host_baseline"], "calls": calls["calls"]}
+            say("meta tools")
+            figures["meta_tools"] = agent.measure(wb, sizes["pairs"])
+            figures["meta_tools"]["baseline"] = "session.execute of the same cell, interleaved pairs, same run"
             say("idle session memory")
             figures["idle_session_mib"] = sessions.idle_memory_mib(wb, sizes["idle"])
         with Workbench(home=home, pool_size=2, idle_timeout=None) as wb:
@@ -108,6 +111,11 @@ def table(figures: dict[str, Any]) -> Table:
     t.add_row("tool calls/s from the sandbox, run_tool loop", f"{calls['single']:,.0f}", "",
               f"{calls['host_baseline']:,.0f} host loop", "", "")
     t.add_row("tool calls/s from the sandbox, run_tools bulk", f"{calls['bulk']:,.0f}", "", "", "", ">= 2,000")
+    meta = figures["meta_tools"]
+    t.add_row("meta tool REMOTE_WORKBENCH overhead", f"{meta['overhead_ms']:.3f} ms", "",
+              f"{meta['bare_p50_ms']:.2f} ms execute", f"{meta['meta_p50_ms'] / meta['bare_p50_ms']:.2f}", "< 1 ms")
+    t.add_row(f"meta tool SEARCH_TOOLS over {meta['search_tools']} tools", f"{meta['search_p50_ms']:.2f} ms", "", "",
+              "", "")
     t.add_row("idle session memory", f"{figures['idle_session_mib']:.1f} MiB", "", "", "", "<= 60 MiB")
     t.add_row("live sessions reached", f"{live['reached']} of {live['target']}", "",
               f"{live['create_rate_per_s']:.1f} creates/s", "", "300")

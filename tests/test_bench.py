@@ -25,6 +25,8 @@ def test_quick_benchmark_suite_writes_its_figures(wb: Workbench, tmp_path: Path)
     assert off["seconds"] > 0 and off["floor_seconds"] > 0 and off["ratio"] > 0 and off["records"] > 0
     assert figures["bulk_calls_per_s"]["single"] > 0 and figures["bulk_calls_per_s"]["bulk"] > 0
     assert 1 < figures["idle_session_mib"] < 1024
+    meta = figures["meta_tools"]
+    assert meta["bare_p50_ms"] > 0 and meta["meta_p50_ms"] > 0 and meta["pairs"] == 30 and meta["search_p50_ms"] > 0
     live = figures["live_sessions"]
     assert live["reached"] == live["target"] == 10 and live["first_failure"] is None
     assert live["sample_answering"] >= 1 and live["create_rate_per_s"] > 0
