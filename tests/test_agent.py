@@ -2,6 +2,7 @@
 without a network) dispatched through handle_tool_calls against a real session."""
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
 import re
@@ -14,7 +15,7 @@ from langchain_core.tools import StructuredTool
 from openai.types.chat import ChatCompletion
 from openai.types.responses import Response
 
-from workbench import Session, Workbench
+from workbench import AsyncWorkbench, Session, Workbench
 from workbench.agent import NAMES
 from workbench.agent.search import ToolIndex
 from workbench.tools import ToolContext, ToolRegistry
@@ -329,3 +330,18 @@ def test_search_through_the_session_sees_only_allowed_tools(wb: Workbench, agent
         assert len(answer["results"][0]["tools"]) <= 5
     finally:
         agent.update(toolkits=["agt_crm", "agt_mail"])
+
+
+def test_async_twins(wb: Workbench, agent: Session) -> None:
+    async def main() -> tuple[list[Any], str, list[dict[str, Any]]]:
+        async with AsyncWorkbench(home=wb.home, pool_size=0, idle_timeout=None) as awb:
+            session = await awb.use(agent.session_id)
+            return (session.tools("mcp"),
+                    await session.handle_tool_call("WORKBENCH_REMOTE_WORKBENCH", '{"code_to_execute": "3 * 3"}'),
+                    await session.handle_tool_calls(_claude(("t", "WORKBENCH_REMOTE_WORKBENCH",
+                                                             {"code_to_execute": "4"}))))
+
+    tools, answer, messages = asyncio.run(main())
+    assert [t["name"] for t in tools] == list(NAMES)
+    assert answer == "result:\n9"
+    assert messages[0]["content"][0]["content"] == "result:\n4"

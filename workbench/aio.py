@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import PurePath
 from typing import Any, TypeVar
 
+from .agent import Format
 from .client import GcReport, Workbench
 from .config import Limits
 from .files import Data, FileInfo, Files
@@ -125,6 +126,22 @@ class AsyncSession(_Threads):
     async def execute_tools(self, calls: list[tuple[str, dict[str, Any]]], **kwargs: Any) -> list[ToolResult]:
         """Run several tool calls concurrently (see `Session.execute_tools`)."""
         return await self._run(self.sync.execute_tools, calls, **kwargs)
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self.sync.metadata
+
+    def tools(self, format: Format = "openai", *, include_tools: bool = False) -> list[Any]:
+        """The meta tools as tool definitions for a model (see `Session.tools`)."""
+        return self.sync.tools(format, include_tools=include_tools)
+
+    async def handle_tool_call(self, name: str, arguments: dict[str, Any] | str | None = None) -> str:
+        """Answer one tool call a model made (see `Session.handle_tool_call`)."""
+        return await self._run(self.sync.handle_tool_call, name, arguments)
+
+    async def handle_tool_calls(self, response: Any) -> list[dict[str, Any]]:
+        """Run the calls in a model's response; the result messages (see `Session.handle_tool_calls`)."""
+        return await self._run(self.sync.handle_tool_calls, response)
 
     async def logs(self, limit: int = 1000) -> list[LogEntry]:
         return await self._run(self.sync.logs, limit)

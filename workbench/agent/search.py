@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Any
-
-import bm25s
-import Stemmer
+from typing import TYPE_CHECKING, Any
 
 from ..tools import Tool
 
+if TYPE_CHECKING:
+    import bm25s
+
 _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 _SEPARATORS = re.compile(r"[_.\-/]+")
-_STEMMER = Stemmer.Stemmer("english")
 
 
 # What agents ask for in other words than tools are named by: a query word adds the verbs it means. (BM25 alone
@@ -27,10 +26,23 @@ _MEANS = {
     "send": "post notify deliver dispatch reply forward",
     "search": "find query look lookup",
 }
-_SYNONYMS: dict[str, list[str]] = {}
-for _verb, _words_meaning in _MEANS.items():
-    for _word in _words_meaning.split():
-        _SYNONYMS.setdefault(_STEMMER.stemWord(_word), []).append(_STEMMER.stemWord(_verb))
+
+
+@functools.cache
+def _stemmer() -> Any:
+    import Stemmer  # imported on first search: numpy and bm25s are not needed before
+
+    return Stemmer.Stemmer("english")
+
+
+@functools.cache
+def _synonyms() -> dict[str, list[str]]:
+    stem = _stemmer().stemWord
+    synonyms: dict[str, list[str]] = {}
+    for verb, words in _MEANS.items():
+        for word in words.split():
+            synonyms.setdefault(stem(word), []).append(stem(verb))
+    return synonyms
 
 
 def _words(text: str) -> str:
@@ -39,7 +51,9 @@ def _words(text: str) -> str:
 
 
 def _tokens(texts: list[str]) -> list[list[str]]:
-    return bm25s.tokenize([_words(t) for t in texts], stopwords="en", stemmer=_STEMMER.stemWords,
+    import bm25s
+
+    return bm25s.tokenize([_words(t) for t in texts], stopwords="en", stemmer=_stemmer().stemWords,
                           return_ids=False, show_progress=False)
 
 
@@ -60,6 +74,8 @@ class ToolIndex:
         self.tools = tools
         self._retriever: bm25s.BM25 | None = None
         if tools:
+            import bm25s
+
             self._retriever = bm25s.BM25()
             self._retriever.index(_tokens([_document(t) for t in tools]), show_progress=False)
 
@@ -69,7 +85,7 @@ class ToolIndex:
         if self._retriever is None or not query.strip():
             return []
         words = _tokens([query])[0]
-        scores = self._retriever.get_scores(words + [verb for word in words for verb in _SYNONYMS.get(word, ())])
+        scores = self._retriever.get_scores(words + [verb for word in words for verb in _synonyms().get(word, ())])
         ranked = sorted(range(len(self.tools)), key=lambda i: (-scores[i], i))
         return [(self.tools[i], float(scores[i])) for i in ranked[:limit] if scores[i] > 0]
 
