@@ -1,6 +1,7 @@
 """workbench: sandboxed Jupyter kernels in Docker for AI agents."""
-from .aio import AsyncFiles, AsyncSession, AsyncWorkbench
+from .aio import AsyncCommands, AsyncFiles, AsyncSession, AsyncWorkbench
 from .client import GcReport, Workbench
+from .commands import Commands
 from .config import Limits
 from .errors import (
     ConflictError,
@@ -22,6 +23,7 @@ from .errors import (
 )
 from .files import FileInfo, Files
 from .results import (
+    CommandResult,
     ExecutionError,
     ExecutionResult,
     OffloadEnvelope,
@@ -33,9 +35,12 @@ from .store import LogEntry, SessionConfig, SessionRecord
 from .tools import RateLimited, Tool, ToolContext
 
 __all__ = [
+    "AsyncCommands",
     "AsyncFiles",
     "AsyncSession",
     "AsyncWorkbench",
+    "CommandResult",
+    "Commands",
     "ConflictError",
     "DockerUnavailableError",
     "ExecutionError",

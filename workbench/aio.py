@@ -15,9 +15,10 @@ from typing import Any, TypeVar
 
 from .agent import Format
 from .client import GcReport, Workbench
+from .commands import Commands
 from .config import Limits
 from .files import Data, FileInfo, Files
-from .results import ExecutionError, ExecutionResult, Output, ToolResult
+from .results import CommandResult, ExecutionError, ExecutionResult, Output, ToolResult
 from .session import Session
 from .store import LogEntry, SessionRecord
 
@@ -89,6 +90,7 @@ class AsyncSession(_Threads):
         self.session_id = session.session_id
         self.user_id = session.user_id
         self.files = AsyncFiles(session.files, pool)
+        self.commands = AsyncCommands(session.commands, pool)
 
     @property
     def config_version(self) -> int:
@@ -160,6 +162,30 @@ class AsyncSession(_Threads):
 
     def __repr__(self) -> str:
         return f"AsyncSession(session_id={self.session_id!r}, user_id={self.user_id!r})"
+
+
+class AsyncCommands(_Threads):
+    """`Commands` for asyncio."""
+
+    def __init__(self, commands: Commands, pool: ThreadPoolExecutor) -> None:
+        super().__init__(pool)
+        self.sync = commands
+
+    async def run(
+        self,
+        cmd: str,
+        *,
+        timeout: float = 60,
+        cwd: str | None = None,
+        env: dict[str, str] | None = None,
+        on_stdout: Callable[[str], Any] | None = None,
+        on_stderr: Callable[[str], Any] | None = None,
+    ) -> CommandResult:
+        """Run a shell command in the session's sandbox (see `Commands.run`); callbacks, plain or async, run on
+        this event loop."""
+        loop = asyncio.get_running_loop()
+        return await self._run(self.sync.run, cmd, timeout=timeout, cwd=cwd, env=env,
+                               on_stdout=_on_loop(loop, on_stdout), on_stderr=_on_loop(loop, on_stderr))
 
 
 class AsyncFiles(_Threads):

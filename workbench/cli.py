@@ -181,7 +181,7 @@ def session_show(session_id: str, log_count: int) -> None:
     if entries:
         logs = Table("when", "kind", "status", "seconds", "detail", box=None)
         for entry in entries:
-            detail = entry.detail.get("code") or entry.detail.get("slug") or ""
+            detail = entry.detail.get("code") or entry.detail.get("command") or entry.detail.get("slug") or ""
             logs.add_row(_when(entry.created_at), entry.kind, entry.status, f"{entry.duration:.3f}",
                          detail.splitlines()[0][:60] if detail else "")
         out.print(logs)
@@ -224,6 +224,32 @@ def exec_(session_id: str, code: str | None, path: click.utils.LazyFile | None, 
         console.print(f"[yellow]{escape(note)}[/yellow]")
     wb.close()
     sys.exit(0 if result.ok else 1)
+
+
+@main.command("sh")
+@click.argument("session_id")
+@click.argument("cmd")
+@click.option("--timeout", type=float, default=60.0, show_default=True,
+              help="Seconds before the command and its children are killed.")
+@click.option("--cwd", help="The folder to run in: relative to /workspace, or an absolute path under it.")
+def sh(session_id: str, cmd: str, timeout: float, cwd: str | None) -> None:
+    """Run a shell command in a session's sandbox; streams its output and exits with its exit code (124 when it
+    timed out, 125 when it has none)."""
+    wb = _workbench()
+    result = wb.use(session_id).commands.run(
+        cmd, timeout=timeout, cwd=cwd,
+        on_stdout=lambda text: (sys.stdout.write(text), sys.stdout.flush()),
+        on_stderr=lambda text: (sys.stderr.write(text), sys.stderr.flush()),
+    )
+    wb.close()
+    if result.timed_out:
+        console.print(f"[yellow]timed out after {result.duration:.1f}s: the command and its children were "
+                      "killed[/yellow]")
+        sys.exit(124)
+    if result.exit_code is None:
+        console.print(f"[yellow]no exit code: {escape(result.error or 'unknown')}[/yellow]")
+        sys.exit(125)
+    sys.exit(result.exit_code)
 
 
 @main.group()

@@ -45,7 +45,7 @@ class Callbacks:
 Spill = Callable[[str], Any]  # name -> a binary writer in the workspace (files.Writer), or None for no spill
 
 
-class _Capped:
+class Capped:
     """Text kept up to a limit: its head and tail, with the number of characters cut between them. Once past
     the limit, the whole text is also written, as it comes, to a spill file (when given one)."""
 
@@ -132,7 +132,7 @@ class Outcome:
     started_late: bool = False  # not seen to start by the deadline: the kernel was interrupted anyway
     dead: str | None = None  # the container's exit reason, when it died
     unresponsive: bool = False  # timed out and did not answer the interrupt either
-    streams: dict[str, _Capped] = field(default_factory=dict)
+    streams: dict[str, Capped] = field(default_factory=dict)
     output_limit: int = 1_000_000
     budget: int = 1_000_000  # characters of rich output values still kept in the result for this execution
     spill: Spill | None = None
@@ -180,7 +180,7 @@ def run_cell(
     started = time.monotonic()
     result = ExecutionResult()
     outcome = Outcome(result=result, streams={
-        name: _Capped(output_limit, _spill_opener(spill, f"{name}.txt") if spill else None)
+        name: Capped(output_limit, _spill_opener(spill, f"{name}.txt") if spill else None)
         for name in ("stdout", "stderr")}, output_limit=output_limit, budget=output_limit, spill=spill)
     msg_id = client.execute(code, allow_stdin=False, stop_on_error=False)
     iopub, shell = client.iopub_channel, client.shell_channel
@@ -457,7 +457,7 @@ def _cap_values(output: Output, index: int, outcome: Outcome) -> None:
             outcome.result.spilled[key] = where
         if textual:
             keep = max(min(outcome.output_limit, outcome.budget), min(_PREVIEW, outcome.output_limit))
-            capped = _Capped(keep)
+            capped = Capped(keep)
             capped.add(text)
             output.data[mime] = capped.value(where)
             outcome.budget = max(outcome.budget - min(size, keep), 0)
@@ -500,7 +500,7 @@ def _error(content: dict[str, Any], outcome: Outcome) -> ExecutionError:
             isinstance(line, str) for line in traceback):
         raise Malformed("ename, evalue and traceback lines must be strings")
     limit = outcome.output_limit
-    capped = _Capped(limit)
+    capped = Capped(limit)
     capped.add(evalue)
     lines: list[str] = []
     total = 0

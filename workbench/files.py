@@ -32,6 +32,7 @@ from .errors import (
 )
 from .workspace import Workspace
 
+OUTPUTS = ".outputs"  # where cell and command outputs past the output limit are written whole
 CHUNK = 1024 * 1024
 RECOUNT = 60.0  # seconds after which a plain folder's running count is taken again (the kernel writes too)
 _DIR = fstree.DIR_FLAGS

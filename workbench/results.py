@@ -107,6 +107,42 @@ class ExecutionResult(BaseModel):
         return notes
 
 
+class CommandResult(BaseModel):
+    """The outcome of one shell command (`session.commands.run`)."""
+
+    exit_code: int | None = Field(default=None, description="the command's exit code; None when it was killed at "
+                                  "its timeout (or its container stopped under it)")
+    stdout: str = ""
+    stderr: str = ""
+    duration: float = 0.0
+    timed_out: bool = Field(default=False, description="the command ran past its timeout: it and every process it "
+                            "started were killed")
+    error: str | None = Field(default=None, description="why there is no exit code, when not a timeout (e.g. the "
+                              "session's container stopped during the command)")
+    truncated: dict[str, int] = Field(default_factory=dict, description="stream -> characters cut from its middle")
+    spilled: dict[str, str] = Field(default_factory=dict, description="stream cut here -> the workspace file "
+                                    "holding all of it")
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0 and not self.timed_out
+
+    def __str__(self) -> str:
+        """A plain-text account of the command, for a model to read."""
+        parts = []
+        if self.stdout:
+            parts.append(self.stdout.rstrip("\n"))
+        if self.stderr:
+            parts.append("[stderr]\n" + self.stderr.rstrip("\n"))
+        if self.timed_out:
+            parts.append(f"[timed out after {self.duration:.1f}s: the command and its children were killed]")
+        elif self.exit_code is not None:
+            parts.append(f"[exit code {self.exit_code}]")
+        else:
+            parts.append(f"[no exit code: {self.error or 'unknown'}]")
+        return "\n".join(parts)
+
+
 class OffloadEnvelope(BaseModel):
     """What the agent sees of a response that went to the workspace instead of its context."""
 

@@ -17,6 +17,7 @@ from .agent import Format, MetaTools, answer_calls, render
 from .bridge_protocol import MAX_INLINE, error_reply
 from .bridge_protocol import SLUG as _SLUG
 from .bridge_protocol import Request as BridgeRequest
+from .commands import Commands
 from .config import Limits, check_metadata
 from .errors import (
     ConflictError,
@@ -27,7 +28,7 @@ from .errors import (
     WorkspaceFullError,
 )
 from .execution import Callbacks
-from .files import Files
+from .files import OUTPUTS, Files
 from .kernel import Kernel
 from .offload import NotSerialisable, Routed, route
 from .results import ExecutionError, ExecutionResult, Output, ToolResult
@@ -40,7 +41,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 _CODE_IN_LOG = 10_000  # characters of a cell's code kept in its log entry
-OUTPUTS = ".outputs"  # where cell outputs past the output limit are written whole
 _GRACE = 30.0  # beyond a cell's timeout: the interrupt's grace and a restart
 
 
@@ -132,6 +132,11 @@ class Session:
         self.files = Files(kernel.workspace, lambda: self.config.limits.workspace_size, disk=kernel.disk)
         """The workspace's files, read and written on the host: `write`, `read`, `open`, `list`, `exists`,
         `remove`."""
+        self.commands = Commands(
+            self.session_id, api=workbench.docker.api, store=workbench.store, files=self.files,
+            container=self._kernel_container, check_open=self._check_open, log_entry=self._log,
+            output_limit=workbench.output_limit, idle_timeout=workbench.idle_timeout)
+        """Shell commands in the session's sandbox, beside the kernel: `run`."""
 
     @property
     def metadata(self) -> dict[str, str]:
@@ -537,6 +542,26 @@ class Session:
             self._workbench.store.set_kernel(self.session_id, self._kernel.record())
             self._state_lost = True
         self._attached = True
+
+    def _kernel_container(self, timeout: float) -> str:
+        """The container of the session's kernel, for a shell command that found none running (stopped when idle,
+        its container gone, or another process's kernel not yet attached): got as an execution gets one, under the
+        session's locks, reattached or started anew (which loses variables). Waits at most `timeout` seconds for
+        another process's cell."""
+        with self._lock:
+            self._check_open()
+            with _SessionFileLock(self._workbench.home, self.session_id, timeout) as waited:
+                if waited is None:
+                    raise SessionError(f"session {self.session_id}: another process held it for all of the "
+                                       f"command's timeout ({timeout:g}s) while it had no running kernel")
+                self._sync()
+                if self._kernel.exit_reason() is not None:  # the store's kernel, but its container is gone
+                    self.log.info("starting a new kernel: its container is gone")
+                    self._kernel.restart()
+                    self._workbench.store.set_kernel(self.session_id, self._kernel.record())
+                    self._state_lost = True
+                assert self._kernel.container is not None
+                return str(self._kernel.container.id)
 
     def _new_kernel(self) -> None:
         """Replace the session's kernel, wherever it runs, with a new one of the current limits."""

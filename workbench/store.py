@@ -258,6 +258,13 @@ class Store:
         self._exec("UPDATE sessions SET busy_until = ? WHERE session_id = ?", (until, session_id))
 
     @_guarded
+    def touch(self, session_id: str) -> None:
+        """Mark a session used now (a shell command runs in its container), leaving the busy mark of a cell that
+        may be running at the same time as it is: the idle reaper leaves the kernel alone."""
+        self._exec("UPDATE sessions SET last_used_at = MAX(last_used_at, ?) WHERE session_id = ?",
+                   (time.time(), session_id))
+
+    @_guarded
     def release_kernel(self, session_id: str, kernel_id: str, idle_before: float | None = None) -> bool:
         """Forget the session's kernel if it is still `kernel_id` (and, given `idle_before`, unused since then).
 

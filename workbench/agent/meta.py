@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import to_jsonable_python
 
 from ..errors import WorkbenchError
+from ..files import OUTPUTS
 from ..results import ExecutionResult, ToolResult
 from ..tools import Tool, validation_message
 from .answers import bound
@@ -30,7 +31,7 @@ GET_TOOL_SCHEMAS = "WORKBENCH_GET_TOOL_SCHEMAS"
 MULTI_EXECUTE_TOOL = "WORKBENCH_MULTI_EXECUTE_TOOL"
 REMOTE_WORKBENCH = "WORKBENCH_REMOTE_WORKBENCH"
 REMOTE_BASH_TOOL = "WORKBENCH_REMOTE_BASH_TOOL"
-ANSWERS = ".outputs/answers"  # where an answer past the limit is written whole
+ANSWERS = f"{OUTPUTS}/answers"  # where an answer past the limit is written whole
 MAX_ARGUMENTS = 8 * 1024**2  # characters of JSON arguments a call may bring
 PER_QUERY = 5  # tools a search returns for each use case
 _DIRECT_NAME = re.compile(r"[^A-Za-z0-9_-]")  # tool names as every provider accepts them: 1 to 64 of these
@@ -316,8 +317,12 @@ class MetaTools:
 
     def _remote_bash_tool(self, arguments: RemoteBashArguments) -> Answer:
         result = self.session.commands.run(arguments.command, timeout=arguments.timeout)
-        sections = [f"exit code: {result.exit_code}" if not result.timed_out else
-                    f"timed out after {arguments.timeout:g}s: the command and its children were killed"]
+        if result.timed_out:
+            sections = [f"timed out after {arguments.timeout:g}s: the command and its children were killed"]
+        elif result.exit_code is None:
+            sections = [f"no exit code: {result.error or 'the command ended without one'}"]
+        else:
+            sections = [f"exit code: {result.exit_code}"]
         if result.stdout:
             sections.append("stdout:\n" + result.stdout.rstrip("\n"))
         if result.stderr:
