@@ -295,13 +295,19 @@ def test_every_command_is_logged(fresh: Session) -> None:
 
 def test_a_closed_session_and_an_unreachable_engine_are_clear_errors(wb: Workbench, home: Path) -> None:
     s = wb.create(user_id="test-user")
+    primer = wb.create(user_id="test-user")
     other = Workbench(home=home, docker_client=wb.docker, pool_size=0, idle_timeout=None)
     try:
-        elsewhere = other.use(s.session_id)
+        other.use(primer.session_id)  # (what a session object needs of the engine is looked up once)
         other.docker = docker.DockerClient(base_url="unix:///nonexistent/docker.sock", version="1.41")
+        elsewhere = other.use(s.session_id)  # a session object takes its engine from its workbench
         with pytest.raises(DockerUnavailableError, match="Docker engine"):
             elsewhere.commands.run("true")
         assert [e.status for e in wb.store.logs(s.session_id) if e.kind == "command"] == ["failed"]
+        with Workbench(home=home, docker_client=wb.docker, pool_size=0, idle_timeout=None) as third:
+            third.docker = other.docker
+            with pytest.raises(DockerUnavailableError, match="Docker engine"):  # not a raw requests error
+                third.use(s.session_id)
         other.docker = wb.docker
         s.close()
         with pytest.raises(SessionClosedError):
@@ -310,6 +316,7 @@ def test_a_closed_session_and_an_unreachable_engine_are_clear_errors(wb: Workben
             elsewhere.commands.run("true")
     finally:
         other.close()
+        primer.close()
 
 
 def test_async_twin(wb: Workbench, home: Path) -> None:

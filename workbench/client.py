@@ -255,7 +255,8 @@ class Workbench:
         empty or restored store must not end kernels it never heard of."""
         report = GcReport()
         try:
-            containers = self.docker.containers.list(all=True, filters={"label": f"workbench.home={self.home_label}"})
+            containers = self.docker.containers.list(all=True, filters={"label": f"workbench.home={self.home_label}"},
+                                                     ignore_removed=True)  # one removed meanwhile is no error
         except (APIError, RequestException) as exc:
             raise DockerUnavailableError(f"cannot list containers: {exc}") from exc
         for container in containers:
@@ -510,7 +511,7 @@ class Workbench:
         labels = [f"workbench.session={session_id}", f"workbench.home={self.home_label}"]
         if kernel_id is not None:
             labels.append(f"{LABEL_KERNEL}={kernel_id}")
-        for container in self.docker.containers.list(all=True, filters={"label": labels}):
+        for container in self.docker.containers.list(all=True, filters={"label": labels}, ignore_removed=True):
             _remove(container)
 
     def _register(self, session: Session) -> Session:

@@ -19,11 +19,12 @@ from pathlib import Path
 
 import docker
 from docker.errors import APIError, ImageNotFound
+from requests import RequestException
 
 from . import base_image
 from .assets import assets_root
 from .config import BASE_IMAGE, DEFAULT_IMAGE, default_home
-from .errors import ImageBuildError, ImageNotFoundError
+from .errors import DockerUnavailableError, ImageBuildError, ImageNotFoundError
 
 INPUTS_LABEL = "workbench.image.inputs"
 RUNTIME_REPOSITORY = "workbench-runtime"
@@ -129,6 +130,8 @@ def python_mounts(client: docker.DockerClient, tag: str = DEFAULT_IMAGE) -> dict
         image_id = client.images.get(tag).id
     except ImageNotFound:
         return {}
+    except (APIError, RequestException) as exc:
+        raise DockerUnavailableError(f"cannot reach the Docker engine to inspect image {tag}: {exc}") from exc
     copy = _python_copy(str(image_id))
     if not (copy / ".complete").exists():
         return {}
