@@ -6,6 +6,7 @@ import asyncio
 import inspect
 import json
 import re
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,8 +16,9 @@ from langchain_core.tools import StructuredTool
 from openai.types.chat import ChatCompletion
 from openai.types.responses import Response
 
-from workbench import AsyncWorkbench, Session, Workbench
+from workbench import AsyncWorkbench, Session, Workbench, WorkbenchError
 from workbench.agent import NAMES
+from workbench.agent.meta import clean_schema
 from workbench.agent.search import ToolIndex
 from workbench.tools import ToolContext, ToolRegistry
 
@@ -229,7 +231,7 @@ def test_answers_are_bounded_and_kept_whole_in_the_workspace(wb: Workbench, agen
     assert whole == "stdout:\n" + "ab" * 50_000
     assert big.startswith(whole[:3000]) and big.endswith(whole[-1000:])
 
-    with Workbench(home=wb.home, pool_size=0, idle_timeout=None, answer_limit=1_000) as small:
+    with Workbench(home=wb.home, pool_size=0, idle_timeout=None, answer_limit=500, execute_timeout=3) as small:
         for tool in wb.tools.allowed(["agt_crm", "agt_mail"], []):  # a process registers its own tools
             small.tools.register(tool.fn, slug=tool.slug, toolkit=tool.toolkit, description=tool.description)
         same = small.use(agent.session_id)
@@ -240,9 +242,19 @@ def test_answers_are_bounded_and_kept_whole_in_the_workspace(wb: Workbench, agen
             ("WORKBENCH_REMOTE_BASH_TOOL", {"command": "seq 1 100000"}),
             ("WORKBENCH_REMOTE_WORKBENCH", {"code_to_execute": "list(range(10_000))"}),
             ("AGT_CRM_GET_CONTACT", {"contact_id": 10 ** 3000}),
+            ("WORKBENCH_SEARCH_TOOLS", {("k" * 80 + str(i)): 1 for i in range(6)}),  # a long error, bounded too
+            ("X" * 5_000, {}),
         ]:
             answer = same.handle_tool_call(name, arguments)
-            assert len(answer) <= 1_000, name
+            assert len(answer) <= 500, name
+
+        # a model's timeout is never past the host's execute_timeout (3 s here), whatever it asks
+        started = time.monotonic()
+        slept = same.handle_tool_call("WORKBENCH_REMOTE_WORKBENCH", {"code_to_execute": "import time\n"
+                                      "time.sleep(60)", "timeout": 86_400})
+        assert "timed out after 3" in slept
+        killed = same.handle_tool_call("WORKBENCH_REMOTE_BASH_TOOL", {"command": "sleep 60", "timeout": 86_400})
+        assert killed.startswith("timed out after 3") and time.monotonic() - started < 30
         multi = same.handle_tool_call(*MULTI)  # each response shares the smaller answer: offloaded, not cut
         assert multi.startswith('{"results":[{"tool_slug":"AGT_CRM_LIST_CONTACTS","ok":true,"offload"')
     with pytest.raises(Exception, match="answer_limit"):
@@ -345,3 +357,58 @@ def test_async_twins(wb: Workbench, agent: Session) -> None:
     assert [t["name"] for t in tools] == list(NAMES)
     assert answer == "result:\n9"
     assert messages[0]["content"][0]["content"] == "result:\n4"
+
+
+def test_odd_responses_and_a_closed_session_never_raise(wb: Workbench) -> None:
+    s = wb.create("agent-user", toolkits=["agt_crm"])
+    call = {"id": "c1", "type": "function", "function": {"name": "WORKBENCH_REMOTE_WORKBENCH",
+                                                          "arguments": '{"code_to_execute": "5"}'}}
+    for odd in [{"choices": []}, {"choices": ["x"]}, {"choices": [{"message": "hi"}]},
+                {"choices": [{"message": {"tool_calls": 5}}]}, {"choices": [{"message": {"tool_calls": [None, 3]}}]},
+                {"choices": [{"message": {"tool_calls": [{**call, "id": None}, {**call, "function": None}]}}]},
+                {"choices": [{"message": {"tool_calls": [{**call, "function": {"name": 7, "arguments": "{}"}}]}}]},
+                {"role": "assistant", "content": [{"type": "tool_use", "name": "WORKBENCH_SEARCH_TOOLS"}, "x"]},
+                {"object": "response", "output": [{"type": "function_call", "name": "X"}, None]}]:
+        assert s.handle_tool_calls(odd) == [], odd  # nothing that can be answered: no message, no exception
+    assert s.handle_tool_calls({"choices": [{"message": {"tool_calls": [call]}}]})[0]["content"] == "result:\n5"
+    with pytest.raises(WorkbenchError, match="not a model response"):
+        s.handle_tool_calls(42)  # the caller's mistake, not the model's: said at once
+
+    own = {"id": "c2", "type": "function", "function": {"name": "AGT_CRM_GET_CONTACT", "arguments": '{"contact_id": 1}'}}
+    chat = {"choices": [{"message": {"role": "assistant", "tool_calls": [call, own]}}]}
+    assert [m["tool_call_id"] for m in s.handle_tool_calls(chat)] == ["c1"]  # its tools were not offered directly
+    assert [m["tool_call_id"] for m in s.handle_tool_calls(chat, include_tools=True)] == ["c1", "c2"]
+    s.close()
+    closed = s.handle_tool_calls(chat, include_tools=True)
+    assert [m["tool_call_id"] for m in closed] == ["c1"]
+    assert closed[0]["content"].startswith("[error: session_closed]")
+    assert s.handle_tool_call("AGT_CRM_GET_CONTACT", {"contact_id": 1}).startswith("[error: session_closed]")
+
+
+def test_search_of_stop_words_finds_nothing_and_fails_nothing(agent: Session) -> None:
+    answer = json.loads(agent.handle_tool_call("WORKBENCH_SEARCH_TOOLS", {"queries": [
+        {"use_case": "the a of"}, {"use_case": "!!!"}, {"use_case": "list the contacts"}]}))
+    assert [len(r["tools"]) > 0 for r in answer["results"]] == [False, False, True]
+
+
+def test_langchain_errors_are_tool_messages_with_error_status(agent: Session) -> None:
+    tool = {t.name: t for t in agent.tools("langchain")}["WORKBENCH_REMOTE_WORKBENCH"]
+    message = tool.invoke({"type": "tool_call", "id": "lc1", "name": tool.name, "args": {"code_to_execute": "1 / 0"}})
+    assert message.status == "error" and "ZeroDivisionError" in message.content and message.tool_call_id == "lc1"
+    message = tool.invoke({"type": "tool_call", "id": "lc2", "name": tool.name, "args": {"code_to_execute": "7"}})
+    assert message.status == "success" and message.content == "result:\n7"
+
+
+def test_schemas_lose_generated_titles_but_keep_their_data() -> None:
+    from pydantic import BaseModel, Field
+
+    class Report(BaseModel):
+        title: str = Field(description="a parameter named title stays")
+        layout: dict = Field(default={"title": "Report", "n": 1})
+        kind: str = Field(default="pdf", examples=[{"title": "x"}])
+
+    schema = clean_schema(Report.model_json_schema())
+    assert "title" not in schema and "title" in schema["properties"]
+    assert "title" not in schema["properties"]["layout"]
+    assert schema["properties"]["layout"]["default"] == {"title": "Report", "n": 1}
+    assert schema["properties"]["kind"]["examples"] == [{"title": "x"}]

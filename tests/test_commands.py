@@ -43,10 +43,10 @@ def processes(session: Session) -> list[str]:
 def test_exit_codes_and_separate_streams(session: Session) -> None:
     ok = session.commands.run("true")
     assert isinstance(ok, CommandResult) and ok.exit_code == 0 and ok.ok and not ok.timed_out
-    assert (ok.stdout, ok.stderr, str(ok)) == ("", "", "[exit code 0]")
+    assert (ok.stdout, ok.stderr, str(ok)) == ("", "", "exit code: 0")
     failed = session.commands.run("echo out; echo err >&2; exit 3")
     assert (failed.exit_code, failed.stdout, failed.stderr) == (3, "out\n", "err\n")
-    assert not failed.ok and str(failed) == "out\n[stderr]\nerr\n[exit code 3]"
+    assert not failed.ok and str(failed) == "exit code: 3\nstdout:\nout\nstderr:\nerr"
     missing = session.commands.run("no-such-command --flag")
     assert missing.exit_code == 127 and "command not found" in missing.stderr and missing.stdout == ""
     assert session.commands.run("kill -TERM $$").exit_code == 128 + 15
@@ -153,7 +153,7 @@ def test_timeout_kills_the_command_and_every_child_but_not_the_kernel(fresh: Ses
     assert result.timed_out and result.exit_code is None and not result.ok, result
     assert result.stdout == "started\n" and seen == ["started\n"]
     assert 2 <= elapsed < 2 + 3, elapsed
-    assert "[timed out after" in str(result) and "the command and its children were killed" in str(result)
+    assert str(result).startswith("timed out after") and "the command and its children were killed" in str(result)
     left = set(processes(fresh)) - before
     assert not [line for line in left if "sleep 300" in line], left
     assert any("sleep 3999" in line for line in processes(fresh))  # the kernel's own child is untouched

@@ -59,7 +59,16 @@ def test_metadata_reaches_tools_logs_and_the_list(wb: Workbench) -> None:
         assert first.logs()[-1].metadata == {"x-correlation-id": "run-3"}
         with pytest.raises(MetadataError):
             first.update(metadata={"k": "\x1b[31m"})
+        with pytest.raises(MetadataError):
+            first.update(metadata={"k": "\x9b2J\u202e"})  # C1 controls and bidi overrides are not printable
         assert first.config_version == 2
+
+        with Workbench(home=wb.home, pool_size=0, idle_timeout=None) as other:  # another process's view
+            elsewhere = other.use(first.session_id)
+            first.update(metadata={"x-correlation-id": "run-4"})
+            assert elsewhere.metadata == {"x-correlation-id": "run-4"}  # read again: the store changed
+            assert elsewhere.commands.run("true").ok
+            assert first.logs()[-1].kind == "command" and first.logs()[-1].metadata == {"x-correlation-id": "run-4"}
     finally:
         first.close()
         second.close()
@@ -67,11 +76,11 @@ def test_metadata_reaches_tools_logs_and_the_list(wb: Workbench) -> None:
 
 def test_metadata_from_the_command_line(wb: Workbench, home: Path) -> None:
     session_id = cli(home, "session", "create", "--user", "meta-cli", "--metadata", "x-correlation-id=cli-7",
-                     "--metadata", "team=data").stdout.strip()
+                     "--metadata", "team=[red]data[/]").stdout.strip()
     try:
         shown = cli(home, "session", "show", session_id).stdout
-        assert "x-correlation-id=cli-7, team=data" in shown
-        assert session_id in cli(home, "session", "list", "--metadata", "team=data").stdout
+        assert "x-correlation-id=cli-7, team=[red]data[/]" in shown  # shown as given, never read as markup
+        assert session_id in cli(home, "session", "list", "--metadata", "team=[red]data[/]").stdout
         assert session_id not in cli(home, "session", "list", "--metadata", "team=ops").stdout
         refused = cli(home, "session", "create", "--user", "meta-cli", "--metadata", "novalue", ok=False)
         assert "KEY=VALUE" in refused.stderr

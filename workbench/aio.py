@@ -141,9 +141,9 @@ class AsyncSession(_Threads):
         """Answer one tool call a model made (see `Session.handle_tool_call`)."""
         return await self._run(self.sync.handle_tool_call, name, arguments)
 
-    async def handle_tool_calls(self, response: Any) -> list[dict[str, Any]]:
+    async def handle_tool_calls(self, response: Any, *, include_tools: bool = False) -> list[dict[str, Any]]:
         """Run the calls in a model's response; the result messages (see `Session.handle_tool_calls`)."""
-        return await self._run(self.sync.handle_tool_calls, response)
+        return await self._run(self.sync.handle_tool_calls, response, include_tools=include_tools)
 
     async def logs(self, limit: int = 1000) -> list[LogEntry]:
         return await self._run(self.sync.logs, limit)

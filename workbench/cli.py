@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 from rich.table import Table
+from rich.text import Text
 
 from .errors import WorkbenchError
 
@@ -175,7 +176,7 @@ def session_show(session_id: str, log_count: int) -> None:
         ("workspace", str(wb.home / "workspaces" / record.session_id)),
         ("created", _when(record.created_at)), ("last used", _when(record.last_used_at)),
     ]:
-        info.add_row(f"[bold]{key}[/bold]", value)
+        info.add_row(f"[bold]{key}[/bold]", Text(value))  # (not markup: metadata and code are anyone's text)
     out.print(info)
     entries = wb.store.logs(session_id, limit=log_count)
     if entries:
@@ -183,7 +184,7 @@ def session_show(session_id: str, log_count: int) -> None:
         for entry in entries:
             detail = entry.detail.get("code") or entry.detail.get("command") or entry.detail.get("slug") or ""
             logs.add_row(_when(entry.created_at), entry.kind, entry.status, f"{entry.duration:.3f}",
-                         detail.splitlines()[0][:60] if detail else "")
+                         Text(detail.splitlines()[0][:60] if detail else ""))
         out.print(logs)
 
 

@@ -60,7 +60,6 @@ METADATA_KEYS = 16
 METADATA_KEY = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 METADATA_VALUE = 256  # characters
 METADATA_BYTES = 4096  # of JSON in all: the metadata is copied into every log entry of its session
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def check_metadata(metadata: dict[str, str]) -> dict[str, str]:
@@ -73,7 +72,7 @@ def check_metadata(metadata: dict[str, str]) -> dict[str, str]:
     for key, value in metadata.items():
         if not isinstance(key, str) or not METADATA_KEY.fullmatch(key):
             raise MetadataError(f"a metadata key is 1 to 64 of letters, digits and _ . : -, not {str(key)[:80]!r}")
-        if not isinstance(value, str) or len(value) > METADATA_VALUE or _CONTROL.search(value):
+        if not isinstance(value, str) or len(value) > METADATA_VALUE or not value.isprintable():
             raise MetadataError(f"metadata {key}: a value is a string of at most {METADATA_VALUE} printable characters")
     if len(json.dumps(metadata)) > METADATA_BYTES:
         raise MetadataError(f"metadata takes at most {METADATA_BYTES} bytes of JSON")

@@ -66,19 +66,20 @@ class ExecutionResult(BaseModel):
         return self.error is None and not self.timed_out and self.kernel_died is None
 
     def __str__(self) -> str:
-        """A plain-text account of the execution, for a model to read."""
+        """A plain-text account of the execution, for a model to read: labelled stdout, stderr, displays, the
+        value, the error with its traceback, and notes on the kernel ('' when the cell gave nothing)."""
         parts = []
         if self.stdout:
-            parts.append(self.stdout.rstrip("\n"))
+            parts.append("stdout:\n" + self.stdout.rstrip("\n"))
         if self.stderr:
-            parts.append("[stderr]\n" + self.stderr.rstrip("\n"))
-        for output in self.results:
-            if output.type == "display_data":
-                parts.append(output.describe())
+            parts.append("stderr:\n" + self.stderr.rstrip("\n"))
+        displays = [output.describe() for output in self.results if output.type == "display_data"]
+        if displays:
+            parts.append("displayed:\n" + "\n".join(displays))
         if self.text is not None:
-            parts.append(self.text)
+            parts.append("result:\n" + self.text)
         if self.error is not None:
-            parts.append(str(self.error))
+            parts.append("error:\n" + str(self.error))
         parts += [f"[{note}]" for note in self.notes()]
         return "\n".join(parts)
 
@@ -128,18 +129,18 @@ class CommandResult(BaseModel):
         return self.exit_code == 0 and not self.timed_out
 
     def __str__(self) -> str:
-        """A plain-text account of the command, for a model to read."""
-        parts = []
-        if self.stdout:
-            parts.append(self.stdout.rstrip("\n"))
-        if self.stderr:
-            parts.append("[stderr]\n" + self.stderr.rstrip("\n"))
+        """A plain-text account of the command, for a model to read: how it ended, then its labelled stdout and
+        stderr."""
         if self.timed_out:
-            parts.append(f"[timed out after {self.duration:.1f}s: the command and its children were killed]")
-        elif self.exit_code is not None:
-            parts.append(f"[exit code {self.exit_code}]")
+            parts = [f"timed out after {self.duration:.1f}s: the command and its children were killed"]
+        elif self.exit_code is None:
+            parts = [f"no exit code: {self.error or 'the command ended without one'}"]
         else:
-            parts.append(f"[no exit code: {self.error or 'unknown'}]")
+            parts = [f"exit code: {self.exit_code}"]
+        if self.stdout:
+            parts.append("stdout:\n" + self.stdout.rstrip("\n"))
+        if self.stderr:
+            parts.append("stderr:\n" + self.stderr.rstrip("\n"))
         return "\n".join(parts)
 
 

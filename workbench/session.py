@@ -140,8 +140,12 @@ class Session:
 
     @property
     def metadata(self) -> dict[str, str]:
-        """The session's metadata (correlation ids and the like), as given to `create` or `update`."""
-        return self.config.metadata
+        """The session's metadata (correlation ids and the like), as given to `create` or `update` (by any
+        process: read from the store when it changed)."""
+        try:
+            return self._current_config().metadata
+        except WorkbenchError:  # closed, or the store failing: what this object last knew
+            return self.config.metadata
 
     @property
     def limits(self) -> Limits:
@@ -395,9 +399,9 @@ class Session:
         return result
 
     def _log(self, kind: str, status: str, duration: float, detail: dict[str, Any], touch: bool = True) -> None:
-        """One log entry of this session, carrying its metadata."""
-        if self.config.metadata:
-            detail["metadata"] = self.config.metadata
+        """One log entry of this session, carrying its metadata as stored now."""
+        if self.metadata:
+            detail["metadata"] = self.metadata
         self._workbench.store.log(self.session_id, kind, status, duration, detail, touch=touch)
 
     def _current_config(self) -> SessionConfig:
@@ -436,7 +440,7 @@ class Session:
 
         The meta tools: WORKBENCH_SEARCH_TOOLS, WORKBENCH_GET_TOOL_SCHEMAS, WORKBENCH_MULTI_EXECUTE_TOOL,
         WORKBENCH_REMOTE_WORKBENCH (Python in this kernel) and WORKBENCH_REMOTE_BASH_TOOL (a shell command)."""
-        return render(self._meta.definitions(include_tools), format, self.handle_tool_call)
+        return render(self._meta.definitions(include_tools), format, self._meta.call)
 
     def handle_tool_call(self, name: str, arguments: dict[str, Any] | str | None = None) -> str:
         """Answer one tool call a model made (`arguments` as a dict or JSON text): the text the model reads,
@@ -444,19 +448,20 @@ class Session:
         text, never raised."""
         return self._meta.call(name, arguments).text
 
-    def handle_tool_calls(self, response: Any) -> list[dict[str, Any]]:
+    def handle_tool_calls(self, response: Any, *, include_tools: bool = False) -> list[dict[str, Any]]:
         """Run every call in a model's response that names a tool of this session, in order, and return the
         messages that carry the results, in the provider's shape, ready to append to the conversation.
 
         `response` is an OpenAI `ChatCompletion` (-> `{"role": "tool", ...}` messages) or Responses API
         `Response` (-> `function_call_output` items), or an Anthropic `Message` (-> one user message of
         `tool_result` blocks), as their SDKs return them (or as dicts of the same shape). Calls of other tools
-        are left to the caller."""
+        are left to the caller; the session's own tools are answered too when `include_tools` (as they were
+        offered by `tools(include_tools=True)`)."""
         def answer(name: str, arguments: Any) -> tuple[str, bool]:
             given = self._meta.call(name, arguments)
             return given.text, given.is_error
 
-        return answer_calls(response, self._meta.handles, answer)
+        return answer_calls(response, lambda name: self._meta.handles(name, include_tools), answer)
 
     @functools.cached_property
     def _meta(self) -> MetaTools:

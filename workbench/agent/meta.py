@@ -16,7 +16,7 @@ from pydantic_core import to_jsonable_python
 
 from ..errors import WorkbenchError
 from ..files import OUTPUTS
-from ..results import ExecutionResult, ToolResult
+from ..results import ToolResult
 from ..tools import Tool, validation_message
 from .answers import bound
 from .search import index_of
@@ -73,13 +73,13 @@ class RemoteWorkbenchArguments(_Arguments):
     code_to_execute: str = Field(min_length=1, max_length=1_000_000, description="Python to run in the "
                                  "session's Jupyter kernel; the value of the last line is returned.")
     timeout: float | None = Field(default=None, gt=0, le=86_400, description="Seconds before the cell is "
-                                  "interrupted (its variables are kept).")
+                                  "interrupted (its variables are kept); at most the host's limit.")
 
 
 class RemoteBashArguments(_Arguments):
-    command: str = Field(min_length=1, max_length=100_000, description="The shell command (run by /bin/sh).")
+    command: str = Field(min_length=1, max_length=32_000, description="The shell command (run by bash).")
     timeout: float = Field(default=60, gt=0, le=86_400, description="Seconds before the command and its "
-                           "children are killed.")
+                           "children are killed (at most the host's limit).")
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,6 @@ class Definition:
     name: str
     description: str
     parameters: dict[str, Any]
-    slug: str | None = None  # set for a session's own tool offered directly
 
 
 @dataclass(frozen=True)
@@ -130,12 +129,12 @@ def _describe(name: str, *, answer_limit: int, execute_timeout: float, tool_time
             "pandas, numpy and pyarrow are installed. " + _HELPERS + " Use it to process tool responses "
             "(e.g. tables[id].groupby(...)), to call tools in bulk from code, and to compute. Returns stdout, "
             "stderr, the value of the last line and any error with its traceback. A cell is interrupted after "
-            f"{execute_timeout:g} seconds unless `timeout` says otherwise; its variables are kept. " + bounded),
+            f"{execute_timeout:g} seconds, or `timeout` if shorter; its variables are kept. " + bounded),
         REMOTE_BASH_TOOL: (
             "Run a shell command in this session's sandbox, in /workspace, as the sandbox's user, with no network. "
             "It runs beside the Python kernel (also while a cell runs) and shares its files. Returns the exit "
-            "code, stdout and stderr. Past `timeout` (default 60 seconds) the command and every process it "
-            "started are killed. " + bounded),
+            "code, stdout and stderr. Past `timeout` (default 60 seconds, at most "
+            f"{execute_timeout:g}) the command and every process it started are killed. " + bounded),
     }
     return texts[name]
 
@@ -153,6 +152,9 @@ NAMES: tuple[str, ...] = tuple(_ARGUMENTS)
 def direct_name(slug: str) -> str:
     """The name a session's own tool is offered under: its slug, in the characters every provider accepts."""
     return _DIRECT_NAME.sub("_", slug)[:64]
+
+
+_VALUES = frozenset({"default", "examples", "enum", "const", "example"})
 
 
 def clean_schema(schema: dict[str, Any]) -> dict[str, Any]:
@@ -175,7 +177,9 @@ def clean_schema(schema: dict[str, Any]) -> dict[str, Any]:
         for key, value in node.items():
             if (key == "title" and isinstance(value, str)) or (key == "$defs" and inline):
                 continue
-            if key in ("properties", "$defs") and isinstance(value, dict):  # names -> schemas, names kept
+            if key in _VALUES:  # data, not schemas: kept as they are
+                cleaned[key] = value
+            elif key in ("properties", "$defs", "patternProperties") and isinstance(value, dict):  # name -> schema
                 cleaned[key] = {name: resolve(sub, seen, inline) for name, sub in value.items()}
             else:
                 cleaned[key] = resolve(value, seen, inline)
@@ -210,13 +214,20 @@ class MetaTools:
                 if name in names or name.startswith(PREFIX):
                     continue  # never shadows a meta tool, nor another tool of the same name
                 names.add(name)
-                found.append(Definition(name, tool.description[:4000] or tool.slug,
-                                        clean_schema(tool.schema), slug=tool.slug))
+                found.append(Definition(name, tool.description[:4000] or tool.slug, clean_schema(tool.schema)))
         return found
 
-    def handles(self, name: object) -> bool:
-        """Whether a call of this name is for the session: a meta tool or one of its allowed tools."""
-        return isinstance(name, str) and (name in _ARGUMENTS or self._direct_slug(name) is not None)
+    def handles(self, name: object, include_tools: bool = False) -> bool:
+        """Whether a call of this name is for the session: a meta tool, or with `include_tools` one of its allowed
+        tools offered directly. Never raises (a closed session claims only the meta tools)."""
+        if not isinstance(name, str):
+            return False
+        if name in _ARGUMENTS:
+            return True
+        try:
+            return include_tools and self._direct_slug(name) is not None
+        except WorkbenchError:
+            return False
 
     def _direct_slug(self, name: str) -> str | None:
         for tool in self.session.available_tools():
@@ -226,21 +237,23 @@ class MetaTools:
 
     def call(self, name: Any, arguments: Any) -> Answer:
         """Answer one call as a model made it: `arguments` a dict or a JSON text. Never raises for what the model
-        sent; an error is an answer that says so."""
+        sent; an error is an answer that says so. Every answer is bounded by `answer_limit`."""
         try:
-            return self._call(name, arguments)
+            answer = self._call(name, arguments)
+            text, is_error = answer.text, answer.is_error
         except _Refused as exc:
-            return Answer(f"[error: {exc.kind}] {exc}", is_error=True)
+            text, is_error = f"[error: {exc.kind}] {exc}", True
         except WorkbenchError as exc:  # e.g. the session was closed, or Docker is gone: the model is told
             kind = re.sub(r"(?<!^)(?=[A-Z])", "_", type(exc).__name__.removesuffix("Error")).lower()
-            return Answer(f"[error: {kind}] {str(exc)[:2000]}", is_error=True)
+            text, is_error = f"[error: {kind}] {exc}", True
         except Exception:
             log.exception("meta tool %s failed on the host", name if name in _ARGUMENTS else "<direct tool>")
-            return Answer("[error: internal] the host failed to handle this call; it was logged there",
-                          is_error=True)
+            text, is_error = "[error: internal] the host failed to handle this call; it was logged there", True
+        shown = name if isinstance(name, str) and name in _ARGUMENTS else "answer"
+        return Answer(bound(text, self.answer_limit, lambda whole: self._save(shown, whole)), is_error)
 
     def _call(self, name: Any, arguments: Any) -> Answer:
-        if not isinstance(name, str) or not self.handles(name):
+        if not isinstance(name, str) or (name not in _ARGUMENTS and self._direct_slug(name) is None):
             shown = name[:100] if isinstance(name, str) else type(name).__name__
             raise _Refused("not_found", f"no tool {shown!r} in this workbench; its tools are {', '.join(NAMES)}")
         given = _parse(arguments)
@@ -248,14 +261,13 @@ class MetaTools:
             slug = self._direct_slug(name)
             assert slug is not None
             result = self.session.execute_tool(slug, given, inline_limit=self._inline_budget(1))
-            return self._bounded(name, _tool_answer(result), is_error=not result.ok)
+            return Answer(_tool_answer(result), is_error=not result.ok)
         try:
             parsed = _ARGUMENTS[name].model_validate(given)
         except ValidationError as exc:
             raise _Refused("invalid_arguments", f"{name}: {validation_message(exc)}") from None
         handler: Callable[[Any], Answer] = getattr(self, f"_{name.removeprefix(PREFIX).lower()}")
-        answer = handler(parsed)
-        return self._bounded(name, answer.text, answer.is_error)
+        return handler(parsed)
 
     # the meta tools -------------------------------------------------------------------------------------------
 
@@ -312,34 +324,25 @@ class MetaTools:
         return Answer(_json(answer), is_error=failed == len(results))
 
     def _remote_workbench(self, arguments: RemoteWorkbenchArguments) -> Answer:
-        result = self.session.execute(arguments.code_to_execute, timeout=arguments.timeout)
-        return Answer(execution_text(result), is_error=not result.ok)
+        result = self.session.execute(arguments.code_to_execute, timeout=self._timeout(arguments.timeout))
+        return Answer(str(result) or "(the cell ran and gave no output)", is_error=not result.ok)
 
     def _remote_bash_tool(self, arguments: RemoteBashArguments) -> Answer:
-        result = self.session.commands.run(arguments.command, timeout=arguments.timeout)
-        if result.timed_out:
-            sections = [f"timed out after {arguments.timeout:g}s: the command and its children were killed"]
-        elif result.exit_code is None:
-            sections = [f"no exit code: {result.error or 'the command ended without one'}"]
-        else:
-            sections = [f"exit code: {result.exit_code}"]
-        if result.stdout:
-            sections.append("stdout:\n" + result.stdout.rstrip("\n"))
-        if result.stderr:
-            sections.append("stderr:\n" + result.stderr.rstrip("\n"))
-        if not result.stdout and not result.stderr:
-            sections.append("(no output)")
-        return Answer("\n".join(sections), is_error=not result.ok)
+        result = self.session.commands.run(arguments.command, timeout=self._timeout(arguments.timeout))
+        return Answer(str(result) + ("" if result.stdout or result.stderr else "\n(no output)"), is_error=not result.ok)
+
+    def _timeout(self, asked: float | None) -> float:
+        """A model's timeout, never past the host's `execute_timeout` (a model does not hold a session for days)."""
+        limit = self._timeouts["execute_timeout"]
+        return limit if asked is None else min(asked, limit)
 
     # answers --------------------------------------------------------------------------------------------------
 
     def _inline_budget(self, calls: int) -> int:
         """Bytes of one response kept inline when `calls` responses share an answer: a larger one goes to the
-        workspace with an envelope, rather than being cut short in the answer."""
-        return max((self.answer_limit - 200 * calls) // calls, 256)
-
-    def _bounded(self, name: str, text: str, is_error: bool) -> Answer:
-        return Answer(bound(text, self.answer_limit, lambda whole: self._save(name, whole)), is_error)
+        workspace with an envelope rather than being cut in the middle. (Many envelopes or errors can still
+        outgrow the answer, which is then bounded like any other.)"""
+        return max((self.answer_limit - 100 * calls) // calls, 0)
 
     def _save(self, name: str, text: str) -> str | None:
         path = f"{ANSWERS}/{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}-{name.lower()}.txt"
@@ -392,21 +395,3 @@ def _tool_answer(result: ToolResult) -> str:
     if result.offload is not None:
         return _json({"offload": result.offload.model_dump(exclude_defaults=True)})
     return _json(result.data)
-
-
-def execution_text(result: ExecutionResult) -> str:
-    """An execution as a model reads it: labelled stdout, stderr, displays, the value, the error, and notes."""
-    sections = []
-    if result.stdout:
-        sections.append("stdout:\n" + result.stdout.rstrip("\n"))
-    if result.stderr:
-        sections.append("stderr:\n" + result.stderr.rstrip("\n"))
-    displays = [output.describe() for output in result.results if output.type == "display_data"]
-    if displays:
-        sections.append("displayed:\n" + "\n".join(displays))
-    if result.text is not None:
-        sections.append("result:\n" + result.text)
-    if result.error is not None:
-        sections.append("error:\n" + str(result.error))
-    sections += [f"[{note}]" for note in result.notes()]
-    return "\n".join(sections) if sections else "(the cell ran and gave no output)"

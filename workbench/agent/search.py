@@ -85,6 +85,8 @@ class ToolIndex:
         if self._retriever is None or not query.strip():
             return []
         words = _tokens([query])[0]
+        if not words:  # only stop words or punctuation
+            return []
         scores = self._retriever.get_scores(words + [verb for word in words for verb in _synonyms().get(word, ())])
         ranked = sorted(range(len(self.tools)), key=lambda i: (-scores[i], i))
         return [(self.tools[i], float(scores[i])) for i in ranked[:limit] if scores[i] > 0]
