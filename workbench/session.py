@@ -343,6 +343,7 @@ class Session:
         started = time.perf_counter()
         routed: Routed | None = None
         error: ToolCallError | None = None
+        metadata: dict[str, str] | None = None  # as the call's config has it, once read
         shown = slug if isinstance(slug, str) and _SLUG.fullmatch(slug) else "<invalid slug>"
         try:
             if not isinstance(slug, str):  # a slug from an agent can be anything
@@ -352,6 +353,7 @@ class Session:
             if arguments is not None and not isinstance(arguments, dict):
                 raise ToolCallError("invalid_arguments", f"arguments must be a dict, not {type(arguments).__name__}")
             config = self._current_config()  # the allowlist as the store has it now
+            metadata = config.metadata
             tool = self._workbench.tools.check_allowed(slug, config.toolkits, config.tools)
             context = ToolContext(user_id=self.user_id, session_id=self.session_id, slug=slug,
                                   metadata=config.metadata)
@@ -386,7 +388,7 @@ class Session:
                     "slug": shown, "error": str(error)[:2000] if error else None,
                     "offload": routed.offload.id if routed and routed.offload else None,
                     "bytes": routed.offload.bytes if routed and routed.offload else None,
-                }, touch=False)
+                }, touch=False, metadata=metadata)
             except Exception:  # the store failing must not hide the call's outcome; it is logged here instead
                 self.log.exception("tool %s (%s): could not write its log entry", shown, status)
         if error is not None:
@@ -398,10 +400,12 @@ class Session:
         self.log.debug("tool %s %s in %.3fs", shown, status, duration)
         return result
 
-    def _log(self, kind: str, status: str, duration: float, detail: dict[str, Any], touch: bool = True) -> None:
-        """One log entry of this session, carrying its metadata as stored now."""
-        if self.metadata:
-            detail["metadata"] = self.metadata
+    def _log(self, kind: str, status: str, duration: float, detail: dict[str, Any], touch: bool = True,
+             metadata: dict[str, str] | None = None) -> None:
+        """One log entry of this session, carrying its metadata (as stored now, unless given)."""
+        metadata = self.metadata if metadata is None else metadata
+        if metadata:
+            detail["metadata"] = metadata
         self._workbench.store.log(self.session_id, kind, status, duration, detail, touch=touch)
 
     def _current_config(self) -> SessionConfig:
