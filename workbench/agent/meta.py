@@ -247,7 +247,8 @@ class MetaTools:
             kind = re.sub(r"(?<!^)(?=[A-Z])", "_", type(exc).__name__.removesuffix("Error")).lower()
             text, is_error = f"[error: {kind}] {exc}", True
         except Exception:
-            log.exception("meta tool %s failed on the host", name if name in _ARGUMENTS else "<direct tool>")
+            log.exception("meta tool %s failed on the host", name if isinstance(name, str) and name in _ARGUMENTS
+                          else "<direct tool>")
             text, is_error = "[error: internal] the host failed to handle this call; it was logged there", True
         shown = name if isinstance(name, str) and name in _ARGUMENTS else "answer"
         return Answer(bound(text, self.answer_limit, lambda whole: self._save(shown, whole)), is_error)
