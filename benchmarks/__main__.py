@@ -1,9 +1,10 @@
 """The benchmark suite: every figure, each beside the baseline it is compared against, in one command.
 
-    python -m benchmarks [--quick] [--out benchmarks/results/latest.json]     (or: workbench bench)
+    python -m benchmarks [--quick] [--out PATH]     (or: workbench bench)
 
-Prints a table and writes the figures as JSON (seconds unless named otherwise). `--quick` uses small sizes
-and counts (under two minutes) for a smoke run; its figures are noisier.
+Prints a table and writes the figures as JSON (seconds unless named otherwise) to results/latest.json. `--quick`
+uses small sizes and counts (under two minutes) for a smoke run; its figures are noisier and go to
+results/quick.json, never over the full run's.
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ from benchmarks.kernel import (
 )
 from workbench import Workbench
 
-RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
+RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"  # the full run's figures, committed
+QUICK_RESULTS = RESULTS.with_name("quick.json")  # a smoke run's: never over the full run's
 FULL = {"starts": 20, "creates": 20, "roundtrips": 300, "offload_mb": 100, "offload_runs": 3, "calls": 5000,
         "idle": 3, "live": 300, "pairs": 300}
 QUICK = {"starts": 3, "creates": 3, "roundtrips": 50, "offload_mb": 10, "offload_runs": 1, "calls": 500,
@@ -128,8 +130,11 @@ def table(figures: dict[str, Any]) -> Table:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run (under two minutes)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help=f"where to write the JSON (default {RESULTS})")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"where to write the JSON (default {RESULTS}, or {QUICK_RESULTS} with --quick)")
     args = parser.parse_args()
+    if args.out is None:
+        args.out = QUICK_RESULTS if args.quick else RESULTS
     console = Console(stderr=True)
     started = time.monotonic()
     figures = run(args.quick, lambda line: console.print(f"[dim]{time.monotonic() - started:6.1f}s[/dim] {line}"))

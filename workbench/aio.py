@@ -10,13 +10,16 @@ import functools
 import inspect
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import PurePath
+from pathlib import Path, PurePath
 from typing import Any, TypeVar
 
+import docker
+
 from .agent import Format
+from .agent.answers import DEFAULT_LIMIT
 from .client import GcReport, Workbench
 from .commands import Commands
-from .config import Limits
+from .config import DEFAULT_IMAGE, Limits
 from .files import Data, FileInfo, Files
 from .results import CommandResult, ExecutionError, ExecutionResult, Output, ToolResult
 from .session import Session
@@ -43,13 +46,45 @@ class AsyncWorkbench(_Threads):
     '2'
     """
 
-    def __init__(self, *, max_threads: int = 64, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        max_threads: int = 64,
+        home: str | Path | None = None,
+        image: str = DEFAULT_IMAGE,
+        limits: Limits | None = None,
+        execute_timeout: float = 300.0,
+        output_limit: int = 1_000_000,
+        idle_timeout: float | None = 900.0,
+        offload_threshold: int = 20_000,
+        tool_timeout: float = 60.0,
+        pool_size: int = 2,
+        answer_limit: int = DEFAULT_LIMIT,
+        docker_client: docker.DockerClient | None = None,
+    ) -> None:
+        """`max_threads` run the blocking calls; the rest is `Workbench`'s."""
         super().__init__(ThreadPoolExecutor(max_threads, thread_name_prefix="workbench"))
-        self.sync = Workbench(**kwargs)
+        self.sync = Workbench(
+            home=home, image=image, limits=limits, execute_timeout=execute_timeout, output_limit=output_limit,
+            idle_timeout=idle_timeout, offload_threshold=offload_threshold, tool_timeout=tool_timeout,
+            pool_size=pool_size, answer_limit=answer_limit, docker_client=docker_client)
 
-    async def create(self, user_id: str, **kwargs: Any) -> AsyncSession:
+    async def create(
+        self,
+        user_id: str,
+        *,
+        toolkits: list[str] | None = None,
+        tools: list[str] | None = None,
+        limits: Limits | dict | None = None,
+        offload_threshold: int | None = None,
+        metadata: dict[str, str] | None = None,
+        allow_default_user: bool = False,
+    ) -> AsyncSession:
         """Open a new session (see `Workbench.create`)."""
-        return AsyncSession(await self._run(self.sync.create, user_id, **kwargs), self._pool)
+        return AsyncSession(await self._run(
+            self.sync.create, user_id, toolkits=toolkits, tools=tools, limits=limits,
+            offload_threshold=offload_threshold, metadata=metadata, allow_default_user=allow_default_user,
+        ), self._pool)
 
     async def use(self, session_id: str) -> AsyncSession:
         """The session with this id (see `Workbench.use`)."""
@@ -62,9 +97,10 @@ class AsyncWorkbench(_Threads):
     async def gc(self) -> GcReport:
         return await self._run(self.sync.gc)
 
-    def tool(self, slug: str | None = None, **kwargs: Any) -> Callable[[F], F]:
+    def tool(self, slug: str | None = None, *, toolkit: str = "default",
+             description: str | None = None) -> Callable[[F], F]:
         """Register a tool (see `Workbench.tool`)."""
-        return self.sync.tool(slug, **kwargs)
+        return self.sync.tool(slug, toolkit=toolkit, description=description)
 
     async def build_image(self, progress: Callable[[str], None] = lambda _: None, force: bool = False) -> bool:
         return await self._run(self.sync.build_image, progress, force)
@@ -118,16 +154,36 @@ class AsyncSession(_Threads):
             on_error=_on_loop(loop, on_error),
         )
 
-    async def update(self, **kwargs: Any) -> int:
-        return await self._run(self.sync.update, **kwargs)
+    async def update(
+        self,
+        *,
+        toolkits: list[str] | None = None,
+        tools: list[str] | None = None,
+        limits: Limits | dict | None = None,
+        offload_threshold: int | None = None,
+        metadata: dict[str, str] | None = None,
+        restart_if_needed: bool = False,
+    ) -> int:
+        """Change the session's config in place (see `Session.update`)."""
+        return await self._run(self.sync.update, toolkits=toolkits, tools=tools, limits=limits,
+                               offload_threshold=offload_threshold, metadata=metadata,
+                               restart_if_needed=restart_if_needed)
 
-    async def execute_tool(self, slug: str, arguments: dict[str, Any] | None = None, **kwargs: Any) -> ToolResult:
+    async def execute_tool(
+        self, slug: str, arguments: dict[str, Any] | None = None, *, sync_to_workbench: bool = False,
+        timeout: float | None = None, inline_limit: int | None = None,
+    ) -> ToolResult:
         """Run one of the host's tools (see `Session.execute_tool`)."""
-        return await self._run(self.sync.execute_tool, slug, arguments, **kwargs)
+        return await self._run(self.sync.execute_tool, slug, arguments, sync_to_workbench=sync_to_workbench,
+                               timeout=timeout, inline_limit=inline_limit)
 
-    async def execute_tools(self, calls: list[tuple[str, dict[str, Any]]], **kwargs: Any) -> list[ToolResult]:
+    async def execute_tools(
+        self, calls: list[tuple[str, dict[str, Any]]], *, sync_to_workbench: bool = False, max_workers: int = 8,
+        timeout: float | None = None, inline_limit: int | None = None,
+    ) -> list[ToolResult]:
         """Run several tool calls concurrently (see `Session.execute_tools`)."""
-        return await self._run(self.sync.execute_tools, calls, **kwargs)
+        return await self._run(self.sync.execute_tools, calls, sync_to_workbench=sync_to_workbench,
+                               max_workers=max_workers, timeout=timeout, inline_limit=inline_limit)
 
     @property
     def metadata(self) -> dict[str, str]:
