@@ -1,0 +1,1 @@
+"""`workbench serve`: the HTTP API and the per-session MCP endpoints."""
