@@ -1,6 +1,7 @@
 """Workbench: the entry point that creates and finds sessions."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -26,7 +27,7 @@ from . import image as images
 from .agent.answers import DEFAULT_LIMIT, MIN_LIMIT
 from .bridge import BridgeServer
 from .config import DEFAULT_IMAGE, Limits, check_metadata, default_home, default_runtime_root
-from .container import LABEL_KERNEL, RUNTIME, check_sandbox_uid, private_dir
+from .container import LABEL_KERNEL, RUNTIME, check_sandbox_uid, hand_over, private_dir
 from .docker_client import connect, security_options
 from .errors import (
     DockerUnavailableError,
@@ -34,11 +35,12 @@ from .errors import (
     SessionError,
     SessionNotFoundError,
     WorkbenchError,
+    WorkspaceFullError,
 )
 from .kernel import Kernel, runtime_dir_of
 from .pool import LABEL_POOL, WarmPool, discard_kernel, owner_alive
 from .session import Session
-from .store import SessionConfig, SessionRecord, Store
+from .store import PausedState, SessionConfig, SessionRecord, Store
 from .tools import RateLimited, Tool, ToolCallError, ToolContext, ToolRegistry
 from .workspace import Workspace, mounts_under, quota_support, release_runtime_dir
 
@@ -56,7 +58,10 @@ class GcReport(BaseModel):
     """What `Workbench.gc` did."""
 
     removed: list[str] = Field(default_factory=list, description="containers removed, as 'name: reason'")
-    stopped: list[str] = Field(default_factory=list, description="sessions whose idle kernel was stopped")
+    paused: list[str] = Field(default_factory=list, description="idle sessions paused: variables saved in the "
+                              "workspace, kernel stopped")
+    stopped: list[str] = Field(default_factory=list, description="idle sessions whose kernel was stopped without "
+                               "their variables (they could not be saved; the next result says why)")
     over_cap: list[str] = Field(default_factory=list, description="sessions whose kernel was stopped for filling "
                                 "its workspace past workspace_size (plain-folder workspaces: no filesystem quota)")
     unknown: list[str] = Field(default_factory=list, description="running containers of sessions the store does "
@@ -187,10 +192,22 @@ class Workbench:
         offload_threshold: int | None = None,
         metadata: dict[str, str] | None = None,
         allow_default_user: bool = False,
+        from_session: str | None = None,
     ) -> Session:
         """Open a new session for one user, with its own kernel and workspace, allowed the tools of `toolkits`
         and the single `tools` named. `metadata` (string keys and values, e.g. a correlation id) is stored with
-        the session, given to every tool call (`ToolContext.metadata`) and written into every log entry."""
+        the session, given to every tool call (`ToolContext.metadata`) and written into every log entry.
+
+        `from_session` forks that session of the same user instead (see `Session.fork`): config, metadata,
+        workspace and variables are copied, so the other settings must be left out."""
+        if from_session is not None:
+            if any(value is not None for value in (toolkits, tools, limits, offload_threshold, metadata)):
+                raise SessionError("a fork copies its source's config and metadata: leave the other settings out and "
+                                   "change them with update() afterwards")
+            source = self.use(from_session)
+            if source.user_id != user_id:
+                raise SessionNotFoundError(f"no session {from_session!r} of user {user_id!r}")
+            return source.fork()
         if not isinstance(user_id, str) or not _USER_ID.fullmatch(user_id):
             raise SessionError("user_id must be 1 to 128 characters of letters, digits and _ . @ : -")
         if user_id == "default" and not allow_default_user:
@@ -301,13 +318,15 @@ class Workbench:
             for record in self.store.list():
                 if record.kernel is None or max(record.last_used_at, record.busy_until) >= idle_before:
                     continue
-                if self.store.release_kernel(record.session_id, record.kernel.kernel_id, idle_before=idle_before):
-                    self._remove_containers(record.session_id, record.kernel.kernel_id)
-                    self._release_path(record.session_id,
-                                       self._runtime_dir(record.session_id, record.kernel.kernel_id))
-                    report.stopped.append(record.session_id)
-                    log.info("stopped the kernel of session %s, idle since %s", record.session_id,
-                             time.ctime(record.last_used_at), extra={"session_id": record.session_id})
+                try:
+                    paused = self.use(record.session_id).pause_if_idle(idle_before)
+                except WorkbenchError as exc:  # closed meanwhile, Docker gone: the next pass tries again
+                    log.warning("could not pause idle session %s: %s", record.session_id, exc)
+                    continue
+                if paused is not None:
+                    (report.paused if paused.error is None else report.stopped).append(record.session_id)
+                    log.info("paused session %s, idle since %s", record.session_id, time.ctime(record.last_used_at),
+                             extra={"session_id": record.session_id})
         self._unmount_closed_workspaces()
         self._watch_plain_workspaces(report, bounded=False)  # also a plain folder of a host with images (older)
         return report
@@ -513,6 +532,38 @@ class Workbench:
             labels.append(f"{LABEL_KERNEL}={kernel_id}")
         for container in self.docker.containers.list(all=True, filters={"label": labels}, ignore_removed=True):
             _remove(container)
+
+    def _open_fork(self, source: SessionRecord, state: PausedState | None, workspace: Path) -> Session:
+        """A new session copied from `source`: its workspace (from `workspace`, mounted) and its saved namespace
+        (`state`, restored on first use); no kernel runs until then."""
+        started = time.perf_counter()
+        now = time.time()
+        record = SessionRecord(session_id=secrets.token_hex(6), user_id=source.user_id, status="open",
+                               config=source.config, config_version=1, created_at=now, last_used_at=now,
+                               paused=state)
+        disk = self._disk(record.session_id, source.config.limits.workspace_size)
+        try:
+            disk.ensure()
+            src, dst = fstree.open_dir(workspace), fstree.open_dir(disk.path)
+            try:
+                copied = fstree.copy_tree(src, dst, limit=source.config.limits.workspace_size, owner=hand_over)
+            finally:
+                os.close(src)
+                os.close(dst)
+            self.store.add(record)
+        except BaseException as exc:
+            try:
+                disk.destroy(quiet=True)
+            except Exception as cleanup:
+                log.warning("could not remove the workspace of a failed fork: %s", cleanup)
+            if isinstance(exc, OSError) and exc.errno == errno.EFBIG:
+                raise WorkspaceFullError(f"the workspace holds more than its cap: {exc.strerror}") from None
+            if isinstance(exc, OSError):
+                raise SessionError(f"could not copy the workspace: {exc}") from exc
+            raise
+        session = self._register(Session(self, record, self._kernel(record)))
+        session._log("fork", "ok", time.perf_counter() - started, {"from": source.session_id, "bytes": copied})
+        return session
 
     def _register(self, session: Session) -> Session:
         with self._lock:

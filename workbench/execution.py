@@ -163,6 +163,7 @@ def run_cell(
     callbacks: Callbacks,
     spill: Spill | None = None,
     interrupt_grace: float = 5.0,
+    silent: bool = False,
 ) -> Outcome:
     """Send one execute request and follow it to its end, a timeout, or the kernel's death.
 
@@ -182,7 +183,7 @@ def run_cell(
     outcome = Outcome(result=result, streams={
         name: Capped(output_limit, _spill_opener(spill, f"{name}.txt") if spill else None)
         for name in ("stdout", "stderr")}, output_limit=output_limit, budget=output_limit, spill=spill)
-    msg_id = client.execute(code, allow_stdin=False, stop_on_error=False)
+    msg_id = client.execute(code, silent=silent, store_history=not silent, allow_stdin=False, stop_on_error=False)
     iopub, shell = client.iopub_channel, client.shell_channel
     poller = zmq.Poller()
     poller.register(iopub.socket, zmq.POLLIN)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -227,3 +227,84 @@ def rmtree(path: str | Path, dir_fd: int | None = None) -> None:
         os.rmdir(path, dir_fd=dir_fd)
     except FileNotFoundError:
         pass
+
+
+def copy_tree(source: int, target: int, *, limit: int, owner: Callable[[int], None] = lambda fd: None) -> int:
+    """Copy everything below the folder open at `source` into the empty folder open at `target`: folders, regular
+    files (their bytes, mode without set-id bits, times) and symlinks as symlinks; never following one (a file swapped
+    for a link while copying is skipped). Other kinds (fifos, sockets, devices) are left out. `owner` is given the
+    descriptor of every folder and file made. Raises OSError(EFBIG) past `limit` bytes of files; returns bytes copied.
+    """
+    copied = 0
+    made: dict[str, int] = {"": target}  # folder rel -> descriptor in the target (the caller's `target` not closed)
+    try:
+        for entry in walk(source):
+            parent_rel = entry.rel.rpartition("/")[0]
+            parent = made.get(parent_rel)
+            if parent is None:
+                continue  # its folder was not copied
+            mode = entry.stat.st_mode
+            if stat.S_ISDIR(mode):
+                os.mkdir(entry.name, 0o700, dir_fd=parent)
+                fd = open_dir(entry.name, parent)
+                owner(fd)
+                os.fchmod(fd, stat.S_IMODE(mode) & 0o1777)
+                made[entry.rel] = fd
+            elif stat.S_ISLNK(mode):
+                try:
+                    link = os.readlink(entry.name, dir_fd=entry.dir_fd)
+                except OSError:
+                    continue
+                os.symlink(link, entry.name, dir_fd=parent)
+                if os.getuid() == 0:
+                    os.chown(entry.name, entry.stat.st_uid, entry.stat.st_gid, dir_fd=parent, follow_symlinks=False)
+            elif stat.S_ISREG(mode):
+                copied += _copy_file(entry, parent, limit - copied, owner)
+    finally:
+        for rel, fd in made.items():
+            if rel:
+                os.close(fd)
+    return copied
+
+
+def _copy_file(entry: Entry, parent: int, room: int, owner: Callable[[int], None]) -> int:
+    try:
+        src = os.open(entry.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=entry.dir_fd)
+    except OSError:
+        return 0  # gone, or swapped for a link or a fifo since it was listed
+    try:
+        info = os.fstat(src)
+        if not stat.S_ISREG(info.st_mode):
+            return 0
+        dst = os.open(entry.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                      dir_fd=parent)
+        try:
+            owner(dst)
+            copied, in_kernel = 0, True
+            while True:
+                if copied > room:
+                    raise OSError(errno.EFBIG, f"the workspace holds more than its cap of {room + copied:,} bytes")
+                chunk = 0
+                if in_kernel:
+                    try:
+                        chunk = os.copy_file_range(src, dst, 1 << 24)
+                    except OSError as exc:  # e.g. across filesystems on an older kernel: copy through here
+                        if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                            raise
+                        in_kernel = False
+                if chunk == 0:
+                    data = os.read(src, 1 << 20)
+                    if not data:
+                        break
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(dst, view):]
+                    chunk = len(data)
+                copied += chunk
+            os.fchmod(dst, stat.S_IMODE(info.st_mode) & 0o777)
+            os.utime(dst, ns=(info.st_atime_ns, info.st_mtime_ns))
+        finally:
+            os.close(dst)
+        return copied
+    finally:
+        os.close(src)

@@ -352,14 +352,15 @@ class Kernel:
     # execution -------------------------------------------------------------------------------------------------
 
     def execute(self, code: str, *, timeout: float | None = None, callbacks: Callbacks | None = None,
-                spill: Spill | None = None) -> ExecutionResult:
-        """Run code; on a timeout the kernel is interrupted, on its death it is restarted (files kept)."""
+                spill: Spill | None = None, silent: bool = False) -> ExecutionResult:
+        """Run code; on a timeout the kernel is interrupted, on its death it is restarted (files kept). A `silent`
+        cell is not counted nor kept in the kernel's history (the host's own cells)."""
         if self.client is None:
             self.start()
         assert self.client is not None
         outcome: Outcome = run_cell(
             self.client, code, timeout=timeout, output_limit=self.output_limit, interrupt=self.interrupt,
-            exit_reason=self.exit_reason, callbacks=callbacks or Callbacks(), spill=spill,
+            exit_reason=self.exit_reason, callbacks=callbacks or Callbacks(), spill=spill, silent=silent,
         )
         result = outcome.result
         if outcome.reply_seen != outcome.idle_seen and outcome.dead is None:

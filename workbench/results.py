@@ -55,6 +55,12 @@ class ExecutionResult(BaseModel):
                                "started afterwards")
     kernel_died: str | None = Field(default=None, description="why the kernel died during this execution")
     state_lost: bool = Field(default=False, description="the kernel was restarted: variables are gone, files kept")
+    state_lost_reason: str | None = Field(default=None, description="why, when the variables could have been kept: "
+                                          "a paused session's snapshot was missing, corrupt or could not be saved")
+    state_restored: bool = Field(default=False, description="a paused session woke up: a new kernel holds the "
+                                 "variables it had (see state_skipped)")
+    state_skipped: dict[str, str] = Field(default_factory=dict, description="name -> why that variable was not "
+                                          "saved when the session paused (a generator, an open file, a socket)")
     truncated: dict[str, int] = Field(default_factory=dict, description="stream -> characters cut from its middle")
     spilled: dict[str, str] = Field(default_factory=dict, description="stream or output cut here -> the workspace "
                                     "file holding all of it")
@@ -102,7 +108,12 @@ class ExecutionResult(BaseModel):
         if self.kernel_died:
             notes.append(f"kernel died: {self.kernel_died}")
         if self.state_lost:
-            notes.append("the kernel was restarted: variables were lost, files in the workspace were kept")
+            notes.append("the kernel was restarted: variables were lost, files in the workspace were kept"
+                         + (f" ({self.state_lost_reason})" if self.state_lost_reason else ""))
+        if self.state_restored:
+            notes.append("the session was paused and resumed: its variables were restored"
+                         + (f", except {', '.join(sorted(self.state_skipped))} (not saved)" if self.state_skipped
+                            else ""))
         if self.dropped_messages:
             notes.append(f"{self.dropped_messages} malformed kernel messages were dropped")
         return notes

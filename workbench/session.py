@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from .agent import Format, MetaTools, answer_calls, render
 from .bridge_protocol import MAX_INLINE, error_reply
@@ -30,9 +30,11 @@ from .errors import (
 from .execution import Callbacks
 from .files import OUTPUTS, Files
 from .kernel import Kernel
+from .notebook import LOG_OUTPUTS, logged_outputs, notebook_of
 from .offload import NotSerialisable, Routed, route
 from .results import ExecutionError, ExecutionResult, Output, ToolResult
-from .store import LogEntry, SessionConfig, SessionRecord
+from .state import StateReport, paused_state, remove_snapshot, run_state_cell
+from .store import LOG_KEEP, LogEntry, PausedState, SessionConfig, SessionRecord
 from .tools import Tool, ToolCallError, ToolContext
 from .workspace import NeedsOffline
 
@@ -40,7 +42,7 @@ if TYPE_CHECKING:
     from .client import Workbench
 
 log = logging.getLogger(__name__)
-_CODE_IN_LOG = 10_000  # characters of a cell's code kept in its log entry
+_CODE_IN_LOG = 100_000  # characters of a cell's code kept in its log entry (and exported to a notebook)
 _GRACE = 30.0  # beyond a cell's timeout: the interrupt's grace and a restart
 
 
@@ -125,6 +127,8 @@ class Session:
         self._kernel = kernel
         self._lock = _FifoLock()
         self._state_lost = False  # set when the kernel had to be started anew; told by the next result
+        self._state_lost_reason: str | None = None
+        self._state_restored: dict[str, str] | None = None  # after a resume: what was not saved; told likewise
         self._attached = kernel.client is not None  # False until `wb.use` reattaches on first need
         self._config_cache: tuple[int, SessionConfig] | None = None  # (store data_version, config)
         self.closed = False
@@ -196,13 +200,16 @@ class Session:
     def _execute_locked(self, code: str, timeout: float, callbacks: Callbacks) -> ExecutionResult:
         store = self._workbench.store
         store.mark_busy(self.session_id, time.time() + timeout + _GRACE)
-        self._sync()
+        self._sync(restore=True)
         self._workbench._bridge.ensure(self)  # the cell may call tools: this process serves them
         cell = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
         result = self._kernel.execute(code, timeout=timeout, callbacks=callbacks,
                                       spill=lambda name: self.files.writer(f"{OUTPUTS}/{cell}.{name}"))
         if self._state_lost:
             result.state_lost, self._state_lost = True, False
+            result.state_lost_reason, self._state_lost_reason = self._state_lost_reason, None
+        if self._state_restored is not None:
+            result.state_restored, result.state_skipped, self._state_restored = True, self._state_restored, None
         if result.kernel_died:
             store.set_kernel(self.session_id, self._kernel.record())
         return result
@@ -223,6 +230,7 @@ class Session:
                       else f"{type(failure).__name__}: {str(failure)[:2000]}" if failure else None),
             "kernel_died": result.kernel_died if result else None,
             "dropped_messages": result.dropped_messages if result else 0,
+            "outputs": logged_outputs(result, LOG_OUTPUTS) if result else [],
         }
         try:
             self._log("execution", status, result.duration if result and not failure else duration, detail)
@@ -525,9 +533,8 @@ class Session:
             raise SessionError(f"could not resize the workspace: {exc}") from exc
         return True
 
-    def _sync(self, config: bool = True) -> None:
-        """Catch up with what another process or the idle reaper did to this session, and make sure a kernel
-        runs: reattach to the session's current one, or start a new one (which loses variables)."""
+    def _open_record(self) -> SessionRecord:
+        """The session's record, after making sure it is still open (closed by another process: raises)."""
         record = self._workbench.store.get(self.session_id)
         if record.status != "open":
             self.closed = True
@@ -535,22 +542,224 @@ class Session:
             self._kernel.disconnect()
             self._workbench._forget(self.session_id)
             raise SessionClosedError(f"session {self.session_id} was closed")
+        return record
+
+    def _sync(self, config: bool = True, restore: bool = False) -> None:
+        """Catch up with what another process or the idle reaper did to this session, and make sure a kernel
+        runs: reattach to the session's current one, or start a new one (which loses variables, unless the session
+        was paused: with `restore`, which needs the session's file lock, the new kernel gets them back)."""
+        record = self._open_record()
         if config:
             self.config, self.config_version = record.config, record.config_version
             self._kernel.limits = record.config.limits
         current = record.kernel
-        if current is not None and self._kernel.client is not None and current.kernel_id == self._kernel.kernel_id:
-            return
-        self._kernel.disconnect()
-        if current is not None and self._kernel.attach(current):
-            if self._attached:
-                self._state_lost = True  # another process restarted the kernel since this one last used it
+        if current is None or self._kernel.client is None or current.kernel_id != self._kernel.kernel_id:
+            self._kernel.disconnect()
+            if current is not None and self._kernel.attach(current):
+                if self._attached and record.paused is None:
+                    self._state_lost = True  # another process restarted the kernel since this one last used it
+            else:
+                self.log.info("starting a new kernel: the session was paused, or its kernel stopped when idle or "
+                              "is gone")
+                self._kernel.restart()
+                self._workbench.store.set_kernel(self.session_id, self._kernel.record())
+                self._state_lost = record.paused is None
+            self._attached = True
+        if restore and record.paused is not None:
+            self._wake(record.paused)
+
+    def _wake(self, paused: PausedState) -> None:
+        """Restore a paused session's variables into its new kernel; the next result tells how it went."""
+        started = time.perf_counter()
+        lost = paused.error
+        skipped: dict[str, str] = dict(paused.skipped)
+        if lost is None:
+            try:
+                report = self._state_cell("restore")
+                if report.ok:
+                    skipped = report.skipped
+                else:
+                    lost = report.error or "the sandbox gave no reason"
+            except SessionError as exc:
+                lost = str(exc)
+        self._workbench.store.set_paused(self.session_id, None)
+        if lost is None:
+            self._state_restored = skipped
+            try:
+                remove_snapshot(self.files)  # restored: its room is the workspace's again
+            except (FileError, OSError) as exc:
+                self.log.warning("could not remove the restored snapshot: %s", exc)
         else:
-            self.log.info("starting a new kernel: the previous one was stopped when idle, or is gone")
-            self._kernel.restart()
-            self._workbench.store.set_kernel(self.session_id, self._kernel.record())
             self._state_lost = True
+            self._state_lost_reason = f"the paused session's variables were not restored: {lost}"
+        self._log("resume", "ok" if lost is None else "state_lost", time.perf_counter() - started,
+                  {"names": len(paused.names) + len(paused.modules), "skipped": skipped, "error": lost})
+
+    def _state_cell(self, action: Literal["save", "restore"]) -> StateReport:
+        """Run the sandbox's save or restore cell in the current kernel; a kernel that died meanwhile was replaced
+        (the store is told)."""
+        kernel_id = self._kernel.kernel_id
+        try:
+            return run_state_cell(self._kernel, action, self._workbench.execute_timeout)
+        finally:
+            if self._kernel.kernel_id != kernel_id:
+                self._workbench.store.set_kernel(self.session_id, self._kernel.record())
+
+    def _attach(self, record: SessionRecord) -> bool:
+        """Make sure this object talks to the session's current kernel, without starting one; False when the
+        session has none running."""
+        current = record.kernel
+        if current is None:
+            return False
+        if self._kernel.client is not None and current.kernel_id == self._kernel.kernel_id:
+            return True
+        self._kernel.disconnect()
+        if not self._kernel.attach(current):
+            return False
         self._attached = True
+        return True
+
+    # sleeping, waking, forking --------------------------------------------------------------------------------
+
+    @property
+    def paused(self) -> bool:
+        """True while the session sleeps: no kernel runs, its variables wait in the workspace (`.state/`)."""
+        return self._workbench.store.get(self.session_id).paused is not None
+
+    def pause(self) -> PausedState:
+        """Save the kernel's variables, functions, classes and imported modules into the workspace (`.state/`),
+        then stop the kernel: a paused session costs disk only. The next use (an execute, a command, `resume()`)
+        starts a kernel and restores them; that result says `state_restored`, and `state_skipped` names what could
+        not be saved and why (a generator, an open file, a socket). Raises WorkspaceFullError when the snapshot
+        does not fit the workspace, SessionError when it could not be made: the session then keeps running."""
+        paused = self._pause(idle_before=None)
+        assert paused is not None
+        return paused
+
+    def pause_if_idle(self, idle_before: float) -> PausedState | None:
+        """Pause the session if it has not been used since `idle_before` (a time.time()) and no other caller holds
+        it (the idle reaper's call); None when it was left running. When the variables cannot be saved, the kernel
+        is stopped all the same and the next result says why they were lost."""
+        return self._pause(idle_before=idle_before)
+
+    def _pause(self, idle_before: float | None) -> PausedState | None:
+        reaping = idle_before is not None
+        wait = 0.0 if reaping else self._workbench.execute_timeout
+        with self._lock:
+            self._check_open()
+            with _SessionFileLock(self._workbench.home, self.session_id, wait) as waited:
+                if waited is None:
+                    if reaping:
+                        return None
+                    raise SessionError(f"session {self.session_id}: another process's cell held it for {wait:g}s; "
+                                       "it was not paused")
+                record = self._open_record()
+                if record.paused is not None and record.kernel is None:
+                    return record.paused
+                if reaping and (record.kernel is None
+                                or max(record.last_used_at, record.busy_until) >= (idle_before or 0)):
+                    return None
+                started = time.perf_counter()
+                kernel = record.kernel
+                if kernel is None or not self._attach(record):
+                    state = PausedState(paused_at=time.time(), error="its kernel had already stopped: there were no "
+                                        "variables to save")
+                    if kernel is None:
+                        self._workbench.store.set_paused(self.session_id, state)
+                        return state
+                else:
+                    try:
+                        state = self._save_snapshot()
+                    except WorkbenchError as exc:
+                        if not reaping:
+                            raise
+                        self.log.warning("idle session: its variables could not be saved (%s); stopping it", exc)
+                        state = PausedState(paused_at=time.time(), error=f"they could not be saved when the session "
+                                            f"was paused for being idle: {exc}")
+                if not self._workbench.store.pause(self.session_id, kernel.kernel_id, state, idle_before):
+                    if state.error is None:
+                        remove_snapshot(self.files)
+                    if reaping:
+                        return None  # used meanwhile (a shell command), or another process replaced the kernel
+                    raise SessionError(f"session {self.session_id}: its kernel was replaced while pausing; try again")
+                self._stop_kernel()
+                self._log("pause", "ok" if state.error is None else "state_lost", time.perf_counter() - started,
+                          {"names": len(state.names) + len(state.modules), "skipped": state.skipped,
+                           "bytes": state.bytes, "error": state.error, "idle": reaping}, touch=False)
+                self.log.info("paused%s: %d names saved, %d skipped", " (idle)" if reaping else "",
+                              len(state.names) + len(state.modules), len(state.skipped))
+                return state
+
+    def _save_snapshot(self) -> PausedState:
+        """Save the current kernel's namespace into `.state/` (the kernel keeps running)."""
+        report = self._state_cell("save")
+        if not report.ok:
+            if report.full:
+                raise WorkspaceFullError(f"the kernel's variables do not fit in the workspace (its cap is "
+                                         f"{self.files.capacity():,} bytes): {report.error}; the session keeps running")
+            raise SessionError(f"could not save the kernel's variables: {report.error}; the session keeps running")
+        if self.files.disk is None or not self.files.disk.quota:  # a plain folder: no filesystem stopped it
+            used, cap = self.files.usage(), self.files.capacity()
+            if used > cap:
+                remove_snapshot(self.files)
+                raise WorkspaceFullError(f"the kernel's variables ({report.bytes:,} bytes) do not fit in the "
+                                         f"workspace (its cap is {cap:,} bytes); the session keeps running")
+        return paused_state(report)
+
+    def _stop_kernel(self) -> None:
+        """Stop the kernel, its bridge and container; unmount the workspace (a paused session holds nothing)."""
+        self._workbench._bridge.stop(self.session_id)
+        self._kernel.shutdown()
+        self._workbench._remove_containers(self.session_id)
+        try:
+            self._kernel.disk.unmount()
+        except (OSError, WorkbenchError) as exc:
+            self.log.warning("could not unmount the workspace of a paused session: %s", exc)
+
+    def resume(self) -> None:
+        """Wake a paused session now rather than on its next use: start a kernel and restore the variables. The
+        next result says `state_restored` (or `state_lost`, with the reason). Does nothing to a running session."""
+        timeout = self._workbench.execute_timeout
+        with self._lock:
+            self._check_open()
+            with _SessionFileLock(self._workbench.home, self.session_id, timeout) as waited:
+                if waited is None:
+                    raise SessionError(f"session {self.session_id}: another process's cell held it for {timeout:g}s")
+                self._sync(restore=True)
+
+    def fork(self) -> Session:
+        """A new session of the same user with this one's config, metadata, a copy of its workspace and its
+        variables (restored on the fork's first use, as for a paused session). Afterwards the two are independent.
+        """
+        timeout = self._workbench.execute_timeout
+        with self._lock:
+            self._check_open()
+            with _SessionFileLock(self._workbench.home, self.session_id, timeout) as waited:
+                if waited is None:
+                    raise SessionError(f"session {self.session_id}: another process's cell held it for {timeout:g}s; "
+                                       "it was not forked")
+                record = self._open_record()
+                checkpoint = False
+                state: PausedState | None = record.paused
+                if state is None and self._attach(record):
+                    state, checkpoint = self._save_snapshot(), True
+                try:
+                    self._kernel.disk.ensure()
+                    return self._workbench._open_fork(record, state, self.workspace)
+                finally:
+                    if checkpoint:
+                        try:
+                            remove_snapshot(self.files)
+                        except (FileError, OSError) as exc:
+                            self.log.warning("could not remove the fork's snapshot: %s", exc)
+
+    def export_notebook(self, path: str | Path) -> Path:
+        """Write every execution of the session (code and outputs, oldest first) as a Jupyter notebook (nbformat
+        v4, validated) at `path` on the host; returns the path."""
+        notebook = notebook_of(self._workbench.store.logs(self.session_id, LOG_KEEP), self.session_id)
+        target = Path(path)
+        target.write_text(notebook, encoding="utf-8")
+        return target
 
     def _kernel_container(self, timeout: float) -> str:
         """The container of the session's kernel, for a shell command that found none running (stopped when idle,
@@ -563,7 +772,7 @@ class Session:
                 if waited is None:
                     raise SessionError(f"session {self.session_id}: another process held it for all of the "
                                        f"command's timeout ({timeout:g}s) while it had no running kernel")
-                self._sync()
+                self._sync(restore=True)
                 if self._kernel.exit_reason() is not None:  # the store's kernel, but its container is gone
                     self.log.info("starting a new kernel: its container is gone")
                     self._kernel.restart()

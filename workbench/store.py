@@ -43,7 +43,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     kernel         TEXT,
     created_at     REAL NOT NULL,
     last_used_at   REAL NOT NULL,
-    busy_until     REAL NOT NULL DEFAULT 0
+    busy_until     REAL NOT NULL DEFAULT 0,
+    paused         TEXT  -- a PausedState while the session sleeps: its kernel stopped, its namespace saved
 );
 CREATE INDEX IF NOT EXISTS sessions_user ON sessions (user_id, status);
 CREATE TABLE IF NOT EXISTS logs (
@@ -84,6 +85,18 @@ class KernelRecord(BaseModel):
     connection: dict[str, Any]
 
 
+class PausedState(BaseModel):
+    """A session asleep: its kernel stopped, its namespace saved in the workspace (`.state/`) to be restored by
+    the next kernel. `error` says why nothing was saved (the kernel was stopped without a snapshot)."""
+
+    paused_at: float
+    names: list[str] = Field(default_factory=list, description="the variables saved")
+    modules: dict[str, str] = Field(default_factory=dict, description="name -> module, imported again on resume")
+    skipped: dict[str, str] = Field(default_factory=dict, description="name -> why it could not be saved")
+    bytes: int = Field(default=0, description="size of the snapshot")
+    error: str | None = Field(default=None, description="why no snapshot was saved")
+
+
 class SessionRecord(BaseModel):
     session_id: str
     user_id: str
@@ -94,6 +107,7 @@ class SessionRecord(BaseModel):
     created_at: float
     last_used_at: float
     busy_until: float = 0.0  # while a cell runs: when it must have ended; the idle reaper leaves it alone until then
+    paused: PausedState | None = None
 
 
 class LogEntry(BaseModel):
@@ -169,6 +183,8 @@ class Store:
                 columns = {row["name"] for row in self._db.execute("PRAGMA table_info(sessions)")}
                 if "busy_until" not in columns:  # a store written by an earlier version
                     self._db.execute("ALTER TABLE sessions ADD COLUMN busy_until REAL NOT NULL DEFAULT 0")
+                if "paused" not in columns:
+                    self._db.execute("ALTER TABLE sessions ADD COLUMN paused TEXT")
             path.chmod(0o600)  # it holds the kernels' connection keys
             self._recover()
         except (sqlite3.Error, OSError, ValueError) as exc:
@@ -205,10 +221,10 @@ class Store:
     def add(self, record: SessionRecord) -> None:
         self._exec(
             "INSERT INTO sessions (session_id, user_id, status, config, config_version, kernel, created_at, "
-            "last_used_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "last_used_at, paused) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (record.session_id, record.user_id, record.status, record.config.model_dump_json(),
              record.config_version, record.kernel.model_dump_json() if record.kernel else None,
-             record.created_at, record.last_used_at),
+             record.created_at, record.last_used_at, record.paused.model_dump_json() if record.paused else None),
         )
 
     @_guarded
@@ -278,6 +294,24 @@ class Store:
             sql += " AND last_used_at < ? AND busy_until < ?"
             args += (idle_before, time.time())
         return self._exec(sql, args).rowcount == 1
+
+    @_guarded
+    def pause(self, session_id: str, kernel_id: str, paused: PausedState, idle_before: float | None = None) -> bool:
+        """Forget the session's kernel and mark it paused, atomically and only while its kernel is still
+        `kernel_id` (and, given `idle_before`, unused since then): True means the caller owns the kernel's removal."""
+        sql = ("UPDATE sessions SET kernel = NULL, paused = ? WHERE session_id = ? AND status = 'open' "
+               "AND json_extract(kernel, '$.kernel_id') = ?")
+        args: tuple = (paused.model_dump_json(), session_id, kernel_id)
+        if idle_before is not None:
+            sql += " AND last_used_at < ? AND busy_until < ?"
+            args += (idle_before, time.time())
+        return self._exec(sql, args).rowcount == 1
+
+    @_guarded
+    def set_paused(self, session_id: str, paused: PausedState | None) -> None:
+        """Mark the session paused (a snapshot waits for its next kernel), or awake (`None`)."""
+        self._exec("UPDATE sessions SET paused = ? WHERE session_id = ?",
+                   (paused.model_dump_json() if paused else None, session_id))
 
     @_guarded
     def set_status(self, session_id: str, status: str) -> None:
@@ -570,4 +604,5 @@ def _record(row: sqlite3.Row) -> SessionRecord:
     data = dict(row)
     data["config"] = SessionConfig.model_validate_json(data["config"])
     data["kernel"] = KernelRecord.model_validate_json(data["kernel"]) if data["kernel"] else None
+    data["paused"] = PausedState.model_validate_json(data["paused"]) if data.get("paused") else None
     return SessionRecord(**data)

@@ -17,3 +17,8 @@ del _prepare_environment
 
 split_large_streams()  # a print past 32 MiB still reaches the host, in parts
 del split_large_streams
+
+from workbench_sandbox.state import mark_baseline  # noqa: E402
+
+mark_baseline()  # what is defined up to here is not the user's: session.pause() does not save it
+del mark_baseline

@@ -1,0 +1,72 @@
+"""Sessions that sleep and wake: the host side of the namespace snapshot.
+
+The sandbox side (`workbench_sandbox.state`) pickles the kernel's variables into the workspace's `.state/`; the
+host only ever runs it as a silent cell and reads its one-line report, which comes from the sandbox and is
+validated and bounded here. The host never unpickles anything.
+"""
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, Field, ValidationError
+
+from .errors import SessionError, WorkspaceFileNotFoundError
+from .files import Files
+from .kernel import Kernel
+from .store import PausedState
+
+STATE_DIR = ".state"
+SNAPSHOT_FILES = ("namespace.pkl", "manifest.json")
+_LINE = re.compile(r"^WORKBENCH-STATE ([0-9a-f]{16}) (\{.*\})$", re.MULTILINE)
+_Name = Annotated[str, Field(max_length=256)]
+_Reason = Annotated[str, Field(max_length=1000)]
+
+
+class StateReport(BaseModel):
+    """What the sandbox says it saved or restored (untrusted: every size bounded)."""
+
+    ok: bool
+    full: bool = False
+    error: _Reason | None = None
+    names: list[_Name] = Field(default_factory=list, max_length=20_000)
+    modules: dict[_Name, _Name] = Field(default_factory=dict, max_length=2_000)
+    skipped: dict[_Name, _Reason] = Field(default_factory=dict, max_length=20_000)
+    bytes: int = Field(default=0, ge=0)
+
+
+def run_state_cell(kernel: Kernel, action: Literal["save", "restore"], timeout: float) -> StateReport:
+    """Save the kernel's namespace into `.state/`, or restore it from there, in a silent cell; raises SessionError
+    when the cell gave no report (it timed out, the kernel died, its output was not the report)."""
+    nonce = secrets.token_hex(8)
+    code = f"__import__('workbench_sandbox.state').state._{action}_state({nonce!r})"
+    result = kernel.execute(code, timeout=timeout, silent=True)
+    what = "saving the variables" if action == "save" else "restoring the variables"
+    if result.kernel_died:
+        raise SessionError(f"the kernel died while {what}: {result.kernel_died}")
+    if result.timed_out:
+        raise SessionError(f"{what} took longer than {timeout:g}s")
+    for found in _LINE.finditer(result.stdout):
+        if found.group(1) == nonce:
+            try:
+                return StateReport.model_validate_json(found.group(2))
+            except ValidationError as exc:
+                raise SessionError(f"the sandbox's report on {what} is malformed: {exc.errors()[0]['msg']}") from None
+    detail = str(result.error) if result.error else result.stderr[-500:] or "no output"
+    raise SessionError(f"the sandbox gave no report on {what}: {detail}")
+
+
+def paused_state(report: StateReport) -> PausedState:
+    return PausedState(paused_at=time.time(), names=report.names, modules=report.modules, skipped=report.skipped,
+                       bytes=report.bytes)
+
+
+def remove_snapshot(files: Files) -> None:
+    """Remove the snapshot files from the workspace (after a restore, or a fork's checkpoint)."""
+    for name in SNAPSHOT_FILES:
+        try:
+            files.remove(f"{STATE_DIR}/{name}")
+        except WorkspaceFileNotFoundError:
+            pass
