@@ -31,7 +31,7 @@ from .results import (
     ToolResult,
 )
 from .session import Session
-from .store import LogEntry, SessionConfig, SessionRecord
+from .store import LogEntry, PausedState, SessionConfig, SessionRecord
 from .tools import RateLimited, Tool, ToolContext
 
 __all__ = [
@@ -60,6 +60,7 @@ __all__ = [
     "OffloadEnvelope",
     "Output",
     "PathOutsideWorkspaceError",
+    "PausedState",
     "RateLimited",
     "Session",
     "SessionClosedError",

@@ -23,7 +23,7 @@ from .config import DEFAULT_IMAGE, Limits
 from .files import Data, FileInfo, Files
 from .results import CommandResult, ExecutionError, ExecutionResult, Output, ToolResult
 from .session import Session
-from .store import LogEntry, SessionRecord
+from .store import LogEntry, PausedState, SessionRecord
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -79,11 +79,13 @@ class AsyncWorkbench(_Threads):
         offload_threshold: int | None = None,
         metadata: dict[str, str] | None = None,
         allow_default_user: bool = False,
+        from_session: str | None = None,
     ) -> AsyncSession:
-        """Open a new session (see `Workbench.create`)."""
+        """Open a new session, or fork one (see `Workbench.create`)."""
         return AsyncSession(await self._run(
             self.sync.create, user_id, toolkits=toolkits, tools=tools, limits=limits,
             offload_threshold=offload_threshold, metadata=metadata, allow_default_user=allow_default_user,
+            from_session=from_session,
         ), self._pool)
 
     async def use(self, session_id: str) -> AsyncSession:
@@ -206,6 +208,24 @@ class AsyncSession(_Threads):
 
     async def restart(self) -> None:
         await self._run(self.sync.restart)
+
+    @property
+    def paused(self) -> bool:
+        return self.sync.paused
+
+    async def pause(self) -> PausedState:
+        """Save the variables and stop the kernel (see `Session.pause`)."""
+        return await self._run(self.sync.pause)
+
+    async def resume(self) -> None:
+        await self._run(self.sync.resume)
+
+    async def fork(self) -> AsyncSession:
+        """A copy of this session, variables included (see `Session.fork`)."""
+        return AsyncSession(await self._run(self.sync.fork), self._pool)
+
+    async def export_notebook(self, path: str | Path) -> Path:
+        return await self._run(self.sync.export_notebook, path)
 
     async def close(self, delete_workspace: bool = False) -> None:
         await self._run(self.sync.close, delete_workspace)

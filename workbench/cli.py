@@ -104,12 +104,14 @@ def _when(timestamp: float) -> str:
 def _kernel_state(record: SessionRecord) -> str:
     if record.status != "open":
         return record.status
-    return "running" if record.kernel else "stopped (starts on next use)"
+    if record.kernel:
+        return "running"
+    return "paused (resumes on next use)" if record.paused else "stopped (starts on next use)"
 
 
 @main.group()
 def session() -> None:
-    """Create, list, show and close sessions."""
+    """Create, list, show, pause, resume, fork, export and close sessions."""
 
 
 @session.command("create")
@@ -186,6 +188,41 @@ def session_show(session_id: str, log_count: int) -> None:
             logs.add_row(_when(entry.created_at), entry.kind, entry.status, f"{entry.duration:.3f}",
                          Text(detail.splitlines()[0][:60] if detail else ""))
         out.print(logs)
+
+
+@session.command("pause")
+@click.argument("session_id")
+def session_pause(session_id: str) -> None:
+    """Save a session's variables into its workspace and stop its kernel (resumed on next use)."""
+    state = _workbench().use(session_id).pause()
+    console.print(f"paused {session_id}: {len(state.names) + len(state.modules)} names saved "
+                  f"({state.bytes:,} bytes)" + (f", not saved: {', '.join(sorted(state.skipped))}" if state.skipped
+                                                else ""), markup=False)
+
+
+@session.command("resume")
+@click.argument("session_id")
+def session_resume(session_id: str) -> None:
+    """Start a paused session's kernel and restore its variables now."""
+    _workbench().use(session_id).resume()
+    console.print(f"resumed {session_id}")
+
+
+@session.command("fork")
+@click.argument("session_id")
+def session_fork(session_id: str) -> None:
+    """A new session with a copy of this one's config, workspace and variables; prints its id."""
+    fork = _workbench().use(session_id).fork()
+    out.print(fork.session_id)
+
+
+@session.command("export")
+@click.argument("session_id")
+@click.argument("path", type=click.Path(dir_okay=False, writable=True))
+def session_export(session_id: str, path: str) -> None:
+    """Write a session's executions and their outputs as a Jupyter notebook."""
+    _workbench().use(session_id).export_notebook(path)
+    console.print(f"wrote {path}", markup=False)
 
 
 @session.command("close")

@@ -121,6 +121,7 @@ class Kernel:
         self.start_timeout = start_timeout
         self.read_only_mounts = read_only_mounts or {}  # host folder -> sandbox path (the image's Python trees)
         self.kernel_id = secrets.token_hex(6)
+        self.lineage = self.kernel_id  # whose variables it holds: its own, or those of a paused kernel it restored
         self.container: Container | None = None
         self.client: BlockingKernelClient | None = None
         self.connection: dict | None = None  # the host side's connection info (without the socket path)
@@ -215,6 +216,7 @@ class Kernel:
         # From now on this object is that kernel, runtime dir included. A previous kernel of this object that is
         # not the session's any more is left to whoever replaced it, or to gc (which releases its runtime dir).
         self.container, self.kernel_id = container, record.kernel_id
+        self.lineage = record.lineage or record.kernel_id
         if self.exit_reason() is not None:
             self.shutdown()
             return False
@@ -233,7 +235,8 @@ class Kernel:
     def record(self) -> KernelRecord:
         """What another process needs to reattach to this kernel."""
         assert self.container is not None and self.connection is not None
-        return KernelRecord(kernel_id=self.kernel_id, container_id=str(self.container.id), connection=self.connection)
+        return KernelRecord(kernel_id=self.kernel_id, container_id=str(self.container.id), connection=self.connection,
+                            lineage=self.lineage)
 
     def _connect(self, info: dict, timeout: float | None) -> None:
         client = _Client(context=zmq_context())
@@ -346,7 +349,7 @@ class Kernel:
     def restart(self) -> None:
         """A new kernel on the same workspace: files are kept, variables are not."""
         self.shutdown()
-        self.kernel_id = secrets.token_hex(6)
+        self.kernel_id = self.lineage = secrets.token_hex(6)
         self.start()
 
     # execution -------------------------------------------------------------------------------------------------

@@ -555,8 +555,9 @@ class Session:
         current = record.kernel
         if current is None or self._kernel.client is None or current.kernel_id != self._kernel.kernel_id:
             self._kernel.disconnect()
+            known = self._kernel.lineage
             if current is not None and self._kernel.attach(current):
-                if self._attached and record.paused is None:
+                if self._attached and self._kernel.lineage != known and record.paused is None:
                     self._state_lost = True  # another process restarted the kernel since this one last used it
             else:
                 self.log.info("starting a new kernel: the session was paused, or its kernel stopped when idle or "
@@ -582,6 +583,9 @@ class Session:
                     lost = report.error or "the sandbox gave no reason"
             except SessionError as exc:
                 lost = str(exc)
+        if lost is None and paused.lineage:
+            self._kernel.lineage = paused.lineage  # it holds the paused kernel's variables now
+            self._workbench.store.set_kernel(self.session_id, self._kernel.record())
         self._workbench.store.set_paused(self.session_id, None)
         if lost is None:
             self._state_restored = skipped
@@ -704,7 +708,7 @@ class Session:
                 remove_snapshot(self.files)
                 raise WorkspaceFullError(f"the kernel's variables ({report.bytes:,} bytes) do not fit in the "
                                          f"workspace (its cap is {cap:,} bytes); the session keeps running")
-        return paused_state(report)
+        return paused_state(report, self._kernel.lineage)
 
     def _stop_kernel(self) -> None:
         """Stop the kernel, its bridge and container; unmount the workspace (a paused session holds nothing)."""

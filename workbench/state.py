@@ -58,9 +58,9 @@ def run_state_cell(kernel: Kernel, action: Literal["save", "restore"], timeout: 
     raise SessionError(f"the sandbox gave no report on {what}: {detail}")
 
 
-def paused_state(report: StateReport) -> PausedState:
+def paused_state(report: StateReport, lineage: str) -> PausedState:
     return PausedState(paused_at=time.time(), names=report.names, modules=report.modules, skipped=report.skipped,
-                       bytes=report.bytes)
+                       bytes=report.bytes, lineage=lineage)
 
 
 def remove_snapshot(files: Files) -> None:

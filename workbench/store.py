@@ -83,6 +83,8 @@ class KernelRecord(BaseModel):
     kernel_id: str
     container_id: str
     connection: dict[str, Any]
+    lineage: str | None = Field(default=None, description="the id of the kernel whose variables this one holds: "
+                                "its own, or a paused kernel's it restored (None: its own, in older stores)")
 
 
 class PausedState(BaseModel):
@@ -95,6 +97,7 @@ class PausedState(BaseModel):
     skipped: dict[str, str] = Field(default_factory=dict, description="name -> why it could not be saved")
     bytes: int = Field(default=0, description="size of the snapshot")
     error: str | None = Field(default=None, description="why no snapshot was saved")
+    lineage: str | None = Field(default=None, description="the lineage of the kernel that was paused")
 
 
 class SessionRecord(BaseModel):
