@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from benchmarks import agent, bridge, offload, sessions
+from benchmarks import agent, bridge, offload, sessions, state
 from benchmarks.kernel import (
     bare_ipykernel_roundtrips,
     bare_ipykernel_starts,
@@ -36,9 +36,9 @@ from workbench import Workbench
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"  # the full run's figures, committed
 QUICK_RESULTS = RESULTS.with_name("quick.json")  # a smoke run's: never over the full run's
 FULL = {"starts": 20, "creates": 20, "roundtrips": 300, "offload_mb": 100, "offload_runs": 3, "calls": 5000,
-        "idle": 3, "live": 300, "pairs": 300}
+        "idle": 3, "live": 300, "pairs": 300, "state_runs": 5, "paused": 1000}
 QUICK = {"starts": 3, "creates": 3, "roundtrips": 50, "offload_mb": 10, "offload_runs": 1, "calls": 500,
-         "idle": 1, "live": 10, "pairs": 30}
+         "idle": 1, "live": 10, "pairs": 30, "state_runs": 1, "paused": 5}
 
 
 def machine(wb: Workbench) -> dict[str, Any]:
@@ -85,6 +85,8 @@ def run(quick: bool, say: Any) -> dict[str, Any]:
             say("meta tools")
             figures["meta_tools"] = agent.measure(wb, sizes["pairs"])
             figures["meta_tools"]["baseline"] = "session.execute of the same cell, interleaved pairs, same run"
+            say(f"pause and resume; {sizes['paused']} paused sessions")
+            figures["pause_resume"] = state.measure(wb, sizes["state_runs"], sizes["paused"])
             say("idle session memory")
             figures["idle_session_mib"] = sessions.idle_memory_mib(wb, sizes["idle"])
         with Workbench(home=home, pool_size=2, idle_timeout=None) as wb:
@@ -118,6 +120,14 @@ def table(figures: dict[str, Any]) -> Table:
               f"{meta['bare_p50_ms']:.2f} ms execute", f"{meta['meta_p50_ms'] / meta['bare_p50_ms']:.2f}", "< 1 ms")
     t.add_row(f"meta tool SEARCH_TOOLS over {meta['search_tools']} tools", f"{meta['search_p50_ms']:.2f} ms", "", "",
               "", "")
+    pr = figures["pause_resume"]
+    t.add_row("pause + resume, 1M-row DataFrame", sec(pr["pause_resume_p50"]), "",
+              f"pause {sec(pr['pause_p50'])}, snapshot {pr['snapshot_bytes'] / 1e6:.0f} MB", "", "p50 <= 2 s")
+    t.add_row("resume (to first result)", sec(pr["resume_p50"]), "", f"{sec(pr['cold_start_p50'])} cold start",
+              f"{pr['resume_vs_cold']:.2f}", "")
+    paused = pr["paused"]
+    t.add_row(f"{paused['sessions']} paused sessions", f"{paused['containers']} containers", "",
+              f"{paused['snapshot_kib']:.1f} KiB snapshot each", "", "0 containers")
     t.add_row("idle session memory", f"{figures['idle_session_mib']:.1f} MiB", "", "", "", "<= 60 MiB")
     t.add_row("live sessions reached", f"{live['reached']} of {live['target']}", "",
               f"{live['create_rate_per_s']:.1f} creates/s", "", "300")

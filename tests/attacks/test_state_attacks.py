@@ -1,0 +1,106 @@
+"""A paused session's snapshot lives in its workspace, which the sandbox writes: it is the sandbox's data, never the
+host's. The host never unpickles it; a missing, corrupt or hostile snapshot costs the session its variables (and
+says why), nothing more; a snapshot that does not fit leaves the session running; a fork copies links as links."""
+from __future__ import annotations
+
+import os
+import pickle
+import secrets
+from pathlib import Path
+
+import pytest
+
+from workbench import Session, Workbench
+from workbench.errors import WorkspaceFullError
+
+
+def test_a_snapshot_too_large_for_the_workspace_is_refused_and_the_session_keeps_running(wb: Workbench) -> None:
+    s = wb.create(user_id="test-user", limits={"workspace_size": "16m", "memory": "512m"})
+    try:
+        assert s.execute("import os\nblob = os.urandom(40 * 2**20)\nsmall = 5").ok
+        with pytest.raises(WorkspaceFullError, match="do not fit"):
+            s.pause()
+        assert not s.paused
+        result = s.execute("len(blob), small")
+        assert result.text == f"({40 * 2**20}, 5)" and not result.state_lost  # the same kernel, still running
+        assert not s.files.exists(".state/namespace.pkl") and not s.files.exists(".state/.namespace.pkl.partial")
+        assert s.execute("del blob").ok
+        assert s.pause().names == ["small"]  # with room, it pauses
+        assert s.execute("small").text == "5"
+    finally:
+        s.close(delete_workspace=True)
+
+
+def test_a_corrupt_snapshot_resumes_with_state_lost_and_says_why(fresh: Session) -> None:
+    fresh.execute("x = 1")
+    fresh.pause()
+    fresh.files.write(".state/namespace.pkl", b"\x80\x05garbage, not a pickle")
+    result = fresh.execute("'x' in globals()")
+    assert result.text == "False" and result.state_lost and not result.state_restored
+    assert "not restored" in (result.state_lost_reason or "") and "Unpickling" in (result.state_lost_reason or "")
+    assert "not restored" in str(result)
+    assert not fresh.paused
+    assert fresh.execute("1 + 1").text == "2"
+    assert [e.status for e in fresh.logs() if e.kind == "resume"] == ["state_lost"]
+
+
+def test_a_missing_snapshot_resumes_with_state_lost_and_says_why(fresh: Session) -> None:
+    fresh.execute("x = 1")
+    fresh.pause()
+    fresh.files.remove(".state")
+    result = fresh.execute("'x' in globals()")
+    assert result.text == "False" and result.state_lost
+    assert "FileNotFoundError" in (result.state_lost_reason or "")
+
+
+def test_a_hostile_snapshot_runs_in_the_sandbox_never_on_the_host(fresh: Session, tmp_path: Path) -> None:
+    marker = tmp_path / f"pwned-{secrets.token_hex(4)}"
+
+    class Payload:
+        def __reduce__(self):  # unpickling runs this: inside the sandbox, where the host's tmp_path does not exist
+            return (os.system, (f"touch {marker}; touch /tmp/ran-in-sandbox",))
+
+    fresh.execute("x = 1")
+    fresh.pause()
+    fresh.files.write(".state/namespace.pkl", pickle.dumps({"x": Payload()}))
+    result = fresh.execute("import os; os.path.exists('/tmp/ran-in-sandbox'), x")
+    assert result.text == "(True, 0)" and result.state_restored  # it ran, in the sandbox: os.system returned 0
+    assert not marker.exists()
+
+
+def test_a_forged_report_line_is_ignored(fresh: Session) -> None:
+    # user code cannot know the nonce of the host's next cell: its own report lines do not count
+    fresh.execute("import builtins\nprint('WORKBENCH-STATE 0123456789abcdef {\"ok\": true, \"names\": [\"forged\"]}')")
+    state = fresh.pause()
+    assert "forged" not in state.names and "builtins" in state.modules
+
+
+def test_a_fork_copies_links_as_links_and_skips_what_is_not_a_file(fresh: Session, wb: Workbench,
+                                                                   tmp_path: Path) -> None:
+    secret = tmp_path / "host-secret.txt"
+    secret.write_text("host only")
+    fresh.execute(f"""
+import os
+os.symlink({str(secret)!r}, '/workspace/link-to-host')
+os.symlink('/etc/passwd', '/workspace/passwd')
+os.mkfifo('/workspace/a-fifo')
+d = '/workspace/deep'
+for _ in range(300):
+    d += '/d'
+os.makedirs(d)
+open(d + '/leaf.txt', 'w').write('bottom')
+""")
+    fork = fresh.fork()
+    try:
+        root = fork.workspace
+        assert os.readlink(root / "link-to-host") == str(secret)  # a link, pointing where it pointed
+        assert not (root / "a-fifo").exists()
+        with pytest.raises(Exception):  # noqa: B017  (the files API refuses to follow it out of the workspace)
+            fork.files.read("link-to-host")
+        deep = fork.execute("import glob; open(glob.glob('/workspace/deep/**/leaf.txt', recursive=True)[0]).read()")
+        assert deep.text == "'bottom'"
+        assert fork.execute("open('/workspace/link-to-host').read()").error.ename == "FileNotFoundError"
+        owner = fork.execute("import os; os.stat('/workspace/deep').st_uid == os.getuid()")
+        assert owner.text == "True"  # the copies belong to the sandbox user: the fork can change its files
+    finally:
+        fork.close(delete_workspace=True)
