@@ -82,6 +82,11 @@ def test_resume_explicitly_or_on_a_shell_command(fresh: Session, wb: Workbench) 
     fresh.pause()
     assert fresh.commands.run("echo up").stdout == "up\n"
     assert fresh.execute("x").text == "41"
+    fresh.pause()
+    fresh.restart()  # a restart means a fresh kernel: the saved variables are dropped, not restored later
+    assert not fresh.paused and not fresh.files.exists(".state/namespace.pkl")
+    result = fresh.execute("'x' in globals()")
+    assert result.text == "False" and not result.state_restored
 
 
 RESUMER = """

@@ -786,7 +786,11 @@ class Session:
                 return str(self._kernel.container.id)
 
     def _new_kernel(self) -> None:
-        """Replace the session's kernel, wherever it runs, with a new one of the current limits."""
+        """Replace the session's kernel, wherever it runs, with a new one of the current limits (a paused
+        session's saved variables are dropped: a restart means a fresh kernel)."""
+        if self._workbench.store.get(self.session_id).paused is not None:
+            self._workbench.store.set_paused(self.session_id, None)
+            remove_snapshot(self.files)
         self._workbench._remove_containers(self.session_id)
         self._kernel.restart()
         self._workbench.store.set_kernel(self.session_id, self._kernel.record())
