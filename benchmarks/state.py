@@ -5,8 +5,9 @@
 - pause + resume of a session holding a 1-million-row DataFrame (int, float and string columns): `pause()`, then
   the first execute (which starts a kernel and restores the namespace); target p50 <= 2 s.
 - resume p50 as a ratio to a cold start (a new session to its first result), measured in the same run.
-- `--paused` sessions paused at once: containers left (target 0), host memory of this process per paused session,
-  and the disk each holds (its workspace image's allocated blocks, snapshot included).
+- `--paused` sessions paused at once (64 MiB workspaces): containers left (target 0), host memory of this process
+  per paused session, the disk each holds (its workspace image's allocated blocks, snapshot included) and the
+  snapshot's size.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from typing import Any
 from benchmarks.kernel import cold_starts
 from workbench import Session, Workbench
 
+PAUSED_LIMITS = {"workspace_size": "64m", "memory": "256m"}  # a thousand 10 GiB workspace images would take ~70 GB
 FRAME = """
 import numpy as np, pandas as pd
 n = 1_000_000
@@ -54,7 +56,7 @@ def pause_resume(wb: Workbench, runs: int) -> dict[str, Any]:
 
 
 def _pause_one(wb: Workbench, i: int) -> tuple[Session, int]:
-    session = wb.create(user_id=f"paused-{i}")
+    session = wb.create(user_id=f"paused-{i}", limits=PAUSED_LIMITS)
     session.execute(f"numbers = list(range({i}, {i} + 100))\ndef f(x):\n    return x * {i}")
     return session, session.pause().bytes
 
