@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import docker
-from docker.errors import APIError, NotFound
+from docker.errors import APIError
 from docker.models.containers import Container
 from pydantic import BaseModel, Field
 from requests import RequestException
@@ -26,8 +26,8 @@ from . import fstree
 from . import image as images
 from .agent.answers import DEFAULT_LIMIT, MIN_LIMIT
 from .bridge import BridgeServer
-from .config import DEFAULT_IMAGE, Limits, check_metadata, default_home, default_runtime_root
-from .container import LABEL_KERNEL, RUNTIME, check_sandbox_uid, hand_over, private_dir
+from .config import DEFAULT_IMAGE, Limits, default_home, default_runtime_root
+from .container import LABEL_KERNEL, RUNTIME, check_sandbox_uid, hand_over, private_dir, remove_container
 from .docker_client import connect, security_options
 from .errors import (
     DockerUnavailableError,
@@ -216,10 +216,8 @@ class Workbench:
                 "(or allow_default_user=True for local experiments)"
             )
         self._check_image()
-        config = SessionConfig(
-            toolkits=toolkits or [], tools=tools or [], limits=self._limits(limits),
-            metadata=check_metadata(metadata or {}),
-            offload_threshold=self.offload_threshold if offload_threshold is None else offload_threshold)
+        config = SessionConfig(limits=self._limits(limits), offload_threshold=self.offload_threshold).changed(
+            toolkits=toolkits, tools=tools, offload_threshold=offload_threshold, metadata=metadata or {})
         warm = self.pool.take(config.limits)
         now = time.time()
         record = SessionRecord(session_id=warm[0] if warm else secrets.token_hex(6), user_id=user_id, status="open",
@@ -304,7 +302,7 @@ class Workbench:
                 reason = f"kernel {container.status}"
             else:
                 continue
-            if _remove(container):
+            if remove_container(container):
                 report.removed.append(f"{container.name}: {reason}")
             source = _runtime_source(container)
             if source is not None and kernel_id and source == self._runtime_dir(session_id, kernel_id):
@@ -531,7 +529,7 @@ class Workbench:
         if kernel_id is not None:
             labels.append(f"{LABEL_KERNEL}={kernel_id}")
         for container in self.docker.containers.list(all=True, filters={"label": labels}, ignore_removed=True):
-            _remove(container)
+            remove_container(container)
 
     def _open_fork(self, source: SessionRecord, state: PausedState | None, workspace: Path) -> Session:
         """A new session copied from `source`: its workspace (from `workspace`, mounted) and its saved namespace
@@ -596,15 +594,3 @@ def _runtime_source(container: Container) -> Path | None:
         if mount.get("Destination") == RUNTIME and mount.get("Type") == "bind" and mount.get("Source"):
             return Path(mount["Source"])
     return None
-
-
-def _remove(container: Container) -> bool:
-    try:
-        container.remove(force=True)
-        return True
-    except NotFound:
-        return False
-    except APIError as exc:
-        if exc.status_code == 409:  # already being removed
-            return False
-        raise

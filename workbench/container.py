@@ -8,7 +8,7 @@ import pwd
 from pathlib import Path
 
 import docker
-from docker.errors import APIError, ImageNotFound
+from docker.errors import APIError, ImageNotFound, NotFound
 from docker.models.containers import Container
 from docker.types import LogConfig, Ulimit
 
@@ -168,3 +168,16 @@ def exit_reason(container: Container) -> str | None:
     if code is not None and code > 128:
         return f"killed by signal {code - 128} (exit code {code})"
     return f"exited with code {code}"
+
+
+def remove_container(container: Container) -> bool:
+    """Remove a container, running or not; False when it was already gone or being removed (404, 409)."""
+    try:
+        container.remove(force=True)
+        return True
+    except NotFound:
+        return False
+    except APIError as exc:
+        if exc.status_code == 409:  # already being removed
+            return False
+        raise

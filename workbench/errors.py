@@ -6,7 +6,11 @@ class WorkbenchError(Exception):
     """Base class of every error raised by workbench."""
 
 
-class DockerUnavailableError(WorkbenchError):
+class BackendUnavailableError(WorkbenchError):
+    """The backend where sandboxes run cannot be reached (for the default backend: the Docker engine)."""
+
+
+class DockerUnavailableError(BackendUnavailableError):
     """The Docker engine cannot be reached."""
 
 

@@ -9,6 +9,7 @@ import secrets
 import stat
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from jupyter_client.connect import channel_socket_types
 from requests import RequestException
 
 from .config import Limits
-from .container import LABEL_KERNEL, RUNTIME, exit_reason, hand_over, run_sandbox
+from .container import LABEL_KERNEL, RUNTIME, exit_reason, hand_over, remove_container, run_sandbox
 from .errors import DockerUnavailableError, KernelStartError, WorkbenchError
 from .execution import DROPPED, Callbacks, Outcome, Spill, receive, run_cell
 from .results import ExecutionResult
@@ -270,26 +271,19 @@ class Kernel:
         shell, iopub = self.client.shell_channel, self.client.iopub_channel
         while time.monotonic() < deadline:
             msg_id = self.client.kernel_info()
-            reply_deadline = time.monotonic() + 0.5
-            while time.monotonic() < reply_deadline:
-                if shell.socket.poll(50):
-                    if _parent_id(shell) == msg_id:
-                        break
-                elif (reason := self.exit_reason()) is not None:
-                    raise KernelStartError(f"the kernel container stopped while starting: {reason}\n{self._logs()}")
-            else:
-                continue
             # The reply proves the shell socket; a status message for the same request proves iopub is subscribed.
-            iopub_deadline = time.monotonic() + 0.3
-            while time.monotonic() < iopub_deadline:
-                if iopub.socket.poll(50) and _parent_id(iopub) == msg_id:
-                    return
+            if _answered(shell, msg_id, 0.5, self._check_running) and _answered(iopub, msg_id, 0.3):
+                return
         if not any((self.runtime_dir / SOCKETS).glob("k-*")):
             raise KernelStartError(
                 f"the kernel's IPC sockets never appeared in {self.runtime_dir}: this Docker engine does not share the "
                 "host's filesystem with its containers (Docker Desktop, a remote engine), which workbench needs"
             )
         raise KernelStartError(f"the kernel did not answer within {timeout:.0f}s\n{self._logs()}")
+
+    def _check_running(self) -> None:
+        if (reason := self.exit_reason()) is not None:
+            raise KernelStartError(f"the kernel container stopped while starting: {reason}\n{self._logs()}")
 
     def _logs(self) -> str:
         try:
@@ -334,9 +328,7 @@ class Kernel:
         self.disconnect()
         if self.container is not None:
             try:
-                self.container.remove(force=True)
-            except NotFound:
-                pass
+                remove_container(self.container)
             except APIError as exc:
                 log.warning("could not remove container %s: %s", self.container.short_id, exc)
             self.container = None
@@ -415,6 +407,19 @@ def _unpack(data: bytes) -> Any:
     elif data.count(b"[") + data.count(b"{") > MAX_CONTAINERS:  # millions of them hold the GIL for seconds
         raise ValueError(f"a message part with more than {MAX_CONTAINERS:,} lists and objects")
     return json.loads(data)
+
+
+def _answered(channel: Any, msg_id: str, seconds: float, between: Callable[[], None] | None = None) -> bool:
+    """Whether a message answering `msg_id` arrives on `channel` within `seconds` (others are dropped); `between`
+    runs whenever a poll finds nothing."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if channel.socket.poll(50):
+            if _parent_id(channel) == msg_id:
+                return True
+        elif between is not None:
+            between()
+    return False
 
 
 def _parent_id(channel: Any) -> Any:

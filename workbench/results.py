@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from .bridge_protocol import ErrorKind
+
 
 class Output(BaseModel):
     """One rich output of a cell: an execute_result or a display_data MIME bundle."""
@@ -179,9 +181,8 @@ class ToolResult(BaseModel):
     data: Any = Field(default=None, description="the response, JSON-native, when it is small enough to be inline")
     offload: OffloadEnvelope | None = Field(default=None, description="set when the response went to the workspace")
     error: str | None = None
-    error_kind: str | None = Field(
-        default=None, description="not_found, not_allowed, invalid_arguments, tool_error, rate_limited, timeout, "
-                                  "not_serialisable, workspace_full or session_closed")
+    error_kind: ErrorKind | None = Field(default=None, description="what kind of failure: one of "
+                                         "workbench.bridge_protocol.ERROR_KINDS")
     retry_after: float | None = Field(default=None, description="for rate_limited: seconds the tool asked to wait")
     duration: float = 0.0
 

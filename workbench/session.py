@@ -18,7 +18,7 @@ from .bridge_protocol import MAX_INLINE, error_reply
 from .bridge_protocol import SLUG as _SLUG
 from .bridge_protocol import Request as BridgeRequest
 from .commands import Commands
-from .config import Limits, check_metadata
+from .config import Limits
 from .errors import (
     ConflictError,
     FileError,
@@ -265,13 +265,8 @@ class Session:
             if needs_restart and not restart_if_needed:
                 raise SessionError("changing pids or tmp_size needs a new container, which loses the kernel's "
                                    "variables: pass restart_if_needed=True")
-            config = SessionConfig(
-                toolkits=self.config.toolkits if toolkits is None else toolkits,
-                tools=self.config.tools if tools is None else tools,
-                limits=new_limits,
-                offload_threshold=self.config.offload_threshold if offload_threshold is None else offload_threshold,
-                metadata=self.config.metadata if metadata is None else check_metadata(metadata),
-            )
+            config = self.config.changed(toolkits=toolkits, tools=tools, limits=new_limits,
+                                         offload_threshold=offload_threshold, metadata=metadata)
             if new_limits.workspace_size != self.limits.workspace_size:
                 # the disk changes only for an update that is not stale (checked again when it is stored)
                 current = self._workbench.store.get(self.session_id).config_version

@@ -76,6 +76,18 @@ class SessionConfig(BaseModel):
     metadata: Metadata = Field(default_factory=dict, description="the caller's labels (e.g. a correlation id): "
                                "given to every tool call and written into every log entry")
 
+    def changed(self, *, toolkits: builtins.list[str] | None = None, tools: builtins.list[str] | None = None,
+                limits: Limits | None = None, offload_threshold: int | None = None,
+                metadata: dict[str, str] | None = None) -> SessionConfig:
+        """A copy with the settings given (None keeps this one's), validated as a new config is."""
+        return SessionConfig(
+            toolkits=self.toolkits if toolkits is None else toolkits,
+            tools=self.tools if tools is None else tools,
+            limits=self.limits if limits is None else limits,
+            offload_threshold=self.offload_threshold if offload_threshold is None else offload_threshold,
+            metadata=self.metadata if metadata is None else check_metadata(metadata),
+        )
+
 
 class KernelRecord(BaseModel):
     """Enough to reattach to a running kernel from another process."""

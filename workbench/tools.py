@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from .bridge_protocol import (
     SLUG as _SLUG,  # always fullmatch: `$` would let a trailing newline in
 )
+from .bridge_protocol import ErrorKind
 from .errors import WorkbenchError
 
 
@@ -26,12 +27,13 @@ class ToolContext(BaseModel):
                                      "correlation id to pass on to the service behind the tool")
 
 
-class ToolCallError(Exception):
-    """An error a tool call ended with, as it is reported to the caller; `kind` says which."""
+class ToolCallError(WorkbenchError):
+    """An error a tool call ended with, as it is reported to the caller (in a ToolResult, never raised to the
+    caller of execute_tool); `kind` says which."""
 
     MAX_MESSAGE = 2000  # characters: an error never grows with what the caller sent
 
-    def __init__(self, kind: str, message: str, retry_after: float | None = None) -> None:
+    def __init__(self, kind: ErrorKind, message: str, retry_after: float | None = None) -> None:
         if len(message) > self.MAX_MESSAGE:
             message = f"{message[:self.MAX_MESSAGE]}... [{len(message) - self.MAX_MESSAGE:,} characters cut]"
         super().__init__(message)
