@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from workbench.bridge import CONCURRENCY, BridgeServer
-from workbench.bridge_protocol import Request
+from workbench.tools.bridge import CONCURRENCY, BridgeServer
+from workbench.tools.protocol import Request
 
 
 class Endpoint:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from workbench import bridge_protocol as host
-from workbench.bridge_protocol import BadRequest, parse_request
+from workbench.tools import protocol as host
+from workbench.tools.protocol import BadRequest, parse_request
 
 SANDBOX = Path(__file__).resolve().parents[1] / "kernels" / "python" / "workbench_sandbox" / "protocol.py"
 

@@ -231,7 +231,7 @@ import sys, tempfile, threading, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[2])
 from benchmarks.offload import records
-from workbench import offload
+from workbench.tools import offload
 from workbench.files import Files
 
 def rss():

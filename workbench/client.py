@@ -10,8 +10,6 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,7 +23,6 @@ from requests import RequestException
 from . import fstree
 from . import image as images
 from .agent.answers import DEFAULT_LIMIT, MIN_LIMIT
-from .bridge import BridgeServer
 from .config import DEFAULT_IMAGE, Limits, default_home, default_runtime_root
 from .container import LABEL_KERNEL, RUNTIME, check_sandbox_uid, hand_over, private_dir, remove_container
 from .docker_client import connect, security_options
@@ -41,7 +38,9 @@ from .kernel import Kernel, runtime_dir_of
 from .pool import LABEL_POOL, WarmPool, discard_kernel, owner_alive
 from .session import Session
 from .store import PausedState, SessionConfig, SessionRecord, Store
-from .tools import RateLimited, Tool, ToolCallError, ToolContext, ToolRegistry
+from .tools import ToolRegistry
+from .tools.bridge import BridgeServer
+from .tools.pipeline import ToolPipeline
 from .workspace import Workspace, mounts_under, quota_support, release_runtime_dir
 
 log = logging.getLogger(__name__)
@@ -126,7 +125,8 @@ class Workbench:
         self.offload_threshold = offload_threshold
         self.tool_timeout = tool_timeout
         self.tools = ToolRegistry()
-        self._tool_pool = ThreadPoolExecutor(max_workers=128, thread_name_prefix="workbench-tool")
+        self.pipeline = ToolPipeline(self.tools, lambda: self.tool_timeout)
+        """The one tool-call pipeline every session's calls go through."""
         self._bridge = BridgeServer(lambda: self.tool_timeout)
         self.idle_timeout = idle_timeout
         self._stop = threading.Event()
@@ -465,7 +465,7 @@ class Workbench:
         self._stop.set()
         self.pool.close()
         self._bridge.close()
-        self._tool_pool.shutdown(wait=False)
+        self.pipeline.close()
         with self._lock:
             sessions, self._sessions = list(self._sessions.values()), {}
         for session in sessions:
@@ -473,28 +473,6 @@ class Workbench:
         if self._reaper is not None and self._reaper is not threading.current_thread():
             self._reaper.join(timeout=30)  # it may be in the middle of a gc, using the store
         self.store.close()
-
-    def _call_tool(self, tool: Tool, arguments: dict[str, Any] | None, context: ToolContext,
-                   timeout: float | None) -> Any:
-        """Run a tool in the tool pool; its exceptions become ToolCallErrors. A tool past its timeout is left to
-        finish in the background (Python cannot stop a thread) and reported as timed out."""
-        future = self._tool_pool.submit(self._call_tool_here, tool, arguments, context)
-        limit = self.tool_timeout if timeout is None else timeout
-        try:
-            return future.result(timeout=limit)
-        except FutureTimeout:
-            raise ToolCallError("timeout", f"{tool.slug} did not answer within {limit:g}s") from None
-
-    def _call_tool_here(self, tool: Tool, arguments: dict[str, Any] | None, context: ToolContext) -> Any:
-        """Run a tool in this thread; its exceptions become ToolCallErrors."""
-        try:
-            return tool.call(arguments, context)
-        except ToolCallError:
-            raise
-        except RateLimited as exc:
-            raise ToolCallError("rate_limited", str(exc) or "rate limited", exc.retry_after) from None
-        except Exception as exc:
-            raise ToolCallError("tool_error", f"{type(exc).__name__}: {exc}") from None
 
     def _limits(self, limits: Limits | dict | None) -> Limits:
         if limits is None:

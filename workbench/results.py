@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from .bridge_protocol import ErrorKind
+from .tools.protocol import ErrorKind
 
 
 class Output(BaseModel):
@@ -182,7 +182,7 @@ class ToolResult(BaseModel):
     offload: OffloadEnvelope | None = Field(default=None, description="set when the response went to the workspace")
     error: str | None = None
     error_kind: ErrorKind | None = Field(default=None, description="what kind of failure: one of "
-                                         "workbench.bridge_protocol.ERROR_KINDS")
+                                         "workbench.tools.protocol.ERROR_KINDS")
     retry_after: float | None = Field(default=None, description="for rate_limited: seconds the tool asked to wait")
     duration: float = 0.0
 

@@ -9,14 +9,10 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from .agent import Format, MetaTools, answer_calls, render
-from .bridge_protocol import MAX_INLINE, error_reply
-from .bridge_protocol import SLUG as _SLUG
-from .bridge_protocol import Request as BridgeRequest
 from .commands import Commands
 from .config import Limits
 from .errors import (
@@ -31,11 +27,12 @@ from .execution import Callbacks
 from .files import OUTPUTS, Files
 from .kernel import Kernel
 from .notebook import LOG_OUTPUTS, logged_outputs, notebook_of
-from .offload import NotSerialisable, Routed, route
 from .results import ExecutionError, ExecutionResult, Output, ToolResult
 from .state import StateReport, paused_state, remove_snapshot, run_state_cell
 from .store import LOG_KEEP, LogEntry, PausedState, SessionConfig, SessionRecord
-from .tools import Tool, ToolCallError, ToolContext
+from .tools import Tool
+from .tools.pipeline import Caller
+from .tools.protocol import Request as BridgeRequest
 from .workspace import NeedsOffline
 
 if TYPE_CHECKING:
@@ -141,6 +138,8 @@ class Session:
             container=self._kernel_container, check_open=self._check_open, log_entry=self._log,
             output_limit=workbench.output_limit, idle_timeout=workbench.idle_timeout)
         """Shell commands in the session's sandbox, beside the kernel: `run`."""
+        self._tools = workbench.pipeline
+        self._caller = Caller(self.session_id, self.user_id, self.files, self._current_config, self._log)
 
     @property
     def metadata(self) -> dict[str, str]:
@@ -297,12 +296,12 @@ class Session:
         writes every response to the workspace, small ones too; `inline_limit` (bytes) lowers the threshold for
         this call. Errors come back in the result, never raised.
         """
-        return self._tool_call(slug, arguments, sync_to_workbench, timeout, inline_limit=inline_limit)
+        return self._tools.call(self._caller, slug, arguments, sync_to_workbench=sync_to_workbench, timeout=timeout,
+                                inline_limit=inline_limit)
 
     def available_tools(self) -> list[Tool]:
         """The tools this session may call now (its toolkits' and the single tools named in its config)."""
-        config = self._current_config()
-        return self._workbench.tools.allowed(config.toolkits, config.tools)
+        return self._tools.allowed(self._caller)
 
     @property
     def runtime_dir(self) -> Path:
@@ -311,97 +310,7 @@ class Session:
 
     def handle_bridge_request(self, request: BridgeRequest, abandoned: threading.Event) -> dict[str, Any]:
         """One request from the sandbox's tool bridge, run in this thread; the reply to send back."""
-        if request.op == "call":
-            assert request.slug is not None
-            result = self._tool_call(request.slug, request.arguments, request.sync, None, abandoned,
-                                     inline_limit=MAX_INLINE)
-            reply: dict[str, Any] = {"id": request.id, "ok": result.ok, "duration": result.duration}
-            if result.ok:
-                reply["data"] = result.data
-                reply["offload"] = result.offload.model_dump() if result.offload else None
-            else:
-                reply.update(kind=result.error_kind, error=result.error, retry_after=result.retry_after)
-            return reply
-        try:
-            config = self._current_config()
-        except SessionClosedError as exc:
-            return error_reply(request.id, "session_closed", str(exc))
-        allowed = self._workbench.tools.allowed(config.toolkits, config.tools)
-        if request.op == "list":
-            return {"id": request.id, "ok": True,
-                    "data": [{"slug": t.slug, "toolkit": t.toolkit, "description": t.description} for t in allowed]}
-        for tool in allowed:
-            if tool.slug == request.slug:
-                return {"id": request.id, "ok": True, "data": tool.describe()}
-        return error_reply(request.id, "not_found", f"no tool {request.slug!r} is available to this session")
-
-    def _tool_call(self, slug: str, arguments: dict[str, Any] | None, sync_to_workbench: bool,
-                   timeout: float | None, abandoned: threading.Event | None = None,
-                   inline_limit: int | None = None) -> ToolResult:
-        """The one tool-call pipeline: allowlist, arguments, timeout, routing, and a log entry whatever happens.
-
-        With `abandoned` (the bridge's calls), the tool runs in this thread and the caller enforces the timeout,
-        setting `abandoned` when it gave up. `inline_limit` caps the bytes kept inline below the session's
-        offload threshold."""
-        started = time.perf_counter()
-        routed: Routed | None = None
-        error: ToolCallError | None = None
-        metadata: dict[str, str] | None = None  # as the call's config has it, once read
-        shown = slug if isinstance(slug, str) and _SLUG.fullmatch(slug) else "<invalid slug>"
-        try:
-            if not isinstance(slug, str):  # a slug from an agent can be anything
-                raise ToolCallError("invalid_arguments", f"a tool slug must be a string, not {type(slug).__name__}")
-            if shown != slug:
-                raise ToolCallError("not_found", "a tool slug is 1 to 128 letters, digits and _ . -")
-            if arguments is not None and not isinstance(arguments, dict):
-                raise ToolCallError("invalid_arguments", f"arguments must be a dict, not {type(arguments).__name__}")
-            config = self._current_config()  # the allowlist as the store has it now
-            metadata = config.metadata
-            tool = self._workbench.tools.check_allowed(slug, config.toolkits, config.tools)
-            context = ToolContext(user_id=self.user_id, session_id=self.session_id, slug=slug,
-                                  metadata=config.metadata)
-            if abandoned is None:
-                value = self._workbench._call_tool(tool, arguments, context, timeout)
-            else:
-                value = self._workbench._call_tool_here(tool, arguments, context)
-            if abandoned is not None and abandoned.is_set():
-                raise ToolCallError("timeout", f"{slug} answered after its caller gave up")
-            threshold = config.offload_threshold if inline_limit is None else min(config.offload_threshold,
-                                                                                  inline_limit)
-            routed = route(value, files=self.files, threshold=threshold, always_offload=sync_to_workbench)
-        except ToolCallError as exc:
-            error = exc
-        except NotSerialisable as exc:
-            error = ToolCallError("not_serialisable", str(exc))
-        except WorkspaceFullError as exc:
-            error = ToolCallError("workspace_full", str(exc))
-        except SessionClosedError as exc:
-            error = ToolCallError("session_closed", str(exc))
-        except (FileError, OSError) as exc:
-            error = ToolCallError("workspace_error", f"the response could not be written to the workspace: {exc}")
-        except Exception as exc:  # a bug here must still be answered and logged
-            self.log.exception("tool %s failed on the host", shown)
-            error = ToolCallError("internal", f"the host failed to handle this call ({type(exc).__name__}); it "
-                                  "was logged there")
-        finally:
-            duration = time.perf_counter() - started
-            status = error.kind if error else "ok" if routed is not None else "internal"
-            try:
-                self._log("tool", status, duration, {
-                    "slug": shown, "error": str(error)[:2000] if error else None,
-                    "offload": routed.offload.id if routed and routed.offload else None,
-                    "bytes": routed.offload.bytes if routed and routed.offload else None,
-                }, touch=False, metadata=metadata)
-            except Exception:  # the store failing must not hide the call's outcome; it is logged here instead
-                self.log.exception("tool %s (%s): could not write its log entry", shown, status)
-        if error is not None:
-            result = ToolResult(slug=shown, error=str(error), error_kind=error.kind, retry_after=error.retry_after,
-                                duration=duration)
-        else:
-            assert routed is not None
-            result = ToolResult(slug=slug, data=routed.data, offload=routed.offload, duration=duration)
-        self.log.debug("tool %s %s in %.3fs", shown, status, duration)
-        return result
+        return self._tools.bridge_reply(self._caller, request, abandoned)
 
     def _log(self, kind: str, status: str, duration: float, detail: dict[str, Any], touch: bool = True,
              metadata: dict[str, str] | None = None) -> None:
@@ -431,12 +340,8 @@ class Session:
         timeout: float | None = None, inline_limit: int | None = None,
     ) -> list[ToolResult]:
         """Run several tool calls concurrently (at most `max_workers` at a time); results in the calls' order."""
-        if not calls:
-            return []
-        with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(calls)))) as pool:
-            return list(pool.map(
-                lambda call: self.execute_tool(call[0], call[1], sync_to_workbench=sync_to_workbench,
-                                               timeout=timeout, inline_limit=inline_limit), calls))
+        return self._tools.call_many(self._caller, calls, sync_to_workbench=sync_to_workbench,
+                                     max_workers=max_workers, timeout=timeout, inline_limit=inline_limit)
 
     # for models -----------------------------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ import pytest
 from host_probes import memory
 
 from workbench import Session, Workbench
-from workbench.bridge import CONCURRENCY, MAX_CONNECTIONS
+from workbench.tools.bridge import CONCURRENCY, MAX_CONNECTIONS
 
 running = {"now": 0, "most": 0}
 guard = threading.Lock()

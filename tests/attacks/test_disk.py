@@ -26,7 +26,7 @@ from workbench.errors import (
     WorkspaceFullError,
 )
 from workbench.files import Files
-from workbench.offload import route
+from workbench.tools.offload import route
 from workbench.workspace import RUNTIME_SIZE, Workspace, _probe, is_mount
 
 MiB = 1 << 20
@@ -261,16 +261,15 @@ def test_the_reaper_leaves_no_runtime_dir_and_no_mount(wb: Workbench, tmp_path: 
         s.execute("x = 1")
         runtime = s._kernel.runtime_dir
         assert is_mount(runtime)
-        deadline = time.monotonic() + 20  # the reaper's thread stops the kernel once idle past one second
+        deadline = time.monotonic() + 20  # the reaper's thread pauses the session once idle past one second
         while os.path.lexists(runtime) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert reaper.store.get(s.session_id).kernel is None
         assert not os.path.lexists(runtime) and f" {runtime} " not in _mounts()
-        # after a host restart nothing is mounted: the next use mounts the workspace again, before the kernel
-        s._kernel.disk.unmount()
+        # a paused session holds no mount either: the next use mounts the workspace again, before the kernel
         assert not is_mount(s.workspace)
-        result = s.execute("open('kept.txt').read()")
-        assert result.text == "'kept'" and result.state_lost
+        result = s.execute("open('kept.txt').read(), x")
+        assert result.text == "('kept', 1)" and result.state_restored
         assert s._kernel.runtime_dir != runtime  # a runtime dir per kernel: the reaper's never is the next one's
         runtime = s._kernel.runtime_dir
         assert is_mount(s.workspace) and is_mount(runtime)

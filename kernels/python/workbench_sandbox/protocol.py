@@ -1,4 +1,4 @@
-"""The tool bridge's wire protocol, sandbox side: the twin of the host's `workbench/bridge_protocol.py` (a host
+"""The tool bridge's wire protocol, sandbox side: the twin of the host's `workbench/tools/protocol.py` (a host
 test checks that they agree). Frames are a 4-byte big-endian length and that many bytes of UTF-8 JSON, over
 the Unix socket SANDBOX_PATH."""
 

@@ -24,8 +24,8 @@ import pyarrow.ipc as ipc
 import pyarrow.json as pajson
 from pydantic import BaseModel
 
-from .files import Files
-from .results import OffloadEnvelope
+from ..files import Files
+from ..results import OffloadEnvelope
 
 RESPONSES = ".responses"
 ENVELOPE_MAX = 2048  # bytes of the serialised envelope

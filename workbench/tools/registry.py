@@ -10,11 +10,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model
 
-from .bridge_protocol import (
+from ..errors import WorkbenchError
+from .protocol import (
     SLUG as _SLUG,  # always fullmatch: `$` would let a trailing newline in
 )
-from .bridge_protocol import ErrorKind
-from .errors import WorkbenchError
+from .protocol import ErrorKind
 
 
 class ToolContext(BaseModel):

@@ -2,7 +2,7 @@
 
 The container has no network; the socket (`/run/workbench/bridge` inside) is in the one folder mounted from
 the session's runtime dir, so each session reaches only its own bridge. The wire format is in
-`bridge_protocol`. Every session's bridge is served by one asyncio loop on a thread of its own; calls run on a
+`protocol`. Every session's bridge is served by one asyncio loop on a thread of its own; calls run on a
 thread pool, handed out round-robin between sessions, and each call goes through the session's tool pipeline
 (allowlist, arguments, timeout, offload, log).
 
@@ -31,8 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import bridge_protocol as wire
-from .container import SANDBOX_UID
+from ..container import SANDBOX_UID
+from . import protocol as wire
 
 log = logging.getLogger(__name__)
 
