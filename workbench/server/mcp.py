@@ -63,8 +63,17 @@ _TEXT_TYPES = ("application/json", "application/xml", "application/javascript", 
 
 def file_uri(path: str) -> str:
     """The resource URI of a workspace file (`path` relative to the workspace): every character that is not
-    unreserved is percent-encoded, `/` between folders kept."""
-    return FILES_PREFIX + "/".join(quote(part, safe="") for part in path.split("/"))
+    unreserved is percent-encoded, `/` between folders kept (a name that is not UTF-8 keeps its bytes)."""
+    return FILES_PREFIX + "/".join(quote(part, safe="", errors="surrogateescape") for part in path.split("/"))
+
+
+def shown(text: str) -> str:
+    """Text as it can go on the wire (JSON in UTF-8): a name that is not UTF-8 (a sandbox can make one) with its
+    bytes escaped, any other lone surrogate (a kernel can print one) escaped too."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def parse_uri(uri: str) -> tuple[str, int, int | None]:
@@ -76,10 +85,7 @@ def parse_uri(uri: str) -> tuple[str, int, int | None]:
         raise MCPError(types.INVALID_PARAMS, "not a valid URI") from None
     if parts.scheme != SCHEME or parts.netloc != "files" or not parts.path.startswith("/") or parts.fragment:
         raise MCPError(types.INVALID_PARAMS, f"not a workspace file: resource URIs look like {FILES_PREFIX}<path>")
-    try:
-        path = unquote(parts.path[1:], errors="strict")
-    except UnicodeDecodeError:
-        raise MCPError(types.INVALID_PARAMS, "the URI's path is not percent-encoded UTF-8") from None
+    path = unquote(parts.path[1:], errors="surrogateescape")  # the bytes of a name that is not UTF-8, as file_uri
     if not path or "\0" in path:
         raise MCPError(types.INVALID_PARAMS, "the URI names no file of the workspace")
     try:
@@ -107,14 +113,15 @@ def read_resource(session: Session, uri: str) -> types.ReadResourceResult:
             size = handle.seek(0, 2)
             if length is None and offset == 0 and size > READ_LIMIT:
                 raise MCPError(types.INVALID_PARAMS, (
-                    f"{path} holds {size:,} bytes, over the {READ_LIMIT:,} one read returns: read it in slices, "
+                    f"{shown(path)} holds {size:,} bytes, over the {READ_LIMIT:,} one read returns: read it in slices, "
                     f"{file_uri(path)}?offset=0&length={READ_LIMIT}"))
             handle.seek(min(offset, size))
             data = handle.read(READ_LIMIT if length is None else length)
     except WorkspaceFileNotFoundError:
-        raise MCPError(RESOURCE_NOT_FOUND, f"no file {path[:300]} in the workspace", {"uri": uri[:1000]}) from None
+        raise MCPError(RESOURCE_NOT_FOUND, f"no file {shown(path[:300])} in the workspace",
+                       {"uri": uri[:1000]}) from None
     except (WorkbenchError, OSError) as exc:  # out of the workspace, a symlink out, a folder, a closed session
-        raise MCPError(types.INVALID_PARAMS, str(exc)[:500]) from None
+        raise MCPError(types.INVALID_PARAMS, shown(str(exc)[:500])) from None
     mime = _mime_type(path)
     meta = {"size": size, "offset": min(offset, size), "length": len(data)}
     text = _utf8(data, whole=offset == 0 and offset + len(data) == size)
@@ -165,7 +172,7 @@ def _link(session: Session, path: str) -> types.ResourceLink:
         size = found[0].size if len(found) == 1 and found[0].type == "file" else None
     except (WorkbenchError, OSError):
         pass
-    return types.ResourceLink(name=posixpath.basename(path) or path, title=path, uri=file_uri(path),
+    return types.ResourceLink(name=shown(posixpath.basename(path) or path), title=shown(path), uri=file_uri(path),
                               description=_describe(path), mime_type=_mime_type(path), size=size)
 
 
@@ -173,7 +180,7 @@ def call_tool(session: Session, name: str, arguments: dict[str, Any] | None) -> 
     """Answer one tools/call: the answer's text, and a resource link to each workspace file it refers to. Never
     raises for what the client sent; a failure is a result with `isError`. Synchronous: call it from a thread."""
     answer = session.answer_tool_call(name, arguments or {})
-    content: list[types.ContentBlock] = [types.TextContent(type="text", text=answer.text)]
+    content: list[types.ContentBlock] = [types.TextContent(type="text", text=shown(answer.text))]
     content += [_link(session, path) for path in answer.files]
     return types.CallToolResult(content=content, is_error=answer.is_error)
 
@@ -193,7 +200,8 @@ def list_resources(session: Session) -> types.ListResourcesResult:
             continue  # not there yet, or not a folder
     found.sort(key=lambda info: info.modified, reverse=True)
     return types.ListResourcesResult(resources=[types.Resource(
-        name=posixpath.basename(info.path), title=info.path, uri=file_uri(info.path), description=_describe(info.path),
+        name=shown(posixpath.basename(info.path)), title=shown(info.path), uri=file_uri(info.path),
+        description=_describe(info.path),
         mime_type=_mime_type(info.path), size=info.size) for info in found[:LISTED]])
 
 
@@ -247,7 +255,7 @@ def _guarded(function: Callable[[Session], Any]) -> Callable[[Session], Any]:
         try:
             return function(session)
         except WorkbenchError as exc:
-            raise MCPError(types.INTERNAL_ERROR, str(exc)[:500]) from None
+            raise MCPError(types.INTERNAL_ERROR, shown(str(exc)[:500])) from None
     return guarded
 
 
