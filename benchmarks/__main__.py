@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from benchmarks import agent, bridge, offload, sessions
+from benchmarks import agent, bridge, mcp, offload, sessions
 from benchmarks.kernel import (
     bare_ipykernel_roundtrips,
     bare_ipykernel_starts,
@@ -85,6 +85,8 @@ def run(quick: bool, say: Any) -> dict[str, Any]:
             say("meta tools")
             figures["meta_tools"] = agent.measure(wb, sizes["pairs"])
             figures["meta_tools"]["baseline"] = "session.execute of the same cell, interleaved pairs, same run"
+            say("MCP over Streamable HTTP")
+            figures["mcp_execute"] = mcp.measure(wb, sizes["pairs"])
             say("idle session memory")
             figures["idle_session_mib"] = sessions.idle_memory_mib(wb, sizes["idle"])
         with Workbench(home=home, pool_size=2, idle_timeout=None) as wb:
@@ -116,6 +118,11 @@ def table(figures: dict[str, Any]) -> Table:
     meta = figures["meta_tools"]
     t.add_row("meta tool REMOTE_WORKBENCH overhead", f"{meta['overhead_ms']:.3f} ms", "",
               f"{meta['bare_p50_ms']:.2f} ms execute", f"{meta['meta_p50_ms'] / meta['bare_p50_ms']:.2f}", "< 1 ms")
+    if "mcp_execute" in figures:  # (results written before the MCP endpoint have none)
+        over = figures["mcp_execute"]
+        t.add_row("execute through MCP (Streamable HTTP), added", f"{over['overhead_ms']:.2f} ms",
+                  f"{over['mcp_p50_ms']:.2f} ms p50", f"{over['bare_p50_ms']:.2f} ms execute", f"{over['ratio']:.2f}",
+                  "")
     t.add_row(f"meta tool SEARCH_TOOLS over {meta['search_tools']} tools", f"{meta['search_p50_ms']:.2f} ms", "", "",
               "", "")
     t.add_row("idle session memory", f"{figures['idle_session_mib']:.1f} MiB", "", "", "", "<= 60 MiB")

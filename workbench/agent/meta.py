@@ -2,6 +2,8 @@
 shell commands in the session's sandbox. Each answer is text a model reads, bounded in size."""
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import logging
 import re
@@ -196,6 +198,17 @@ def clean_schema(schema: dict[str, Any]) -> dict[str, Any]:
 
 def _schema(model: type[BaseModel]) -> dict[str, Any]:
     return clean_schema(model.model_json_schema())
+
+
+@functools.cache
+def _meta_schemas() -> dict[str, dict[str, Any]]:
+    return {name: _schema(model) for name, model in _ARGUMENTS.items()}
+
+
+def meta_input_schema(name: str) -> dict[str, Any] | None:
+    """The JSON Schema of a meta tool's arguments (the same in every session), or None for any other name."""
+    schema = _meta_schemas().get(name)
+    return copy.deepcopy(schema) if schema is not None else None
 
 
 class MetaTools:

@@ -40,6 +40,7 @@ from mcp.shared.exceptions import MCPError
 from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
+from ..agent.meta import meta_input_schema
 from ..client import Workbench
 from ..errors import SessionClosedError, SessionNotFoundError, WorkbenchError, WorkspaceFileNotFoundError
 from ..files import OUTPUTS, FileInfo
@@ -245,6 +246,7 @@ def build_server(session_of: Callable[[ServerRequestContext[Any, Any]], Session]
     return Server("workbench", version=_version(), instructions=(
         "A sandboxed Python workbench (a Jupyter kernel with the session's files in /workspace). Large tool "
         "responses and outputs are written there; results link them as workbench://files/ resources."),
+        get_tool_input_schema=meta_input_schema,  # (else the SDK lists the tools to check a call's Mcp-Param headers)
         on_list_tools=on_list_tools, on_call_tool=on_call_tool, on_list_resources=on_list_resources,
         on_list_resource_templates=on_list_resource_templates, on_read_resource=on_read_resource)
 
