@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -216,6 +217,35 @@ def test_http_missing_resources(mcp_wb: Workbench, shop: Session, base_url: str)
     anyio.run(main)
 
 
+def test_http_a_long_cell_blocks_no_other_session(mcp_wb: Workbench, shop: Session, base_url: str) -> None:
+    """Session calls run in worker threads: while one session's cell sleeps, another's requests are answered."""
+    other = mcp_wb.create("mcp-busy")
+    try:
+        async def main() -> None:
+            async with (http_client(f"{base_url}/mcp/{other.session_id}", token_of(mcp_wb, other.session_id)) as busy,
+                        http_client(f"{base_url}/mcp/{shop.session_id}", token_of(mcp_wb, shop.session_id)) as free):
+                answered: list[float] = []
+
+                async def quick_calls() -> None:
+                    await anyio.sleep(0.5)
+                    for _ in range(3):
+                        started = anyio.current_time()
+                        result = await free.call_tool("WORKBENCH_REMOTE_WORKBENCH", {"code_to_execute": "2 + 2"})
+                        assert "4" in text_of(result)
+                        answered.append(anyio.current_time() - started)
+
+                async with anyio.create_task_group() as tasks:
+                    tasks.start_soon(quick_calls)
+                    slow = await busy.call_tool("WORKBENCH_REMOTE_WORKBENCH",
+                                                {"code_to_execute": "import time; time.sleep(4); 'slept'"})
+                    assert "slept" in text_of(slow)
+                    assert len(answered) == 3 and max(answered) < 2  # all answered while the cell slept
+
+        anyio.run(main)
+    finally:
+        other.close(delete_workspace=True)
+
+
 # --- auth ----------------------------------------------------------------------------------------------------------
 
 INITIALIZE = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
@@ -308,6 +338,21 @@ def test_stdio_lists_calls_and_reads(mcp_wb: Workbench, shop: Session) -> None:
             assert part.text.encode() == shop.files.read(offload["path"])[:64]
 
     anyio.run(main)
+
+
+def test_stdio_refuses_a_closed_session_and_a_bad_app(mcp_wb: Workbench) -> None:
+    closed = mcp_wb.create("mcp-stdio-closed")
+    closed.close()
+    env = {**os.environ, "WORKBENCH_HOME": str(mcp_wb.home),
+           "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)])}
+    for args, message in [(["--session", closed.session_id], "is closed"),
+                          (["--session", "000000000000"], "000000000000"),
+                          (["--session", closed.session_id, "--app", "mcp_app:nothing"], "could not load"),
+                          (["--session", closed.session_id, "--app", "mcp_app:ROWS"], "not a Workbench")]:
+        proc = subprocess.run([sys.executable, "-m", "workbench", "mcp", *args], cwd=TESTS, env=env,
+                              capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+        assert proc.returncode != 0 and message in proc.stderr, (args, proc.stderr)
+        assert proc.stdout == ""  # nothing but MCP messages would ever go to stdout
 
 
 def test_uri_round_trip() -> None:

@@ -222,7 +222,7 @@ class MetaTools:
     def definitions(self, include_tools: bool = False) -> list[Definition]:
         """The meta tools, and with `include_tools` the session's allowed tools as direct tools too."""
         found = [Definition(name, _describe(name, answer_limit=self.answer_limit, **self._timeouts),
-                            _schema(model)) for name, model in _ARGUMENTS.items()]
+                            copy.deepcopy(schema)) for name, schema in _meta_schemas().items()]
         if include_tools:
             names = set(NAMES)
             for tool in self.session.available_tools():

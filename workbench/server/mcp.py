@@ -296,6 +296,9 @@ class McpEndpoint:
         if scope["type"] == "lifespan":  # mounted on its own: run the manager for the server's lifetime
             await self._lifespan_protocol(receive, send)
             return
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+            return
         if scope["type"] != "http":
             return
         path: str = scope["path"]
