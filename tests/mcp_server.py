@@ -30,9 +30,10 @@ def mcp_app(wb: Workbench) -> tuple[Starlette, McpEndpoint]:
 
 
 @contextmanager
-def serving(wb: Workbench) -> Iterator[str]:
-    """The base URL (http://127.0.0.1:PORT) of a uvicorn server of `mcp_app(wb)`, for as long as the block runs."""
-    app, _ = mcp_app(wb)
+def serving(wb: Workbench, app: Starlette | None = None) -> Iterator[str]:
+    """The base URL (http://127.0.0.1:PORT) of a uvicorn server of `app` (default: `mcp_app(wb)`), for as long as the
+    block runs."""
+    app = app if app is not None else mcp_app(wb)[0]
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))

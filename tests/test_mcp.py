@@ -21,7 +21,7 @@ import pytest
 from mcp import Client, MCPError, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 from mcp_app import ROWS, register
-from mcp_server import serving
+from mcp_server import mcp_app, serving
 
 from workbench import Session, Workbench
 from workbench.agent import NAMES
@@ -296,6 +296,19 @@ def test_auth_failures(mcp_wb: Workbench, shop: Session, base_url: str) -> None:
     # a closed session's token is dead
     closed = _post(f"{base_url}/mcp/{other.session_id}", token_of(mcp_wb, other.session_id))
     assert closed.status_code == 404 and closed.json()["error"]["code"] == "session_closed"
+
+
+def test_endpoint_serves_again_after_its_lifespan(mcp_wb: Workbench, shop: Session) -> None:
+    """One app served twice in turn (each server run is a new event loop and a new SDK session manager)."""
+    app, _ = mcp_app(mcp_wb)
+    body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
+        "name": "WORKBENCH_REMOTE_WORKBENCH", "arguments": {"code_to_execute": "6 * 7"}}}
+    for _ in range(2):
+        with serving(mcp_wb, app) as url:
+            response = httpx.post(f"{url}/mcp/{shop.session_id}", json=body, timeout=60, headers={
+                **ACCEPT, "Authorization": f"Bearer {token_of(mcp_wb, shop.session_id)}",
+                "MCP-Protocol-Version": "2025-06-18"})
+            assert response.status_code == 200 and "42" in response.json()["result"]["content"][0]["text"]
 
 
 def test_token_dies_with_its_session_mid_connection(mcp_wb: Workbench, base_url: str) -> None:

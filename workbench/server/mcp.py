@@ -32,6 +32,7 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import anyio
 import mcp_types as types
+from anyio.lowlevel import RunVar
 from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel import Server
 from mcp.server.stdio import stdio_server
@@ -216,10 +217,8 @@ def _templates() -> types.ListResourceTemplatesResult:
 def build_server(session_of: Callable[[ServerRequestContext[Any, Any]], Session]) -> Server[Any]:
     """The MCP server of the meta tools and workspace files; `session_of(ctx)` is the session a request is for.
     The session's (synchronous) calls run in worker threads, never on the event loop."""
-    limiter = anyio.CapacityLimiter(256)  # cells may run for minutes: not the default pool of 40 threads
-
     async def run(function: Callable[..., Any], *args: Any) -> Any:
-        return await anyio.to_thread.run_sync(function, *args, limiter=limiter)
+        return await anyio.to_thread.run_sync(function, *args, limiter=_limiter())
 
     async def on_list_tools(ctx: ServerRequestContext[Any, Any],
                             params: types.PaginatedRequestParams | None) -> types.ListToolsResult:
@@ -249,6 +248,20 @@ def build_server(session_of: Callable[[ServerRequestContext[Any, Any]], Session]
         get_tool_input_schema=meta_input_schema,  # (else the SDK lists the tools to check a call's Mcp-Param headers)
         on_list_tools=on_list_tools, on_call_tool=on_call_tool, on_list_resources=on_list_resources,
         on_list_resource_templates=on_list_resource_templates, on_read_resource=on_read_resource)
+
+
+_LIMITER: RunVar[anyio.CapacityLimiter] = RunVar("workbench_mcp_threads")
+THREADS = 256  # session calls at once per event loop (cells may run for minutes: not the default pool of 40)
+
+
+def _limiter() -> anyio.CapacityLimiter:
+    """The worker-thread limiter of the running event loop (an app may be served by several loops in turn)."""
+    try:
+        return _LIMITER.get()
+    except LookupError:
+        limiter = anyio.CapacityLimiter(THREADS)
+        _LIMITER.set(limiter)
+        return limiter
 
 
 def _guarded(function: Callable[[Session], Any]) -> Callable[[Session], Any]:
