@@ -105,8 +105,8 @@ def parse_uri(uri: str) -> tuple[str, int, int | None]:
 
 
 def read_resource(session: Session, uri: str) -> types.ReadResourceResult:
-    """Read a workspace file (or a slice of it) named by a resource URI, at most `READ_LIMIT` bytes; text when it
-    is UTF-8, else base64. Synchronous: call it from a worker thread."""
+    """Read a workspace file (or a slice of it) named by a resource URI, at most `READ_LIMIT` bytes: text when the
+    file's type is text (or unknown) and the bytes are UTF-8, else base64. Synchronous: call it from a thread."""
     path, offset, length = parse_uri(uri)
     if length is not None and length > READ_LIMIT:
         raise MCPError(types.INVALID_PARAMS, f"length {length:,} is over the {READ_LIMIT:,} bytes one read returns")
@@ -126,7 +126,8 @@ def read_resource(session: Session, uri: str) -> types.ReadResourceResult:
         raise MCPError(types.INVALID_PARAMS, shown(str(exc)[:500])) from None
     mime = _mime_type(path)
     meta = {"size": size, "offset": min(offset, size), "length": len(data)}
-    text = _utf8(data, whole=offset == 0 and offset + len(data) == size)
+    textual = _is_text(mime) or mime == "application/octet-stream"  # (an image or an Arrow file is bytes)
+    text = _utf8(data, whole=offset == 0 and offset + len(data) == size) if textual else None
     if text is not None:
         meta["length"] = text[1]
         return types.ReadResourceResult(contents=[types.TextResourceContents(
