@@ -27,6 +27,9 @@ def test_quick_benchmark_suite_writes_its_figures(wb: Workbench, tmp_path: Path)
     assert 1 < figures["idle_session_mib"] < 1024
     meta = figures["meta_tools"]
     assert meta["bare_p50_ms"] > 0 and meta["meta_p50_ms"] > 0 and meta["pairs"] == 30 and meta["search_p50_ms"] > 0
+    over_mcp = figures["mcp_execute"]
+    assert over_mcp["bare_p50_ms"] > 0 and over_mcp["mcp_p50_ms"] > 0 and over_mcp["ratio"] > 0
+    assert over_mcp["pairs"] == 30
     live = figures["live_sessions"]
     assert live["reached"] == live["target"] == 10 and live["first_failure"] is None
     assert live["sample_answering"] >= 1 and live["create_rate_per_s"] > 0

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import docker
 
-from .agent import Format
+from .agent import Answer, Format
 from .agent.answers import DEFAULT_LIMIT
 from .client import GcReport, Workbench
 from .commands import Commands
@@ -198,6 +198,10 @@ class AsyncSession(_Threads):
     async def handle_tool_call(self, name: str, arguments: dict[str, Any] | str | None = None) -> str:
         """Answer one tool call a model made (see `Session.handle_tool_call`)."""
         return await self._run(self.sync.handle_tool_call, name, arguments)
+
+    async def answer_tool_call(self, name: str, arguments: dict[str, Any] | str | None = None) -> Answer:
+        """One tool call's answer with the workspace files it refers to (see `Session.answer_tool_call`)."""
+        return await self._run(self.sync.answer_tool_call, name, arguments)
 
     async def handle_tool_calls(self, response: Any, *, include_tools: bool = False) -> list[dict[str, Any]]:
         """Run the calls in a model's response; the result messages (see `Session.handle_tool_calls`)."""

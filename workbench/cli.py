@@ -290,6 +290,44 @@ def sh(session_id: str, cmd: str, timeout: float, cwd: str | None) -> None:
     sys.exit(result.exit_code)
 
 
+@main.command("mcp")
+@click.option("--session", "session_id", required=True, help="The session to serve.")
+@click.option("--app", "app", metavar="MODULE:ATTR",
+              help="A Workbench to load, e.g. myapp:wb, for the tools registered on it (default: a plain Workbench).")
+def mcp(session_id: str, app: str | None) -> None:
+    """Serve a session's meta tools and workspace files over MCP on stdin and stdout, for desktop MCP clients."""
+    from .server.mcp import serve_stdio
+
+    wb = _load_app(app) if app else _workbench()
+    try:
+        serve_stdio(wb.use(session_id))
+    finally:
+        wb.close()
+
+
+def _load_app(spec: str) -> Workbench:
+    """The Workbench an app string names ("module:attr", the module importable from here), as uvicorn loads apps."""
+    import importlib
+    import os
+
+    from .client import Workbench
+
+    module_name, colon, attr = spec.partition(":")
+    if not colon or not module_name or not attr:
+        raise click.BadParameter(f"{spec!r} is not MODULE:ATTR", param_hint="--app")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        found: object = importlib.import_module(module_name)
+        for part in attr.split("."):
+            found = getattr(found, part)
+    except (ImportError, AttributeError) as exc:
+        raise click.BadParameter(f"could not load {spec}: {exc}", param_hint="--app") from None
+    if not isinstance(found, Workbench):
+        raise click.BadParameter(f"{spec} is a {type(found).__name__}, not a Workbench", param_hint="--app")
+    return found
+
+
 @main.group()
 def files() -> None:
     """A session's workspace files."""

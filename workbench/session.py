@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from .agent import Format, MetaTools, answer_calls, render
+from .agent import Answer, Format, MetaTools, answer_calls, render
 from .commands import Commands
 from .config import Limits
 from .errors import (
@@ -359,6 +359,11 @@ class Session:
         bounded by the workbench's `answer_limit`. Unknown tools and bad arguments are answered with an error
         text, never raised."""
         return self._meta.call(name, arguments).text
+
+    def answer_tool_call(self, name: str, arguments: dict[str, Any] | str | None = None) -> Answer:
+        """`handle_tool_call` as structured data: the text, whether it reports a failure, and the workspace files
+        it refers to (offloaded responses, spilled outputs, the whole answer when it was cut)."""
+        return self._meta.call(name, arguments)
 
     def handle_tool_calls(self, response: Any, *, include_tools: bool = False) -> list[dict[str, Any]]:
         """Run every call in a model's response that names a tool of this session, in order, and return the

@@ -2,6 +2,8 @@
 shell commands in the session's sandbox. Each answer is text a model reads, bounded in size."""
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import logging
 import re
@@ -97,6 +99,9 @@ class Answer:
 
     text: str
     is_error: bool = False
+    files: tuple[str, ...] = ()
+    """Workspace files the answer refers to (relative paths): offloaded responses, spilled outputs, the whole
+    answer when it was cut. An MCP client gets them as resource links."""
 
 
 _HELPERS = ("In the workbench kernel these helpers are preloaded: run_tool(slug, arguments) -> (result, error); "
@@ -195,6 +200,17 @@ def _schema(model: type[BaseModel]) -> dict[str, Any]:
     return clean_schema(model.model_json_schema())
 
 
+@functools.cache
+def _meta_schemas() -> dict[str, dict[str, Any]]:
+    return {name: _schema(model) for name, model in _ARGUMENTS.items()}
+
+
+def meta_input_schema(name: str) -> dict[str, Any] | None:
+    """The JSON Schema of a meta tool's arguments (the same in every session), or None for any other name."""
+    schema = _meta_schemas().get(name)
+    return copy.deepcopy(schema) if schema is not None else None
+
+
 class MetaTools:
     """The meta tools of one session: their definitions, and the answers to calls of them."""
 
@@ -206,7 +222,7 @@ class MetaTools:
     def definitions(self, include_tools: bool = False) -> list[Definition]:
         """The meta tools, and with `include_tools` the session's allowed tools as direct tools too."""
         found = [Definition(name, _describe(name, answer_limit=self.answer_limit, **self._timeouts),
-                            _schema(model)) for name, model in _ARGUMENTS.items()]
+                            copy.deepcopy(schema)) for name, schema in _meta_schemas().items()]
         if include_tools:
             names = set(NAMES)
             for tool in self.session.available_tools():
@@ -238,9 +254,10 @@ class MetaTools:
     def call(self, name: Any, arguments: Any) -> Answer:
         """Answer one call as a model made it: `arguments` a dict or a JSON text. Never raises for what the model
         sent; an error is an answer that says so. Every answer is bounded by `answer_limit`."""
+        files: tuple[str, ...] = ()
         try:
             answer = self._call(name, arguments)
-            text, is_error = answer.text, answer.is_error
+            text, is_error, files = answer.text, answer.is_error, answer.files
         except _Refused as exc:
             text, is_error = f"[error: {exc.kind}] {exc}", True
         except WorkbenchError as exc:  # e.g. the session was closed, or Docker is gone: the model is told
@@ -251,7 +268,14 @@ class MetaTools:
                           else "<direct tool>")
             text, is_error = "[error: internal] the host failed to handle this call; it was logged there", True
         shown = name if isinstance(name, str) and name in _ARGUMENTS else "answer"
-        return Answer(bound(text, self.answer_limit, lambda whole: self._save(shown, whole)), is_error)
+        saved: list[str] = []
+
+        def save(whole: str) -> str | None:
+            path = self._save(shown, whole)
+            saved.extend([path] if path else [])
+            return path
+
+        return Answer(bound(text, self.answer_limit, save), is_error, tuple(dict.fromkeys((*files, *saved))))
 
     def _call(self, name: Any, arguments: Any) -> Answer:
         if not isinstance(name, str) or (name not in _ARGUMENTS and self._direct_slug(name) is None):
@@ -262,7 +286,7 @@ class MetaTools:
             slug = self._direct_slug(name)
             assert slug is not None
             result = self.session.execute_tool(slug, given, inline_limit=self._inline_budget(1))
-            return Answer(_tool_answer(result), is_error=not result.ok)
+            return Answer(_tool_answer(result), is_error=not result.ok, files=_offloaded([result]))
         try:
             parsed = _ARGUMENTS[name].model_validate(given)
         except ValidationError as exc:
@@ -322,15 +346,17 @@ class MetaTools:
             items.append(item)
         failed = sum(not r.ok for r in results)
         answer = {"results": items, "succeeded": len(results) - failed, "failed": failed}
-        return Answer(_json(answer), is_error=failed == len(results))
+        return Answer(_json(answer), is_error=failed == len(results), files=_offloaded(results))
 
     def _remote_workbench(self, arguments: RemoteWorkbenchArguments) -> Answer:
         result = self.session.execute(arguments.code_to_execute, timeout=self._timeout(arguments.timeout))
-        return Answer(str(result) or "(the cell ran and gave no output)", is_error=not result.ok)
+        return Answer(str(result) or "(the cell ran and gave no output)", is_error=not result.ok,
+                      files=tuple(result.spilled.values()))
 
     def _remote_bash_tool(self, arguments: RemoteBashArguments) -> Answer:
         result = self.session.commands.run(arguments.command, timeout=self._timeout(arguments.timeout))
-        return Answer(str(result) + ("" if result.stdout or result.stderr else "\n(no output)"), is_error=not result.ok)
+        return Answer(str(result) + ("" if result.stdout or result.stderr else "\n(no output)"), is_error=not result.ok,
+                      files=tuple(result.spilled.values()))
 
     def _timeout(self, asked: float | None) -> float:
         """A model's timeout, never past the host's `execute_timeout` (a model does not hold a session for days)."""
@@ -388,6 +414,12 @@ def _json(value: Any) -> str:
 def _summary(tool: Tool) -> dict[str, Any]:
     return {"tool_slug": tool.slug, "toolkit": tool.toolkit, "description": tool.description[:1000],
             "input_schema": clean_schema(tool.schema)}
+
+
+def _offloaded(results: list[ToolResult]) -> tuple[str, ...]:
+    """The workspace files of the responses that were offloaded: each response, and its Arrow table."""
+    return tuple(path for r in results if r.offload is not None
+                 for path in (r.offload.path, r.offload.table_path) if path)
 
 
 def _tool_answer(result: ToolResult) -> str:
