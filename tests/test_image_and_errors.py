@@ -75,3 +75,24 @@ def test_unknown_and_closed_sessions(wb: Workbench) -> None:
     assert not wb.docker.containers.list(all=True, filters={"label": f"workbench.session={session.session_id}"})
     with pytest.raises(SessionError, match="closed"):
         session.execute("1")
+
+
+def test_a_workbench_keeps_the_image_it_started_with_when_the_tag_moves(wb: Workbench, tmp_path) -> None:
+    """Another process rebuilding the image (the tag moving to a new image) must not change what this workbench's
+    kernels run, nor mix one image with another's Python trees."""
+    from workbench.config import BASE_IMAGE
+
+    tag = "workbench-kernel:pin-test"
+    wb.docker.images.get(wb.image).tag(tag)
+    pinned = Workbench(home=tmp_path, image=tag, pool_size=0, idle_timeout=None, docker_client=wb.docker)
+    try:
+        first = pinned.create(user_id="test-user")
+        assert first.execute("import pandas; 1 + 1").text == "2"
+        wb.docker.images.get(BASE_IMAGE).tag(tag)  # the tag now names an image without the kernel at all
+        second = pinned.create(user_id="test-user")
+        assert second.execute("import pandas; 2 + 2").text == "4"
+        first.close(delete_workspace=True)
+        second.close(delete_workspace=True)
+    finally:
+        pinned.close()
+        wb.docker.images.remove(tag)

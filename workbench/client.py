@@ -121,7 +121,7 @@ class Workbench:
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
         self._image_checked = False
-        self._python_mounts: dict[str, str] | None = None
+        self._image_pin: tuple[str, dict[str, str]] | None = None  # (image id, its Python trees' mounts)
         self.offload_threshold = offload_threshold
         self.tool_timeout = tool_timeout
         self.tools = ToolRegistry()
@@ -154,7 +154,7 @@ class Workbench:
     def build_image(self, progress: Callable[[str], None] = lambda _: None, force: bool = False) -> bool:
         """Build the kernel image when missing or stale. Returns True when it built."""
         built = images.ensure_image(self.docker, self.image, progress=progress, force=force)
-        self._image_checked, self._python_mounts = True, None
+        self._image_checked, self._image_pin = True, None
         return built
 
     def _check_image(self) -> None:
@@ -162,11 +162,11 @@ class Workbench:
             images.require_image(self.docker, self.image)
             self._image_checked = True
 
-    def _read_only_mounts(self) -> dict[str, str]:
-        """The image's Python trees on the host, if copied (see image.python_mounts), found once."""
-        if self._python_mounts is None:
-            self._python_mounts = images.python_mounts(self.docker, self.image)
-        return self._python_mounts
+    def _sandbox_image(self) -> tuple[str, dict[str, str]]:
+        """The kernel image's id and its Python trees' mounts, found once (see image.pin)."""
+        if self._image_pin is None:
+            self._image_pin = images.pin(self.docker, self.image)
+        return self._image_pin
 
     def tool(self, slug: str | None = None, *, toolkit: str = "default",
              description: str | None = None) -> Callable[[F], F]:
@@ -490,16 +490,17 @@ class Workbench:
             labels["workbench.user"] = user_id
         if pool_owner is not None:  # a warm kernel: its user is known once a session takes it (see the store)
             labels[LABEL_POOL] = pool_owner
+        image_id, mounts = self._sandbox_image()
         return Kernel(
             self.docker,
-            image=self.image,
+            image=image_id,
             workspace=self._disk(session_id, limits.workspace_size),
             runtime_root=self.runtime_root,
             runtime_name=session_id,  # each kernel's runtime dir: <runtime root>/<session id>-<kernel id>
             limits=limits,
             labels=labels,
             output_limit=self.output_limit,
-            read_only_mounts=self._read_only_mounts(),
+            read_only_mounts=mounts,
         )
 
     def _remove_containers(self, session_id: str, kernel_id: str | None = None) -> None:

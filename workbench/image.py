@@ -124,18 +124,20 @@ def ensure_image(
 PYTHON_TREES = ("usr/lib/python3.11", "usr/local/lib/python3.11")
 
 
-def python_mounts(client: docker.DockerClient, tag: str = DEFAULT_IMAGE) -> dict[str, str]:
-    """Host folder -> sandbox path of the image's Python trees, when they were copied (see ensure_image)."""
+def pin(client: docker.DockerClient, tag: str = DEFAULT_IMAGE) -> tuple[str, dict[str, str]]:
+    """The image `tag` names now, by id, and the host folder -> sandbox path of its Python trees when they were
+    copied (see ensure_image). Kernels run from the id, so that a rebuild of the tag (by another process) never
+    mixes one image with another's Python trees; the copies of an image are kept as long as it exists."""
     try:
-        image_id = client.images.get(tag).id
+        image_id = str(client.images.get(tag).id)
     except ImageNotFound:
-        return {}
+        raise ImageNotFoundError(f"kernel image {tag} not found: build it with `workbench image build`") from None
     except (APIError, RequestException) as exc:
         raise DockerUnavailableError(f"cannot reach the Docker engine to inspect image {tag}: {exc}") from exc
-    copy = _python_copy(str(image_id))
+    copy = _python_copy(image_id)
     if not (copy / ".complete").exists():
-        return {}
-    return {str(copy / tree): "/" + tree for tree in PYTHON_TREES}
+        return image_id, {}
+    return image_id, {str(copy / tree): "/" + tree for tree in PYTHON_TREES}
 
 
 def _python_copy(image_id: str) -> Path:
@@ -143,7 +145,8 @@ def _python_copy(image_id: str) -> Path:
 
 
 def _copy_python(client: docker.DockerClient, tag: str, progress: Progress) -> None:
-    """Copy the image's Python trees to the host once per image (and drop the copies of older images)."""
+    """Copy the image's Python trees to the host once per image (and drop the copies of images that are gone: a
+    kernel, of any process, keeps its image in existence while it runs)."""
     image_id = str(client.images.get(tag).id)
     target = _python_copy(image_id)
     if (target / ".complete").exists():
@@ -169,8 +172,9 @@ def _copy_python(client: docker.DockerClient, tag: str, progress: Progress) -> N
     finally:
         container.remove(force=True)
         shutil.rmtree(partial, ignore_errors=True)
+    existing = {_python_copy(str(image.id)).name for image in client.images.list(all=True)}
     for old in target.parent.iterdir():
-        if old != target:
+        if old != target and old.name not in existing and not old.name.startswith(".partial-"):
             shutil.rmtree(old, ignore_errors=True)
 
 

@@ -45,8 +45,8 @@ from ..agent.meta import meta_input_schema
 from ..client import Workbench
 from ..errors import SessionClosedError, SessionNotFoundError, WorkbenchError, WorkspaceFileNotFoundError
 from ..files import OUTPUTS, FileInfo
-from ..tools.offload import RESPONSES
 from ..session import Session
+from ..tools.offload import RESPONSES
 from .tokens import check_session_token
 
 log = logging.getLogger(__name__)
