@@ -61,7 +61,7 @@ def _pause_one(wb: Workbench, i: int) -> tuple[Session, int]:
     return session, session.pause().bytes
 
 
-def paused_sessions(wb: Workbench, n: int, parallel: int = 4) -> dict[str, Any]:
+def paused_sessions(wb: Workbench, n: int, parallel: int = 2) -> dict[str, Any]:
     """Pause `n` small sessions: containers left, host memory and disk per paused session."""
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     started = time.perf_counter()

@@ -36,7 +36,7 @@ from .errors import (
 )
 from .kernel import Kernel, runtime_dir_of
 from .pool import LABEL_POOL, WarmPool, discard_kernel, owner_alive
-from .session import Session
+from .session import Session, SessionServices
 from .store import PausedState, SessionConfig, SessionRecord, Store
 from .tools import ToolRegistry
 from .tools.bridge import BridgeServer
@@ -131,7 +131,14 @@ class Workbench:
         self.idle_timeout = idle_timeout
         self._stop = threading.Event()
         self._next_walk: dict[str, float] = {}  # session id -> when the watchdog may walk its workspace again
-        self.pool = WarmPool(self, pool_size)
+        self._services = SessionServices(
+            home=self.home, store=self.store, pipeline=self.pipeline, bridge=self._bridge, docker_api=self.docker.api,
+            execute_timeout=execute_timeout, tool_timeout=tool_timeout, answer_limit=answer_limit,
+            output_limit=output_limit, idle_timeout=idle_timeout, limits=self._limits,
+            remove_sandboxes=self._remove_containers, release_runtime_dir=self._release_runtime_dir,
+            forget=self._forget, open_fork=self._open_fork)
+        self.pool = WarmPool(lambda session_id, limits, owner: self._new_kernel_object(
+            session_id, limits, user_id=None, pool_owner=owner), pool_size)
         self.startup_gc = self.gc()
         self._reaper: threading.Thread | None = None
         if idle_timeout:
@@ -241,7 +248,7 @@ class Workbench:
             except Exception as exc:
                 log.warning("could not mark session %s closed: %s", record.session_id, exc)
             raise
-        return self._register(Session(self, record, kernel))
+        return self._register(Session(self._services, record, kernel))
 
     def use(self, session_id: str) -> Session:
         """The session with this id, also one created by another process or before a restart.
@@ -256,7 +263,7 @@ class Workbench:
         if record.status != "open":
             raise SessionClosedError(f"session {session_id} is closed")
         # The kernel is reattached (or started anew) on first need, so files and close() never wait for it.
-        return self._register(Session(self, record, self._kernel(record)))
+        return self._register(Session(self._services, record, self._kernel(record)))
 
     def list(self, user_id: str | None = None, metadata: dict[str, str] | None = None) -> list[SessionRecord]:
         """The open sessions, of one user or of all, and with every `metadata` key at the value given."""
@@ -469,7 +476,7 @@ class Workbench:
         with self._lock:
             sessions, self._sessions = list(self._sessions.values()), {}
         for session in sessions:
-            session._kernel.disconnect()
+            session.disconnect()
         if self._reaper is not None and self._reaper is not threading.current_thread():
             self._reaper.join(timeout=30)  # it may be in the middle of a gc, using the store
         self.store.close()
@@ -513,7 +520,6 @@ class Workbench:
     def _open_fork(self, source: SessionRecord, state: PausedState | None, workspace: Path) -> Session:
         """A new session copied from `source`: its workspace (from `workspace`, mounted) and its saved namespace
         (`state`, restored on first use); no kernel runs until then."""
-        started = time.perf_counter()
         now = time.time()
         record = SessionRecord(session_id=secrets.token_hex(6), user_id=source.user_id, status="open",
                                config=source.config, config_version=1, created_at=now, last_used_at=now,
@@ -538,9 +544,9 @@ class Workbench:
             if isinstance(exc, OSError):
                 raise SessionError(f"could not copy the workspace: {exc}") from exc
             raise
-        session = self._register(Session(self, record, self._kernel(record)))
-        session._log("fork", "ok", time.perf_counter() - started, {"from": source.session_id, "bytes": copied})
-        return session
+        log.info("forked session %s into %s (%d bytes of files)", source.session_id, record.session_id, copied,
+                 extra={"session_id": record.session_id})
+        return self._register(Session(self._services, record, self._kernel(record)))
 
     def _register(self, session: Session) -> Session:
         with self._lock:

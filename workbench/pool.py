@@ -11,13 +11,10 @@ import os
 import secrets
 import threading
 from collections import deque
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 from .config import Limits
 from .kernel import Kernel
-
-if TYPE_CHECKING:
-    from .client import Workbench
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +40,11 @@ def owner_alive(owner: str) -> bool:
 class WarmPool:
     """Up to `size` ready kernels for each limits tier asked for; refilled in the background."""
 
-    def __init__(self, workbench: Workbench, size: int) -> None:
+    def __init__(self, launch: Callable[[str, Limits, str], Kernel], size: int) -> None:
+        """`launch(session_id, limits, owner)` makes a kernel (not started yet) for a session id reserved for it,
+        its container labelled as this pool's (`owner`)."""
         self.size = size
-        self._wb = workbench
+        self._launch = launch
         self._ready: dict[Limits, deque[tuple[str, Kernel]]] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -107,7 +106,7 @@ class WarmPool:
                 self._wake.wait()
                 continue
             session_id = secrets.token_hex(6)
-            kernel = self._wb._new_kernel_object(session_id, short[0], user_id=None, pool_owner=self.owner)
+            kernel = self._launch(session_id, short[0], self.owner)
             try:
                 kernel.start()
             except Exception as exc:  # Docker down, image missing: keep serving cold creates, retry later

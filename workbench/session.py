@@ -9,8 +9,11 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
+
+import docker
 
 from .agent import Answer, Format, MetaTools, answer_calls, render
 from .commands import Commands
@@ -29,14 +32,12 @@ from .kernel import Kernel
 from .notebook import LOG_OUTPUTS, logged_outputs, notebook_of
 from .results import ExecutionError, ExecutionResult, Output, ToolResult
 from .state import StateReport, paused_state, remove_snapshot, run_state_cell
-from .store import LOG_KEEP, LogEntry, PausedState, SessionConfig, SessionRecord
+from .store import LOG_KEEP, LogEntry, PausedState, SessionConfig, SessionRecord, Store
 from .tools import Tool
-from .tools.pipeline import Caller
+from .tools.bridge import BridgeServer
+from .tools.pipeline import Caller, ToolPipeline
 from .tools.protocol import Request as BridgeRequest
 from .workspace import NeedsOffline
-
-if TYPE_CHECKING:
-    from .client import Workbench
 
 log = logging.getLogger(__name__)
 _CODE_IN_LOG = 100_000  # characters of a cell's code kept in its log entry (and exported to a notebook)
@@ -111,12 +112,33 @@ class _SessionFileLock:
             os.close(self._fd)
 
 
+@dataclass(frozen=True)
+class SessionServices:
+    """The narrow collaborators a session works with, given by its Workbench (never the Workbench itself)."""
+
+    home: Path  # the lock files of sessions' executions live under it
+    store: Store
+    pipeline: ToolPipeline
+    bridge: BridgeServer
+    docker_api: docker.APIClient  # shell commands run through the Engine API's exec
+    execute_timeout: float
+    tool_timeout: float
+    answer_limit: int
+    output_limit: int
+    idle_timeout: float | None
+    limits: Callable[[Limits | dict | None], Limits]  # limits as given -> complete, on the workbench's defaults
+    remove_sandboxes: Callable[[str], None]  # remove every container of a session, whichever process made it
+    release_runtime_dir: Callable[[str], None]  # release every runtime dir of a session
+    forget: Callable[[str], None]  # the workbench stops handing out this session object (it was closed)
+    open_fork: Callable[[SessionRecord, PausedState | None, Path], Session]  # a new session copied from one
+
+
 class Session:
     """A sandboxed kernel that keeps variables, functions and files between executions. Thread-safe:
     executions on one session run one at a time, in the order they were called."""
 
-    def __init__(self, workbench: Workbench, record: SessionRecord, kernel: Kernel) -> None:
-        self._workbench = workbench
+    def __init__(self, services: SessionServices, record: SessionRecord, kernel: Kernel) -> None:
+        self._services = services
         self.session_id = record.session_id
         self.user_id = record.user_id
         self.config = record.config
@@ -134,11 +156,11 @@ class Session:
         """The workspace's files, read and written on the host: `write`, `read`, `open`, `list`, `exists`,
         `remove`."""
         self.commands = Commands(
-            self.session_id, api=workbench.docker.api, store=workbench.store, files=self.files,
+            self.session_id, api=services.docker_api, store=services.store, files=self.files,
             container=self._kernel_container, check_open=self._check_open, log_entry=self._log,
-            output_limit=workbench.output_limit, idle_timeout=workbench.idle_timeout)
+            output_limit=services.output_limit, idle_timeout=services.idle_timeout)
         """Shell commands in the session's sandbox, beside the kernel: `run`."""
-        self._tools = workbench.pipeline
+        self._tools = services.pipeline
         self._caller = Caller(self.session_id, self.user_id, self.files, self._current_config, self._log)
 
     @property
@@ -175,14 +197,14 @@ class Session:
         kernel's state. If the kernel dies it is restarted on the same workspace and the result says so.
         """
         callbacks = Callbacks(on_stdout=on_stdout, on_stderr=on_stderr, on_result=on_result, on_error=on_error)
-        timeout = self._workbench.execute_timeout if timeout is None else timeout
+        timeout = self._services.execute_timeout if timeout is None else timeout
         with self._lock:
             self._check_open()
             started = time.monotonic()
             result: ExecutionResult | None = None
             failure: BaseException | None = None
             try:
-                with _SessionFileLock(self._workbench.home, self.session_id, timeout) as waited:
+                with _SessionFileLock(self._services.home, self.session_id, timeout) as waited:
                     if waited is None:  # another process's cell held the session for all of our timeout
                         result = ExecutionResult(timed_out=True, not_started=True,
                                                  duration=time.monotonic() - started)
@@ -197,10 +219,10 @@ class Session:
                 self._log_execution(code, result, failure, time.monotonic() - started)
 
     def _execute_locked(self, code: str, timeout: float, callbacks: Callbacks) -> ExecutionResult:
-        store = self._workbench.store
+        store = self._services.store
         store.mark_busy(self.session_id, time.time() + timeout + _GRACE)
         self._sync(restore=True)
-        self._workbench._bridge.ensure(self)  # the cell may call tools: this process serves them
+        self._services.bridge.ensure(self)  # the cell may call tools: this process serves them
         cell = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
         result = self._kernel.execute(code, timeout=timeout, callbacks=callbacks,
                                       spill=lambda name: self.files.writer(f"{OUTPUTS}/{cell}.{name}"))
@@ -259,7 +281,7 @@ class Session:
         """
         with self._lock:
             self._check_open()
-            new_limits = self._workbench._limits(limits) if limits is not None else self.config.limits
+            new_limits = self._services.limits(limits) if limits is not None else self.config.limits
             needs_restart = (new_limits.pids, new_limits.tmp_size) != (self.limits.pids, self.limits.tmp_size)
             if needs_restart and not restart_if_needed:
                 raise SessionError("changing pids or tmp_size needs a new container, which loses the kernel's "
@@ -268,18 +290,18 @@ class Session:
                                          offload_threshold=offload_threshold, metadata=metadata)
             if new_limits.workspace_size != self.limits.workspace_size:
                 # the disk changes only for an update that is not stale (checked again when it is stored)
-                current = self._workbench.store.get(self.session_id).config_version
+                current = self._services.store.get(self.session_id).config_version
                 if current != self.config_version:
                     raise ConflictError(f"session {self.session_id} config is at version {current}, not "
                                         f"{self.config_version}: reload it (wb.use) and apply the change again")
                 needs_restart |= self._resize_workspace(new_limits.workspace_size, restart_if_needed)
-            self.config_version = self._workbench.store.update_config(self.session_id, config, self.config_version)
+            self.config_version = self._services.store.update_config(self.session_id, config, self.config_version)
             self.config = config
             self._config_cache = None
             self._kernel.limits = new_limits
             if needs_restart:
                 self._new_kernel()
-            elif limits is not None and self._workbench.store.get(self.session_id).kernel is not None:
+            elif limits is not None and self._services.store.get(self.session_id).kernel is not None:
                 self._sync(config=False)
                 self._kernel.apply_limits()
             return self.config_version
@@ -318,14 +340,14 @@ class Session:
         metadata = self.metadata if metadata is None else metadata
         if metadata:
             detail["metadata"] = metadata
-        self._workbench.store.log(self.session_id, kind, status, duration, detail, touch=touch)
+        self._services.store.log(self.session_id, kind, status, duration, detail, touch=touch)
 
     def _current_config(self) -> SessionConfig:
         """The session's config as stored, read again only when the store changed (another process wrote to it,
         or this session was updated or closed)."""
         if self.closed:
             raise SessionClosedError(f"session {self.session_id} is closed")
-        store = self._workbench.store
+        store = self._services.store
         data_version = store.data_version()
         cached = self._config_cache
         if cached is None or cached[0] != data_version:
@@ -382,12 +404,12 @@ class Session:
 
     @functools.cached_property
     def _meta(self) -> MetaTools:
-        return MetaTools(self, answer_limit=self._workbench.answer_limit,
-                         execute_timeout=self._workbench.execute_timeout, tool_timeout=self._workbench.tool_timeout)
+        return MetaTools(self, answer_limit=self._services.answer_limit,
+                         execute_timeout=self._services.execute_timeout, tool_timeout=self._services.tool_timeout)
 
     def logs(self, limit: int = 1000) -> list[LogEntry]:
         """The session's executions and tool calls, oldest first; `session_id` is their trace id."""
-        return self._workbench.store.logs(self.session_id, limit)
+        return self._services.store.logs(self.session_id, limit)
 
     def restart(self) -> None:
         """Restart the kernel: variables are lost, the workspace is kept."""
@@ -402,15 +424,15 @@ class Session:
         with self._lock:
             if self.closed:
                 return
-            self._workbench.store.set_status(self.session_id, "closed")  # if the store fails, nothing is removed
+            self._services.store.set_status(self.session_id, "closed")  # if the store fails, nothing is removed
             self.closed = True
-            self._workbench._forget(self.session_id)
+            self._services.forget(self.session_id)
             steps: list[tuple[str, Callable[[], Any]]] = [
-                ("stop its bridge", lambda: self._workbench._bridge.stop(self.session_id)),
+                ("stop its bridge", lambda: self._services.bridge.stop(self.session_id)),
                 ("stop its kernel", self._kernel.shutdown),
                 # another process may have started the session's current kernel: remove every container it had
-                ("remove its containers", lambda: self._workbench._remove_containers(self.session_id)),
-                ("release its runtime dir", lambda: self._workbench._release_runtime_dir(self.session_id)),
+                ("remove its containers", lambda: self._services.remove_sandboxes(self.session_id)),
+                ("release its runtime dir", lambda: self._services.release_runtime_dir(self.session_id)),
                 ("delete its workspace" if delete_workspace else "unmount its workspace",
                  self._kernel.disk.destroy if delete_workspace else self._kernel.disk.unmount),
             ]
@@ -419,6 +441,11 @@ class Session:
                     step()
                 except Exception as exc:
                     self.log.warning("closing session: could not %s: %s", what, exc)
+
+    def disconnect(self) -> None:
+        """Close this process's connection to the kernel; the kernel keeps running (another process, or this one
+        later, reattaches)."""
+        self._kernel.disconnect()
 
     def _resize_workspace(self, size: int, restart_if_needed: bool) -> bool:
         """Give the workspace a new size cap; True when its kernel had to be stopped for it (offline resize)."""
@@ -429,7 +456,7 @@ class Session:
         except NeedsOffline:
             if not restart_if_needed:
                 raise
-        self._workbench._remove_containers(self.session_id)
+        self._services.remove_sandboxes(self.session_id)
         self._kernel.shutdown()
         try:
             disk.unmount()
@@ -440,12 +467,12 @@ class Session:
 
     def _open_record(self) -> SessionRecord:
         """The session's record, after making sure it is still open (closed by another process: raises)."""
-        record = self._workbench.store.get(self.session_id)
+        record = self._services.store.get(self.session_id)
         if record.status != "open":
             self.closed = True
-            self._workbench._bridge.stop(self.session_id)
+            self._services.bridge.stop(self.session_id)
             self._kernel.disconnect()
-            self._workbench._forget(self.session_id)
+            self._services.forget(self.session_id)
             raise SessionClosedError(f"session {self.session_id} was closed")
         return record
 
@@ -468,7 +495,7 @@ class Session:
                 self.log.info("starting a new kernel: the session was paused, or its kernel stopped when idle or "
                               "is gone")
                 self._kernel.restart()
-                self._workbench.store.set_kernel(self.session_id, self._kernel.record())
+                self._services.store.set_kernel(self.session_id, self._kernel.record())
                 self._state_lost = record.paused is None
             self._attached = True
         if restore and record.paused is not None:
@@ -490,8 +517,8 @@ class Session:
                 lost = str(exc)
         if lost is None and paused.lineage:
             self._kernel.lineage = paused.lineage  # it holds the paused kernel's variables now
-            self._workbench.store.set_kernel(self.session_id, self._kernel.record())
-        self._workbench.store.set_paused(self.session_id, None)
+            self._services.store.set_kernel(self.session_id, self._kernel.record())
+        self._services.store.set_paused(self.session_id, None)
         if lost is None:
             self._state_restored = skipped
             try:
@@ -509,10 +536,10 @@ class Session:
         (the store is told)."""
         kernel_id = self._kernel.kernel_id
         try:
-            return run_state_cell(self._kernel, action, self._workbench.execute_timeout)
+            return run_state_cell(self._kernel, action, self._services.execute_timeout)
         finally:
             if self._kernel.kernel_id != kernel_id:
-                self._workbench.store.set_kernel(self.session_id, self._kernel.record())
+                self._services.store.set_kernel(self.session_id, self._kernel.record())
 
     def _attach(self, record: SessionRecord) -> bool:
         """Make sure this object talks to the session's current kernel, without starting one; False when the
@@ -533,7 +560,7 @@ class Session:
     @property
     def paused(self) -> bool:
         """True while the session sleeps: no kernel runs, its variables wait in the workspace (`.state/`)."""
-        return self._workbench.store.get(self.session_id).paused is not None
+        return self._services.store.get(self.session_id).paused is not None
 
     def pause(self) -> PausedState:
         """Save the kernel's variables, functions, classes and imported modules into the workspace (`.state/`),
@@ -553,10 +580,10 @@ class Session:
 
     def _pause(self, idle_before: float | None) -> PausedState | None:
         reaping = idle_before is not None
-        wait = 0.0 if reaping else self._workbench.execute_timeout
+        wait = 0.0 if reaping else self._services.execute_timeout
         with self._lock:
             self._check_open()
-            with _SessionFileLock(self._workbench.home, self.session_id, wait) as waited:
+            with _SessionFileLock(self._services.home, self.session_id, wait) as waited:
                 if waited is None:
                     if reaping:
                         return None
@@ -574,7 +601,7 @@ class Session:
                     state = PausedState(paused_at=time.time(), error="its kernel had already stopped: there were no "
                                         "variables to save")
                     if kernel is None:
-                        self._workbench.store.set_paused(self.session_id, state)
+                        self._services.store.set_paused(self.session_id, state)
                         return state
                 else:
                     try:
@@ -585,7 +612,7 @@ class Session:
                         self.log.warning("idle session: its variables could not be saved (%s); stopping it", exc)
                         state = PausedState(paused_at=time.time(), error=f"they could not be saved when the session "
                                             f"was paused for being idle: {exc}")
-                if not self._workbench.store.pause(self.session_id, kernel.kernel_id, state, idle_before):
+                if not self._services.store.pause(self.session_id, kernel.kernel_id, state, idle_before):
                     if state.error is None:
                         remove_snapshot(self.files)
                     if reaping:
@@ -617,9 +644,9 @@ class Session:
 
     def _stop_kernel(self) -> None:
         """Stop the kernel, its bridge and container; unmount the workspace (a paused session holds nothing)."""
-        self._workbench._bridge.stop(self.session_id)
+        self._services.bridge.stop(self.session_id)
         self._kernel.shutdown()
-        self._workbench._remove_containers(self.session_id)
+        self._services.remove_sandboxes(self.session_id)
         try:
             self._kernel.disk.unmount()
         except (OSError, WorkbenchError) as exc:
@@ -628,10 +655,10 @@ class Session:
     def resume(self) -> None:
         """Wake a paused session now rather than on its next use: start a kernel and restore the variables. The
         next result says `state_restored` (or `state_lost`, with the reason). Does nothing to a running session."""
-        timeout = self._workbench.execute_timeout
+        timeout = self._services.execute_timeout
         with self._lock:
             self._check_open()
-            with _SessionFileLock(self._workbench.home, self.session_id, timeout) as waited:
+            with _SessionFileLock(self._services.home, self.session_id, timeout) as waited:
                 if waited is None:
                     raise SessionError(f"session {self.session_id}: another process's cell held it for {timeout:g}s")
                 self._sync(restore=True)
@@ -640,10 +667,10 @@ class Session:
         """A new session of the same user with this one's config, metadata, a copy of its workspace and its
         variables (restored on the fork's first use, as for a paused session). Afterwards the two are independent.
         """
-        timeout = self._workbench.execute_timeout
+        timeout = self._services.execute_timeout
         with self._lock:
             self._check_open()
-            with _SessionFileLock(self._workbench.home, self.session_id, timeout) as waited:
+            with _SessionFileLock(self._services.home, self.session_id, timeout) as waited:
                 if waited is None:
                     raise SessionError(f"session {self.session_id}: another process's cell held it for {timeout:g}s; "
                                        "it was not forked")
@@ -654,7 +681,10 @@ class Session:
                     state, checkpoint = self._save_snapshot(), True
                 try:
                     self._kernel.disk.ensure()
-                    return self._workbench._open_fork(record, state, self.workspace)
+                    started = time.perf_counter()
+                    fork = self._services.open_fork(record, state, self.workspace)
+                    fork._log("fork", "ok", time.perf_counter() - started, {"from": self.session_id})
+                    return fork
                 finally:
                     if checkpoint:
                         try:
@@ -665,7 +695,7 @@ class Session:
     def export_notebook(self, path: str | Path) -> Path:
         """Write every execution of the session (code and outputs, oldest first) as a Jupyter notebook (nbformat
         v4, validated) at `path` on the host; returns the path."""
-        notebook = notebook_of(self._workbench.store.logs(self.session_id, LOG_KEEP), self.session_id)
+        notebook = notebook_of(self._services.store.logs(self.session_id, LOG_KEEP), self.session_id)
         target = Path(path)
         target.write_text(notebook, encoding="utf-8")
         return target
@@ -677,7 +707,7 @@ class Session:
         another process's cell."""
         with self._lock:
             self._check_open()
-            with _SessionFileLock(self._workbench.home, self.session_id, timeout) as waited:
+            with _SessionFileLock(self._services.home, self.session_id, timeout) as waited:
                 if waited is None:
                     raise SessionError(f"session {self.session_id}: another process held it for all of the "
                                        f"command's timeout ({timeout:g}s) while it had no running kernel")
@@ -685,7 +715,7 @@ class Session:
                 if self._kernel.exit_reason() is not None:  # the store's kernel, but its container is gone
                     self.log.info("starting a new kernel: its container is gone")
                     self._kernel.restart()
-                    self._workbench.store.set_kernel(self.session_id, self._kernel.record())
+                    self._services.store.set_kernel(self.session_id, self._kernel.record())
                     self._state_lost = True
                 assert self._kernel.container is not None
                 return str(self._kernel.container.id)
@@ -693,12 +723,12 @@ class Session:
     def _new_kernel(self) -> None:
         """Replace the session's kernel, wherever it runs, with a new one of the current limits (a paused
         session's saved variables are dropped: a restart means a fresh kernel)."""
-        if self._workbench.store.get(self.session_id).paused is not None:
-            self._workbench.store.set_paused(self.session_id, None)
+        if self._services.store.get(self.session_id).paused is not None:
+            self._services.store.set_paused(self.session_id, None)
             remove_snapshot(self.files)
-        self._workbench._remove_containers(self.session_id)
+        self._services.remove_sandboxes(self.session_id)
         self._kernel.restart()
-        self._workbench.store.set_kernel(self.session_id, self._kernel.record())
+        self._services.store.set_kernel(self.session_id, self._kernel.record())
         self._attached = True
         self._state_lost = True
 

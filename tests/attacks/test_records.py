@@ -178,11 +178,11 @@ def test_ids_slugs_and_limits_are_checked_exactly(wb: Workbench, session: Sessio
     assert [e.status for e in logged] == ["invalid_arguments"] * 4 + ["not_found"]
 
 
-def test_a_busy_session_lock_times_out_without_sending_the_cell(fresh: Session) -> None:
+def test_a_busy_session_lock_times_out_without_sending_the_cell(fresh: Session, wb: Workbench) -> None:
     import fcntl
 
     fresh.execute("ran = []")
-    lock = fresh._workbench.home / "locks" / f"{fresh.session_id}.lock"
+    lock = wb.home / "locks" / f"{fresh.session_id}.lock"
     fd = os.open(lock, os.O_RDWR)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # another process holds the session
