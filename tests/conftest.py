@@ -176,7 +176,7 @@ def read(raw):
         body += raw.recv(size - len(body))
     return json.loads(body)
 def request(**fields):
-    return frame(json.dumps({"v": 1, **fields}).encode())
+    return frame(json.dumps({"v": 2, **fields}).encode())
 """
 
 

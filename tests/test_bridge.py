@@ -115,8 +115,8 @@ raw = connect()
 def ask(body):
     raw.sendall(frame(body))
     return read(raw)["kind"]
-kinds = [ask(b"not json"), ask(b"[1, 2]"), ask(json.dumps({"v": 1, "id": 1, "op": "drop tables"}).encode()),
-         ask(b"{}"), ask(json.dumps({"v": 2, "id": 1, "op": "list"}).encode()), ask(b"x" * (7 << 20))]
+kinds = [ask(b"not json"), ask(b"[1, 2]"), ask(json.dumps({"v": 2, "id": 1, "op": "drop tables"}).encode()),
+         ask(b"{}"), ask(json.dumps({"v": 1, "id": 1, "op": "list"}).encode()), ask(b"x" * (7 << 20))]
 over = connect()
 over.sendall(struct.pack(">I", 65 << 20))   # past the limit: an error, then the connection is closed
 closing = (read(over)["kind"], read(over))

@@ -49,7 +49,7 @@ def connect(endpoint: Endpoint) -> socket.socket:
 
 
 def send(sock: socket.socket, **fields: Any) -> None:
-    body = json.dumps({"v": 1, "op": "call", "slug": "SLEEP", **fields}).encode()
+    body = json.dumps({"v": 2, "op": "call", "slug": "SLEEP", **fields}).encode()
     sock.sendall(struct.pack(">I", len(body)) + body)
 
 

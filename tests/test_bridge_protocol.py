@@ -25,13 +25,13 @@ def test_the_sandbox_side_agrees_with_the_host_side() -> None:
 @pytest.mark.parametrize("payload, message", [
     (b"\xff", "not JSON"),
     (b"[]", "JSON object"),
-    (b'{"v": 1, "id": 1, "op": "call"}', "needs a tool slug"),
-    (b'{"v": 2, "id": 1, "op": "list"}', "v:"),
-    (b'{"v": 1, "id": 1, "op": "call", "slug": "A", "extra": 1}', "extra"),
-    (b'{"v": 1, "id": 1, "op": "call", "slug": "A", "sync": "yes"}', "sync"),
-    (b'{"v": 1, "id": 1, "op": "call", "slug": "A", "arguments": []}', "arguments"),
-    (b'{"v": 1, "id": 1, "op": "call", "slug": "A", "timeout": -1}', "timeout"),
-    (b'{"v": 1, "id": 123456789012345678901234567890, "op": "list"}', "id"),
+    (b'{"v": 2, "id": 1, "op": "call"}', "needs a tool slug"),
+    (b'{"v": 1, "id": 1, "op": "list"}', "v:"),
+    (b'{"v": 2, "id": 1, "op": "call", "slug": "A", "extra": 1}', "extra"),
+    (b'{"v": 2, "id": 1, "op": "call", "slug": "A", "sync_to_workbench": "yes"}', "sync_to_workbench"),
+    (b'{"v": 2, "id": 1, "op": "call", "slug": "A", "arguments": []}', "arguments"),
+    (b'{"v": 2, "id": 1, "op": "call", "slug": "A", "timeout": -1}', "timeout"),
+    (b'{"v": 2, "id": 123456789012345678901234567890, "op": "list"}', "id"),
 ])
 def test_bad_requests_are_refused_without_echoing_them(payload: bytes, message: str) -> None:
     with pytest.raises(BadRequest, match=message) as caught:
@@ -42,7 +42,7 @@ def test_bad_requests_are_refused_without_echoing_them(payload: bytes, message: 
 def test_nothing_in_an_error_repeats_the_input() -> None:
     slug = "S" * (7 << 20)
     with pytest.raises(BadRequest) as caught:
-        parse_request(json.dumps({"v": 1, "id": "x" * 100, "op": "call", "slug": slug}).encode())
+        parse_request(json.dumps({"v": 2, "id": "x" * 100, "op": "call", "slug": slug}).encode())
     assert len(str(caught.value)) < 400 and caught.value.request_id is None  # an id too long is not echoed
     assert len(host.encode(host.error_reply(None, "bad_request", "y" * 10_000))) < 2200
 
@@ -56,7 +56,7 @@ def test_timeouts_are_bounded_by_the_hosts() -> None:
 
 
 def test_a_request_of_millions_of_containers_is_refused_before_parsing() -> None:
-    payload = b'{"v": 1, "id": 1, "op": "call", "slug": "A", "arguments": {"x": [' + b"[]," * 2_000_000 + b"[]]}}"
+    payload = b'{"v": 2, "id": 1, "op": "call", "slug": "A", "arguments": {"x": [' + b"[]," * 2_000_000 + b"[]]}}"
     with pytest.raises(BadRequest, match="lists and objects"):
         parse_request(payload)
-    parse_request(b'{"v": 1, "id": 1, "op": "call", "slug": "A", "arguments": {"x": [' + b"{}," * 50_000 + b"{}]}}")
+    parse_request(b'{"v": 2, "id": 1, "op": "call", "slug": "A", "arguments": {"x": [' + b"{}," * 50_000 + b"{}]}}")

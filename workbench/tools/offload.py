@@ -106,10 +106,10 @@ def _records_in(value: Any) -> tuple[str, list[Any]] | None:
     return best
 
 
-def route(value: Any, *, files: Files, threshold: int, always_offload: bool = False) -> Routed:
-    """Inline when the serialised response is at most `threshold` bytes (and not `always_offload`), else offload."""
+def route(value: Any, *, files: Files, threshold: int, sync_to_workbench: bool = False) -> Routed:
+    """Inline when the serialised response is at most `threshold` bytes (and not `sync_to_workbench`), else offload."""
     if isinstance(value, str):
-        if len(value) <= threshold and not always_offload:
+        if len(value) <= threshold and not sync_to_workbench:
             return Routed(data=value)
         return Routed(data=value if len(value) <= threshold else None, offload=_offload_text(value, files))
     found = _records_in(value)
@@ -123,13 +123,13 @@ def route(value: Any, *, files: Files, threshold: int, always_offload: bool = Fa
             if size > threshold:
                 return Routed(offload=_offload_records(value, head, batches, files))
         data = orjson.loads(_array(head))
-        if not always_offload:
+        if not sync_to_workbench:
             return Routed(data=data)
         return Routed(data=data, offload=_offload_records(value, head, iter([]), files))
     body = dumps(value)
     inline = len(body) <= threshold
     data = orjson.loads(body) if inline else None
-    if inline and not always_offload:
+    if inline and not sync_to_workbench:
         return Routed(data=data)
     return Routed(data=data, offload=_offload_json(body, value, found, files))
 

@@ -86,7 +86,7 @@ class ToolPipeline:
                     raise ToolCallError("timeout", f"{slug} answered after its caller gave up")
             threshold = config.offload_threshold if inline_limit is None else min(config.offload_threshold,
                                                                                   inline_limit)
-            routed = route(value, files=caller.files, threshold=threshold, always_offload=sync_to_workbench)
+            routed = route(value, files=caller.files, threshold=threshold, sync_to_workbench=sync_to_workbench)
         except ToolCallError as exc:
             error = exc
         except NotSerialisable as exc:
@@ -134,7 +134,7 @@ class ToolPipeline:
         """The reply to one request from the sandbox's tool bridge (run in the calling thread)."""
         if request.op == "call":
             assert request.slug is not None
-            result = self.call(caller, request.slug, request.arguments, sync_to_workbench=request.sync,
+            result = self.call(caller, request.slug, request.arguments, sync_to_workbench=request.sync_to_workbench,
                                abandoned=abandoned, inline_limit=MAX_INLINE)
             reply: dict[str, Any] = {"id": request.id, "ok": result.ok, "duration": result.duration}
             if result.ok:

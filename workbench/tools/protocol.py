@@ -3,8 +3,9 @@ twin (a test checks that the two agree).
 
 The sandbox connects to a Unix stream socket, `/run/workbench/bridge` inside (the session's runtime dir on the
 host), and sends frames: a 4-byte big-endian length, then that many bytes of UTF-8 JSON. A request is
-`{"v": 1, "id", "op": "call" | "list" | "schema", "slug", "arguments", "timeout", "sync"}`; every reply carries
-the request's id (or null when the frame could not be read) and either `ok: true` with `data` / `offload`, or
+`{"v": 2, "id", "op": "call" | "list" | "schema", "slug", "arguments", "timeout", "sync_to_workbench"}`; every
+reply carries the request's id (or null when the frame could not be read) and either `ok: true` with `data` /
+`offload`, or
 `ok: false` with an error `kind` and a message. Everything in a request is untrusted: it is bounded here,
 before any of it is used, and no reply ever echoes it back.
 """
@@ -24,7 +25,7 @@ from pydantic import (
     ValidationError,
 )
 
-VERSION = 1
+VERSION = 2  # 2: the flag that writes every response to the workspace is `sync_to_workbench`, as in the API
 SOCKET = "bridge"  # its name in the runtime dir
 SANDBOX_PATH = "/run/workbench/bridge"
 HEADER = 4  # bytes of the big-endian frame length
@@ -60,13 +61,13 @@ class Request(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
-    v: Literal[1]
+    v: Literal[2]
     id: StrictInt | Annotated[str, Field(max_length=MAX_ID)]
     op: Op
     slug: Annotated[str, Field(pattern=f"^{SLUG.pattern}$")] | None = None
     arguments: dict[str, Any] = Field(default_factory=dict)
     timeout: float | None = Field(default=None, gt=0, allow_inf_nan=False)
-    sync: StrictBool = False
+    sync_to_workbench: StrictBool = False
 
 
 class BadRequest(Exception):

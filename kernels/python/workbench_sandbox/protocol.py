@@ -2,7 +2,7 @@
 test checks that they agree). Frames are a 4-byte big-endian length and that many bytes of UTF-8 JSON, over
 the Unix socket SANDBOX_PATH."""
 
-VERSION = 1
+VERSION = 2
 SANDBOX_PATH = "/run/workbench/bridge"
 HEADER = 4
 MAX_REQUEST = 8 << 20

@@ -234,7 +234,7 @@ def run_tool(slug: str, arguments: dict[str, Any] | None = None, *, timeout: flo
     """
     try:
         request = {"op": "call", "slug": slug, "arguments": arguments or {}, "timeout": timeout,
-                   "sync": sync_to_workbench}
+                   "sync_to_workbench": sync_to_workbench}
         return _outcome(_ask(request, (timeout or DEFAULT_TIMEOUT) + ANSWER_GRACE))
     except ToolError as error:
         return None, error
@@ -300,7 +300,7 @@ def run_tools(calls: list[Any], *, max_workers: int = 16, retries: int = 3, time
             try:
                 assert connection is not None
                 connection.queue({"id": rid, "op": "call", "slug": slug, "arguments": arguments,
-                                  "timeout": timeout, "sync": sync_to_workbench})
+                                  "timeout": timeout, "sync_to_workbench": sync_to_workbench})
             except ToolError as error:
                 results[index], done, errors = (None, error), done + 1, errors + 1
                 continue
