@@ -19,8 +19,9 @@ from .agent import Answer, Format
 from .agent.answers import DEFAULT_LIMIT
 from .client import GcReport, Workbench
 from .commands import Commands
-from .config import DEFAULT_IMAGE, Limits
+from .config import Limits
 from .files import Data, FileInfo, Files
+from .kernelspec import KernelSpec
 from .results import CommandResult, ExecutionError, ExecutionResult, Output, ToolResult
 from .session import Session
 from .store import LogEntry, PausedState, SessionRecord
@@ -51,7 +52,8 @@ class AsyncWorkbench(_Threads):
         *,
         max_threads: int = 64,
         home: str | Path | None = None,
-        image: str = DEFAULT_IMAGE,
+        kernel: str | KernelSpec = "python3",
+        image: str | None = None,
         limits: Limits | None = None,
         execute_timeout: float = 300.0,
         output_limit: int = 1_000_000,
@@ -65,9 +67,9 @@ class AsyncWorkbench(_Threads):
         """`max_threads` run the blocking calls; the rest is `Workbench`'s."""
         super().__init__(ThreadPoolExecutor(max_threads, thread_name_prefix="workbench"))
         self.sync = Workbench(
-            home=home, image=image, limits=limits, execute_timeout=execute_timeout, output_limit=output_limit,
-            idle_timeout=idle_timeout, offload_threshold=offload_threshold, tool_timeout=tool_timeout,
-            pool_size=pool_size, answer_limit=answer_limit, docker_client=docker_client)
+            home=home, kernel=kernel, image=image, limits=limits, execute_timeout=execute_timeout,
+            output_limit=output_limit, idle_timeout=idle_timeout, offload_threshold=offload_threshold,
+            tool_timeout=tool_timeout, pool_size=pool_size, answer_limit=answer_limit, docker_client=docker_client)
 
     async def create(
         self,

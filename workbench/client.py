@@ -23,7 +23,7 @@ from requests import RequestException
 from . import fstree
 from . import image as images
 from .agent.answers import DEFAULT_LIMIT, MIN_LIMIT
-from .config import DEFAULT_IMAGE, Limits, default_home, default_runtime_root
+from .config import Limits, default_home, default_runtime_root
 from .container import LABEL_KERNEL, RUNTIME, check_sandbox_uid, hand_over, private_dir, remove_container
 from .docker_client import connect, security_options
 from .errors import (
@@ -35,6 +35,7 @@ from .errors import (
     WorkspaceFullError,
 )
 from .kernel import Kernel, runtime_dir_of
+from .kernelspec import KernelSpec, kernel_spec
 from .pool import LABEL_POOL, WarmPool, discard_kernel, owner_alive
 from .session import Session, SessionServices
 from .store import PausedState, SessionConfig, SessionRecord, Store
@@ -80,7 +81,8 @@ class Workbench:
         self,
         *,
         home: str | Path | None = None,
-        image: str = DEFAULT_IMAGE,
+        kernel: str | KernelSpec = "python3",
+        image: str | None = None,
         limits: Limits | None = None,
         execute_timeout: float = 300.0,
         output_limit: int = 1_000_000,
@@ -91,8 +93,10 @@ class Workbench:
         answer_limit: int = DEFAULT_LIMIT,
         docker_client: docker.DockerClient | None = None,
     ) -> None:
-        """`idle_timeout` (seconds; None turns it off): a kernel unused this long is stopped, its workspace kept,
-        and started again on the session's next use. Orphan containers are removed at start-up.
+        """`kernel`: the kernel language, by name or as a `KernelSpec` (Python, "python3", is the only one so far);
+        `image`: the image its sandboxes run (default: the kernel spec's).
+        `idle_timeout` (seconds; None turns it off): a session unused this long is paused (its variables saved,
+        its kernel stopped) and resumed on its next use. Orphan containers are removed at start-up.
         `offload_threshold`: a session's default for tool responses (bytes of JSON) kept inline.
         `tool_timeout`: seconds a tool call may take before it is reported as timed out.
         `pool_size`: kernels kept ready per limits tier once a tier was asked for (0 turns the warm pool off).
@@ -102,7 +106,8 @@ class Workbench:
             raise WorkbenchError(f"answer_limit must be at least {MIN_LIMIT} characters, not {answer_limit!r}")
         self.answer_limit = answer_limit
         self.home = Path(home) if home is not None else default_home()
-        self.image = image
+        self.kernel_spec = kernel_spec(kernel)
+        self.image = image or self.kernel_spec.image
         self.limits = limits or Limits()
         self.execute_timeout = execute_timeout
         self.output_limit = output_limit
@@ -508,6 +513,7 @@ class Workbench:
             labels=labels,
             output_limit=self.output_limit,
             read_only_mounts=mounts,
+            spec=self.kernel_spec,
         )
 
     def _remove_containers(self, session_id: str, kernel_id: str | None = None) -> None:

@@ -116,13 +116,16 @@ def run_sandbox(
     runtime_dir: Path,
     limits: Limits,
     labels: dict[str, str],
+    command: list[str],
     read_only_mounts: dict[str, str] | None = None,
 ) -> Container:
-    """Start a locked-down kernel container: no network, no capabilities, read-only root, non-root, limited."""
+    """Start a locked-down kernel container running `command`: no network, no capabilities, read-only root,
+    non-root, limited."""
     uid = SANDBOX_UID
     try:
         return client.containers.run(
             image,
+            command,
             name=name,
             detach=True,
             init=True,  # an init as PID 1 forwards signals to the kernel and reaps its children

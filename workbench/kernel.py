@@ -26,6 +26,7 @@ from .config import Limits
 from .container import LABEL_KERNEL, RUNTIME, exit_reason, hand_over, remove_container, run_sandbox
 from .errors import DockerUnavailableError, KernelStartError, WorkbenchError
 from .execution import DROPPED, Callbacks, Outcome, Spill, receive, run_cell
+from .kernelspec import PYTHON, KernelSpec
 from .results import ExecutionResult
 from .store import KernelRecord
 from .workspace import Workspace, release_runtime_dir, reset_runtime_dir
@@ -104,9 +105,11 @@ class Kernel:
         output_limit: int = 1_000_000,
         start_timeout: float = 60.0,
         read_only_mounts: dict[str, str] | None = None,
+        spec: KernelSpec = PYTHON,
     ) -> None:
         self.docker = docker_client
         self.image = image
+        self.spec = spec
         # the workspace's disk (a filesystem image where supported; a plain folder when given a path)
         self.disk = workspace if isinstance(workspace, Workspace) else Workspace(workspace, limits.workspace_size,
                                                                                    quota=False)
@@ -148,7 +151,7 @@ class Kernel:
         except OSError as exc:
             raise KernelStartError(f"could not prepare the kernel's folders: {exc}") from exc
         info = {"transport": "ipc", "key": secrets.token_hex(32), "signature_scheme": "hmac-sha256",
-                "kernel_name": "python3", **{port: n for n, port in enumerate(_PORTS, start=1)}}
+                "kernel_name": self.spec.name, **{port: n for n, port in enumerate(_PORTS, start=1)}}
         # the runtime dir is new and no container runs on it yet; still, never follow a link there
         runtime = os.open(self.runtime_dir, _DIR)
         try:
@@ -166,7 +169,7 @@ class Kernel:
         self.container = run_sandbox(
             self.docker, image=self.image, name=f"workbench-{self.kernel_id}", workspace=self.workspace,
             runtime_dir=self.runtime_dir, limits=self.limits, labels={LABEL_KERNEL: self.kernel_id, **self.labels},
-            read_only_mounts=self.read_only_mounts,
+            command=self.spec.command(), read_only_mounts=self.read_only_mounts,
         )
         self._connect(info, self.start_timeout)
         try:

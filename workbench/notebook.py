@@ -12,6 +12,7 @@ import nbformat
 import orjson
 from nbformat.validator import ValidationError
 
+from .kernelspec import PYTHON, KernelSpec
 from .results import ExecutionResult
 from .store import LogEntry
 
@@ -48,11 +49,11 @@ def logged_outputs(result: ExecutionResult, budget: int = LOG_OUTPUTS) -> list[d
     return kept
 
 
-def notebook_of(entries: list[LogEntry], session_id: str) -> str:
+def notebook_of(entries: list[LogEntry], session_id: str, spec: KernelSpec = PYTHON) -> str:
     """The notebook (as JSON text, validated) of a session's log entries: one code cell per execution that ran."""
     notebook = nbformat.v4.new_notebook(metadata={
-        "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
-        "language_info": {"name": "python"},
+        "kernelspec": {"name": spec.name, "display_name": spec.display_name, "language": spec.language},
+        "language_info": {"name": spec.language},
         "workbench": {"session_id": session_id},
     })
     for entry in entries:

@@ -695,7 +695,8 @@ class Session:
     def export_notebook(self, path: str | Path) -> Path:
         """Write every execution of the session (code and outputs, oldest first) as a Jupyter notebook (nbformat
         v4, validated) at `path` on the host; returns the path."""
-        notebook = notebook_of(self._services.store.logs(self.session_id, LOG_KEEP), self.session_id)
+        notebook = notebook_of(self._services.store.logs(self.session_id, LOG_KEEP), self.session_id,
+                               self._kernel.spec)
         target = Path(path)
         target.write_text(notebook, encoding="utf-8")
         return target
