@@ -43,7 +43,7 @@ def idle_memory_mib(wb: Workbench, n: int = 3) -> float:
         time.sleep(2)
         figures = []
         for session in sessions:
-            stats = wb.docker.api.stats(session._kernel.container.id, stream=False)["memory_stats"]
+            stats = wb.docker.api.stats(session._kernel.sandbox.id, stream=False)["memory_stats"]
             inner = stats.get("stats", {})
             cache = inner.get("total_inactive_file", inner.get("inactive_file", inner.get("cache", 0)))
             figures.append((stats["usage"] - cache) / 2**20)

@@ -24,7 +24,7 @@ from workbench import (
     SessionError,
     Workbench,
 )
-from workbench.container import SANDBOX_UID
+from workbench.sandbox import SANDBOX_UID
 
 # Every process of the container, one per line: pid, real gid and command line (no ps in the image).
 PROCESSES = ("for p in /proc/[0-9]*; do g=$(grep -s '^Gid:' $p/status | cut -f2); "
@@ -229,7 +229,7 @@ def test_a_session_without_a_running_kernel_gets_one(wb: Workbench, home: Path, 
         finally:
             other.close()
         assert first.execute("x").text == "1"
-        wb.docker.containers.get(wb.store.get(first.session_id).kernel.container_id).remove(force=True)
+        wb.docker.containers.get(wb.store.get(first.session_id).kernel.sandbox_id).remove(force=True)
         result = first.commands.run("echo new kernel")  # the store's kernel is gone: a new one starts
         assert result.ok and result.stdout == "new kernel\n"
         after = first.execute("'x' in dir()")
@@ -299,16 +299,16 @@ def test_a_closed_session_and_an_unreachable_engine_are_clear_errors(wb: Workben
     other = Workbench(home=home, docker_client=wb.docker, pool_size=0, idle_timeout=None)
     try:
         other.use(primer.session_id)  # (what a session object needs of the engine is looked up once)
-        other.docker = docker.DockerClient(base_url="unix:///nonexistent/docker.sock", version="1.41")
+        other.backend.client = docker.DockerClient(base_url="unix:///nonexistent/docker.sock", version="1.41")
         elsewhere = other.use(s.session_id)  # a session object takes its engine from its workbench
         with pytest.raises(DockerUnavailableError, match="Docker engine"):
             elsewhere.commands.run("true")
         assert [e.status for e in wb.store.logs(s.session_id) if e.kind == "command"] == ["failed"]
         with Workbench(home=home, docker_client=wb.docker, pool_size=0, idle_timeout=None) as third:
-            third.docker = other.docker
+            third.backend.client = other.backend.client
             with pytest.raises(DockerUnavailableError, match="Docker engine"):  # not a raw requests error
                 third.use(s.session_id)
-        other.docker = wb.docker
+        other.backend.client = wb.docker
         s.close()
         with pytest.raises(SessionClosedError):
             s.commands.run("true")

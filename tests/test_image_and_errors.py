@@ -14,7 +14,7 @@ from workbench import (
     SessionNotFoundError,
     Workbench,
 )
-from workbench.image import INPUTS_LABEL, image_status, inputs_hash
+from workbench.backends.docker.image import INPUTS_LABEL, image_status, inputs_hash
 
 
 def test_image_is_labelled_with_its_inputs_and_not_rebuilt(wb: Workbench) -> None:

@@ -26,19 +26,19 @@ def test_sessions_take_warm_kernels_once_each(tmp_path: Path, wb: Workbench) -> 
     try:
         first = pooled.create(user_id="alice")  # the default tier is asked for: it fills in the background
         wait_for(lambda: pooled.pool.count() == 2)
-        ready = {c.id for c in containers(pooled) if LABEL_POOL in c.labels} - {first._kernel.container.id}
+        ready = {c.id for c in containers(pooled) if LABEL_POOL in c.labels} - {first._kernel.sandbox.id}
         assert len(ready) == 2
         first.execute("secret = 'alice was here'")
         first.files.write("alice.txt", b"private")
         first.close(delete_workspace=True)
 
         second = pooled.create(user_id="bob")
-        assert second._kernel.container.id in ready  # a kernel started before the create call
+        assert second._kernel.sandbox.id in ready  # a kernel started before the create call
         result = second.execute("import os\n(os.listdir('/workspace'), 'secret' in globals())")
         assert result.text == "([], False)"  # nothing of anyone else
         assert second.execute_tool("NOPE").error_kind == "not_found"
-        assert pooled.store.get(second.session_id).kernel.container_id == second._kernel.container.id
-        held = second._kernel.container.id
+        assert pooled.store.get(second.session_id).kernel.sandbox_id == second._kernel.sandbox.id
+        held = second._kernel.sandbox.id
         second.close()
         # a kernel is never handed out again: the pool refills with new containers
         wait_for(lambda: pooled.pool.count() == 2)
@@ -58,9 +58,9 @@ def test_each_limits_tier_has_its_own_kernels(tmp_path: Path, wb: Workbench) -> 
         wait_for(lambda: pooled.pool.count(pooled._limits(small)) == 1)
         assert pooled.pool.count(pooled.limits) == 0  # the default tier was never asked for
         warm = pooled.create(user_id="alice", limits=small)
-        assert LABEL_POOL in warm._kernel.container.labels and LABEL_POOL not in cold._kernel.container.labels
-        warm._kernel.container.reload()
-        assert warm._kernel.container.attrs["HostConfig"]["Memory"] == 256 * 2**20
+        assert LABEL_POOL in warm._kernel.sandbox.container.labels and LABEL_POOL not in cold._kernel.sandbox.container.labels
+        warm._kernel.sandbox.container.reload()
+        assert warm._kernel.sandbox.container.attrs["HostConfig"]["Memory"] == 256 * 2**20
         cold.close()
         warm.close()
     finally:
@@ -103,6 +103,6 @@ def test_no_pool_when_its_size_is_zero(tmp_path: Path, wb: Workbench) -> None:
         with cold.create(user_id="alice") as session:
             assert session.execute("1").text == "1"
             time.sleep(1)
-            assert [c.id for c in containers(cold)] == [session._kernel.container.id]
+            assert [c.id for c in containers(cold)] == [session._kernel.sandbox.id]
     finally:
         cold.close()

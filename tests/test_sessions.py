@@ -49,7 +49,7 @@ def test_resume_from_another_process_keeps_variables(wb: Workbench, home: Path) 
 def test_resume_after_the_kernel_was_killed_says_state_was_lost(wb: Workbench, home: Path) -> None:
     with wb.create(user_id="alice") as session:
         session.execute("value = 1\nopen('note.txt', 'w').write('kept')")
-        wb.docker.containers.get(session._kernel.container.id).kill()
+        wb.docker.containers.get(session._kernel.sandbox.id).kill()
         seen = in_other_process(home, session.session_id, "open('note.txt').read()")
         assert seen == {"text": "'kept'", "state_lost": True, "error": None}
         assert in_other_process(home, session.session_id, "value")["error"] == "NameError"
@@ -152,7 +152,7 @@ def test_an_idle_kernel_is_paused_and_resumed_transparently(tmp_path: Path, wb: 
         session.files.write("kept.txt", b"still here")
         # a cell running longer than the idle timeout is not taken for idle
         assert session.execute("import time; time.sleep(4); x").text == "1"
-        container_id = session._kernel.container.id
+        container_id = session._kernel.sandbox.id
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and (idle.store.get(session.session_id).kernel is not None
                                                or wb.docker.containers.list(all=True, filters={"id": container_id})):
@@ -175,7 +175,7 @@ def test_gc_removes_orphans_and_keeps_live_kernels(tmp_path: Path, wb: Workbench
     live.execute("y = 5")
     # a process died before removing a closed session's container; a container of a session nobody knows
     first.store.set_status(closed_in_store.session_id, "closed")
-    stray = Kernel(wb.docker, image=first.image, workspace=tmp_path / "stray", runtime_dir=tmp_path / "rt",
+    stray = Kernel(wb.backend, image=first.image, workspace=tmp_path / "stray", runtime_dir=tmp_path / "rt",
                    limits=first.limits, labels={"workbench.session": "nobody", "workbench.home": first.home_label})
     stray.start()
     first.close()
@@ -190,7 +190,7 @@ def test_gc_removes_orphans_and_keeps_live_kernels(tmp_path: Path, wb: Workbench
             sorted([live.session_id, "nobody"])
         assert second.use(live.session_id).execute("y").text == "5"
         assert second.gc().removed == []
-        stray.container.stop(timeout=0)  # once stopped, a container of an unknown session goes
+        stray.sandbox.container.stop(timeout=0)  # once stopped, a container of an unknown session goes
         assert [line.split(": ")[1] for line in second.gc().removed] == ["session unknown, container exited"]
     finally:
         stray.shutdown()

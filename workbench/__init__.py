@@ -4,6 +4,7 @@ from .client import GcReport, Workbench
 from .commands import Commands
 from .config import Limits
 from .errors import (
+    BackendUnavailableError,
     ConflictError,
     DockerUnavailableError,
     FileError,
@@ -39,6 +40,7 @@ __all__ = [
     "AsyncFiles",
     "AsyncSession",
     "AsyncWorkbench",
+    "BackendUnavailableError",
     "CommandResult",
     "Commands",
     "ConflictError",

@@ -74,9 +74,9 @@ def image_build(force: bool) -> None:
 @image.command("status")
 def image_status() -> None:
     """Whether the kernel image is missing, stale or current."""
+    from .backends.docker.engine import connect
+    from .backends.docker.image import image_status as status
     from .config import DEFAULT_IMAGE
-    from .docker_client import connect
-    from .image import image_status as status
 
     click.echo(f"{DEFAULT_IMAGE}: {status(connect(), DEFAULT_IMAGE)}")
 

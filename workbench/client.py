@@ -10,33 +10,28 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 import docker
-from docker.errors import APIError
-from docker.models.containers import Container
 from pydantic import BaseModel, Field
-from requests import RequestException
 
 from . import fstree
-from . import image as images
 from .agent.answers import DEFAULT_LIMIT, MIN_LIMIT
+from .backends import Backend, load_backend
+from .backends.docker import DockerBackend
 from .config import Limits, default_home, default_runtime_root
-from .container import LABEL_KERNEL, RUNTIME, check_sandbox_uid, hand_over, private_dir, remove_container
-from .docker_client import connect, security_options
 from .errors import (
-    DockerUnavailableError,
     SessionClosedError,
     SessionError,
     SessionNotFoundError,
     WorkbenchError,
     WorkspaceFullError,
 )
-from .kernel import Kernel, runtime_dir_of
+from .kernel import LABEL_KERNEL, Kernel, runtime_dir_of
 from .kernelspec import KernelSpec, kernel_spec
 from .pool import LABEL_POOL, WarmPool, discard_kernel, owner_alive
+from .sandbox import check_sandbox_uid, hand_over, private_dir
 from .session import Session, SessionServices
 from .store import PausedState, SessionConfig, SessionRecord, Store
 from .tools import ToolRegistry
@@ -91,6 +86,7 @@ class Workbench:
         tool_timeout: float = 60.0,
         pool_size: int = 2,
         answer_limit: int = DEFAULT_LIMIT,
+        backend: str | Backend = "docker",
         docker_client: docker.DockerClient | None = None,
     ) -> None:
         """`kernel`: the kernel language, by name or as a `KernelSpec` (Python, "python3", is the only one so far);
@@ -101,7 +97,9 @@ class Workbench:
         `tool_timeout`: seconds a tool call may take before it is reported as timed out.
         `pool_size`: kernels kept ready per limits tier once a tier was asked for (0 turns the warm pool off).
         `answer_limit`: characters a model reads of one meta-tool answer (`Session.handle_tool_call`); the rest is
-        written to the workspace and the answer says where."""
+        written to the workspace and the answer says where.
+        `backend`: where sandboxes run, by name (from the `workbench.backends` entry points) or as a `Backend`;
+        `docker_client` is the Docker backend's engine client (default: DOCKER_HOST, or the local socket)."""
         if not isinstance(answer_limit, int) or answer_limit < MIN_LIMIT:
             raise WorkbenchError(f"answer_limit must be at least {MIN_LIMIT} characters, not {answer_limit!r}")
         self.answer_limit = answer_limit
@@ -111,8 +109,16 @@ class Workbench:
         self.limits = limits or Limits()
         self.execute_timeout = execute_timeout
         self.output_limit = output_limit
-        self.docker = docker_client or connect()
-        self.engine_security = security_options(self.docker)
+        if isinstance(backend, Backend):
+            self.backend = backend
+        else:
+            self.backend = load_backend(backend, **({"client": docker_client} if docker_client is not None else {}))
+        if not isinstance(self.backend, DockerBackend):
+            raise WorkbenchError(f"the {self.backend.name!r} backend cannot run shell commands yet (they use Docker's "
+                                 "exec): only the docker backend is supported")
+        self.docker = self.backend.client
+        """The Docker backend's engine client."""
+        self.engine_security = self.backend.security
         """The engine's security options as it reports them (seccomp, AppArmor, user namespaces...)."""
         self.runtime_root = default_runtime_root()
         # Private to the host user: another host uid reaches no workspace, kernel.json (its HMAC key) or bridge.
@@ -137,7 +143,7 @@ class Workbench:
         self._stop = threading.Event()
         self._next_walk: dict[str, float] = {}  # session id -> when the watchdog may walk its workspace again
         self._services = SessionServices(
-            home=self.home, store=self.store, pipeline=self.pipeline, bridge=self._bridge, docker_api=self.docker.api,
+            home=self.home, store=self.store, pipeline=self.pipeline, bridge=self._bridge, backend=self.backend,
             execute_timeout=execute_timeout, tool_timeout=tool_timeout, answer_limit=answer_limit,
             output_limit=output_limit, idle_timeout=idle_timeout, limits=self._limits,
             remove_sandboxes=self._remove_containers, release_runtime_dir=self._release_runtime_dir,
@@ -165,19 +171,19 @@ class Workbench:
 
     def build_image(self, progress: Callable[[str], None] = lambda _: None, force: bool = False) -> bool:
         """Build the kernel image when missing or stale. Returns True when it built."""
-        built = images.ensure_image(self.docker, self.image, progress=progress, force=force)
+        built = self.backend.ensure_image(self.image, progress=progress, force=force)
         self._image_checked, self._image_pin = True, None
         return built
 
     def _check_image(self) -> None:
         if not self._image_checked:
-            images.require_image(self.docker, self.image)
+            self.backend.require_image(self.image)
             self._image_checked = True
 
     def _sandbox_image(self) -> tuple[str, dict[str, str]]:
         """The kernel image's id and its Python trees' mounts, found once (see image.pin)."""
         if self._image_pin is None:
-            self._image_pin = images.pin(self.docker, self.image)
+            self._image_pin = self.backend.pin_image(self.image)
         return self._image_pin
 
     def tool(self, slug: str | None = None, *, toolkit: str = "default",
@@ -281,12 +287,7 @@ class Workbench:
         kernel). A running kernel of a session the store does not know is left alone and listed in `unknown`: an
         empty or restored store must not end kernels it never heard of."""
         report = GcReport()
-        try:
-            containers = self.docker.containers.list(all=True, filters={"label": f"workbench.home={self.home_label}"},
-                                                     ignore_removed=True)  # one removed meanwhile is no error
-        except (APIError, RequestException) as exc:
-            raise DockerUnavailableError(f"cannot list containers: {exc}") from exc
-        for container in containers:
+        for container in self.backend.list_managed({"workbench.home": self.home_label}):
             session_id = container.labels.get("workbench.session", "")
             kernel_id = container.labels.get(LABEL_KERNEL, "")
             try:
@@ -298,14 +299,14 @@ class Workbench:
                     continue  # ready in a live workbench's warm pool
                 reason = "warm pool of a workbench that is gone"
             elif record is None:
-                if container.status in ("running", "created", "restarting", "paused"):
+                if container.live:
                     report.unknown.append(f"{container.name}: {session_id}")
                     continue
                 reason = f"session unknown, container {container.status}"
             elif record.status != "open":
                 reason = f"session {record.status}"
             elif record.kernel is None or record.kernel.kernel_id != kernel_id:
-                if _age(container) < _START_GRACE:
+                if container.age < _START_GRACE:
                     continue  # maybe a kernel being started right now
                 reason = "no longer the session's kernel"
             elif container.status not in ("running", "created", "restarting"):
@@ -314,9 +315,9 @@ class Workbench:
                 reason = f"kernel {container.status}"
             else:
                 continue
-            if remove_container(container):
+            if self.backend.destroy(container.id):
                 report.removed.append(f"{container.name}: {reason}")
-            source = _runtime_source(container)
+            source = container.runtime_source
             if source is not None and kernel_id and source == self._runtime_dir(session_id, kernel_id):
                 # that kernel's own runtime dir: no other kernel ever uses it, so it goes with its container
                 self._release_path(session_id, source)
@@ -504,7 +505,7 @@ class Workbench:
             labels[LABEL_POOL] = pool_owner
         image_id, mounts = self._sandbox_image()
         return Kernel(
-            self.docker,
+            self.backend,
             image=image_id,
             workspace=self._disk(session_id, limits.workspace_size),
             runtime_root=self.runtime_root,
@@ -517,11 +518,11 @@ class Workbench:
         )
 
     def _remove_containers(self, session_id: str, kernel_id: str | None = None) -> None:
-        labels = [f"workbench.session={session_id}", f"workbench.home={self.home_label}"]
+        labels = {"workbench.session": session_id, "workbench.home": self.home_label}
         if kernel_id is not None:
-            labels.append(f"{LABEL_KERNEL}={kernel_id}")
-        for container in self.docker.containers.list(all=True, filters={"label": labels}, ignore_removed=True):
-            remove_container(container)
+            labels[LABEL_KERNEL] = kernel_id
+        for sandbox in self.backend.list_managed(labels):
+            self.backend.destroy(sandbox.id)
 
     def _open_fork(self, source: SessionRecord, state: PausedState | None, workspace: Path) -> Session:
         """A new session copied from `source`: its workspace (from `workspace`, mounted) and its saved namespace
@@ -573,15 +574,3 @@ def _plain_name(name: str) -> bool:
     """A name usable as one path component of ours (session and kernel ids are letters, digits, - and _)."""
     return bool(name) and re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name) is not None
 
-
-def _age(container: Container) -> float:
-    created = datetime.fromisoformat(container.attrs["Created"])
-    return time.time() - created.timestamp()
-
-
-def _runtime_source(container: Container) -> Path | None:
-    """The host folder a kernel container had as its runtime dir (as this process mounted it, not the sandbox)."""
-    for mount in container.attrs.get("Mounts") or []:
-        if mount.get("Destination") == RUNTIME and mount.get("Type") == "bind" and mount.get("Source"):
-            return Path(mount["Source"])
-    return None

@@ -40,11 +40,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 from docker.errors import APIError, DockerException, NotFound
 from requests import RequestException
 
-from .container import SANDBOX_UID, WORKSPACE
 from .errors import DockerUnavailableError, PathOutsideWorkspaceError, SessionError
 from .execution import Capped
 from .files import OUTPUTS
 from .results import CommandResult
+from .sandbox import SANDBOX_UID, WORKSPACE
 
 if TYPE_CHECKING:
     from docker import APIClient
@@ -215,7 +215,7 @@ class Commands:
         api = self._api
         record = self._store.get(self.session_id)
         if record.status == "open" and record.kernel is not None:
-            container = record.kernel.container_id  # running, as far as the store knows: no lock to wait for
+            container = record.kernel.sandbox_id  # running, as far as the store knows: no lock to wait for
         else:
             container = self._container(timeout)  # closed (raises), or no kernel: start one
         gid = _marker_gid()

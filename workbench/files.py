@@ -23,13 +23,13 @@ from typing import BinaryIO, Literal
 from pydantic import BaseModel, field_serializer
 
 from . import fstree
-from .container import WORKSPACE, hand_over, prepare_dir
 from .errors import (
     FileError,
     PathOutsideWorkspaceError,
     WorkspaceFileNotFoundError,
     WorkspaceFullError,
 )
+from .sandbox import WORKSPACE, hand_over, prepare_dir
 from .workspace import Workspace
 
 OUTPUTS = ".outputs"  # where cell and command outputs past the output limit are written whole

@@ -1,4 +1,4 @@
-"""A Jupyter kernel in a sandbox container, reached with jupyter-client over IPC sockets in a runtime dir."""
+"""A Jupyter kernel in a sandbox of a backend, reached with jupyter-client over IPC sockets in a runtime dir."""
 from __future__ import annotations
 
 import json
@@ -13,26 +13,24 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import docker
 import orjson
 import zmq
-from docker.errors import APIError, NotFound
-from docker.models.containers import Container
 from jupyter_client import BlockingKernelClient
 from jupyter_client.connect import channel_socket_types
-from requests import RequestException
 
+from .backends import Backend, Sandbox, SandboxSpec
 from .config import Limits
-from .container import LABEL_KERNEL, RUNTIME, exit_reason, hand_over, remove_container, run_sandbox
-from .errors import DockerUnavailableError, KernelStartError, WorkbenchError
+from .errors import KernelStartError, WorkbenchError
 from .execution import DROPPED, Callbacks, Outcome, Spill, receive, run_cell
 from .kernelspec import PYTHON, KernelSpec
 from .results import ExecutionResult
+from .sandbox import RUNTIME, hand_over
 from .store import KernelRecord
 from .workspace import Workspace, release_runtime_dir, reset_runtime_dir
 
 log = logging.getLogger(__name__)
 
+LABEL_KERNEL = "workbench.kernel"  # on every sandbox: the kernel it runs
 _PORTS = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
 SOCKETS = "kernel"  # the folder of the kernel's IPC sockets in the runtime dir
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -93,7 +91,7 @@ class Kernel:
 
     def __init__(
         self,
-        docker_client: docker.DockerClient,
+        backend: Backend,
         *,
         image: str,
         workspace: Path | Workspace,
@@ -107,7 +105,7 @@ class Kernel:
         read_only_mounts: dict[str, str] | None = None,
         spec: KernelSpec = PYTHON,
     ) -> None:
-        self.docker = docker_client
+        self.backend = backend
         self.image = image
         self.spec = spec
         # the workspace's disk (a filesystem image where supported; a plain folder when given a path)
@@ -126,7 +124,7 @@ class Kernel:
         self.read_only_mounts = read_only_mounts or {}  # host folder -> sandbox path (the image's Python trees)
         self.kernel_id = secrets.token_hex(6)
         self.lineage = self.kernel_id  # whose variables it holds: its own, or those of a paused kernel it restored
-        self.container: Container | None = None
+        self.sandbox: Sandbox | None = None
         self.client: BlockingKernelClient | None = None
         self.connection: dict | None = None  # the host side's connection info (without the socket path)
         self._sockets: int | None = None  # a descriptor of the kernel's socket folder, reached through /proc
@@ -166,11 +164,11 @@ class Kernel:
             hand_over(sockets)  # the kernel binds its sockets there, then the folder is locked (see _lock)
         finally:
             os.close(runtime)
-        self.container = run_sandbox(
-            self.docker, image=self.image, name=f"workbench-{self.kernel_id}", workspace=self.workspace,
-            runtime_dir=self.runtime_dir, limits=self.limits, labels={LABEL_KERNEL: self.kernel_id, **self.labels},
-            command=self.spec.command(), read_only_mounts=self.read_only_mounts,
-        )
+        self.sandbox = self.backend.launch(SandboxSpec(
+            name=f"workbench-{self.kernel_id}", image=self.image, command=self.spec.command(), limits=self.limits,
+            labels={LABEL_KERNEL: self.kernel_id, **self.labels}, workspace=self.workspace,
+            runtime_dir=self.runtime_dir, read_only_mounts=self.read_only_mounts,
+        ))
         self._connect(info, self.start_timeout)
         try:
             self._lock()
@@ -213,13 +211,12 @@ class Kernel:
 
         The kernel is not asked to answer first: it may be busy with a cell sent by that other process.
         """
-        try:
-            container = self.docker.containers.get(record.container_id)
-        except NotFound:
+        sandbox = self.backend.attach(record.sandbox_id)
+        if sandbox is None:
             return False
         # From now on this object is that kernel, runtime dir included. A previous kernel of this object that is
         # not the session's any more is left to whoever replaced it, or to gc (which releases its runtime dir).
-        self.container, self.kernel_id = container, record.kernel_id
+        self.sandbox, self.kernel_id = sandbox, record.kernel_id
         self.lineage = record.lineage or record.kernel_id
         if self.exit_reason() is not None:
             self.shutdown()
@@ -238,8 +235,8 @@ class Kernel:
 
     def record(self) -> KernelRecord:
         """What another process needs to reattach to this kernel."""
-        assert self.container is not None and self.connection is not None
-        return KernelRecord(kernel_id=self.kernel_id, container_id=str(self.container.id), connection=self.connection,
+        assert self.sandbox is not None and self.connection is not None
+        return KernelRecord(kernel_id=self.kernel_id, sandbox_id=self.sandbox.id, connection=self.connection,
                             lineage=self.lineage)
 
     def _connect(self, info: dict, timeout: float | None) -> None:
@@ -289,36 +286,23 @@ class Kernel:
             raise KernelStartError(f"the kernel container stopped while starting: {reason}\n{self._logs()}")
 
     def _logs(self) -> str:
-        try:
-            assert self.container is not None
-            return self.container.logs(tail=20).decode(errors="replace")
-        except Exception:  # the logs are only a hint
-            return ""
+        return self.sandbox.logs(tail=20) if self.sandbox is not None else ""
 
     def exit_reason(self) -> str | None:
-        """None while the kernel's container runs, else why it stopped."""
-        if self.container is None:
+        """None while the kernel's sandbox runs, else why it stopped."""
+        if self.sandbox is None:
             return "not started"
-        try:
-            return exit_reason(self.container)
-        except NotFound:
-            return "its container was removed"
-        except (APIError, RequestException) as exc:
-            raise DockerUnavailableError(f"lost the Docker engine while watching the kernel: {exc}") from exc
+        return self.sandbox.exit_reason()
 
     def apply_limits(self) -> None:
-        """Apply the memory and CPU limits to the running container."""
-        if self.container is not None:
-            self.container.update(mem_limit=self.limits.memory, memswap_limit=self.limits.memory,
-                                  cpu_period=100_000, cpu_quota=int(self.limits.cpus * 100_000))
+        """Apply the memory and CPU limits to the running sandbox."""
+        if self.sandbox is not None:
+            self.sandbox.update_limits(self.limits)
 
     def interrupt(self) -> None:
-        """Send SIGINT to the kernel (through the container's init), as a KeyboardInterrupt in the running cell."""
-        if self.container is not None:
-            try:
-                self.container.kill(signal="SIGINT")
-            except (APIError, NotFound):
-                pass  # already gone; the execution loop sees it
+        """SIGINT to the kernel, as a KeyboardInterrupt in the running cell."""
+        if self.sandbox is not None:
+            self.sandbox.interrupt()
 
     def disconnect(self) -> None:
         """Close this process's channels; the kernel keeps running."""
@@ -329,12 +313,12 @@ class Kernel:
     def shutdown(self) -> None:
         """Stop the kernel and remove its container and runtime dir; the workspace is kept."""
         self.disconnect()
-        if self.container is not None:
+        if self.sandbox is not None:
             try:
-                remove_container(self.container)
-            except APIError as exc:
-                log.warning("could not remove container %s: %s", self.container.short_id, exc)
-            self.container = None
+                self.sandbox.destroy()
+            except WorkbenchError as exc:
+                log.warning("could not remove the sandbox of kernel %s: %s", self.kernel_id, exc)
+            self.sandbox = None
         self._hold_sockets(None)
         try:
             release_runtime_dir(self.runtime_dir)  # unmounted and removed, whatever the kernel left in it

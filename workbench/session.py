@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import docker
-
 from .agent import Answer, Format, MetaTools, answer_calls, render
+from .backends.docker import DockerBackend
 from .commands import Commands
 from .config import Limits
 from .errors import (
@@ -120,7 +119,7 @@ class SessionServices:
     store: Store
     pipeline: ToolPipeline
     bridge: BridgeServer
-    docker_api: docker.APIClient  # shell commands run through the Engine API's exec
+    backend: DockerBackend  # where the kernels run; shell commands use its Engine API's exec
     execute_timeout: float
     tool_timeout: float
     answer_limit: int
@@ -156,7 +155,7 @@ class Session:
         """The workspace's files, read and written on the host: `write`, `read`, `open`, `list`, `exists`,
         `remove`."""
         self.commands = Commands(
-            self.session_id, api=services.docker_api, store=services.store, files=self.files,
+            self.session_id, api=services.backend.client.api, store=services.store, files=self.files,
             container=self._kernel_container, check_open=self._check_open, log_entry=self._log,
             output_limit=services.output_limit, idle_timeout=services.idle_timeout)
         """Shell commands in the session's sandbox, beside the kernel: `run`."""
@@ -718,8 +717,8 @@ class Session:
                     self._kernel.restart()
                     self._services.store.set_kernel(self.session_id, self._kernel.record())
                     self._state_lost = True
-                assert self._kernel.container is not None
-                return str(self._kernel.container.id)
+                assert self._kernel.sandbox is not None
+                return self._kernel.sandbox.id
 
     def _new_kernel(self) -> None:
         """Replace the session's kernel, wherever it runs, with a new one of the current limits (a paused

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import orjson
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from .config import Limits, Metadata, check_metadata
 from .errors import ConflictError, SessionNotFoundError, StoreError
@@ -93,10 +93,18 @@ class KernelRecord(BaseModel):
     """Enough to reattach to a running kernel from another process."""
 
     kernel_id: str
-    container_id: str
+    sandbox_id: str = Field(description="the backend's opaque handle of the kernel's sandbox")
     connection: dict[str, Any]
     lineage: str | None = Field(default=None, description="the id of the kernel whose variables this one holds: "
                                 "its own, or a paused kernel's it restored (None: its own, in older stores)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _older_store(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "container_id" in data and "sandbox_id" not in data:  # written before backends
+            data = {**data, "sandbox_id": data["container_id"]}
+            del data["container_id"]
+        return data
 
 
 class PausedState(BaseModel):

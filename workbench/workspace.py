@@ -31,8 +31,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from . import fstree
-from .container import SANDBOX_UID, hand_over, prepare_dir
 from .errors import FileError, SessionError, WorkbenchError
+from .sandbox import SANDBOX_UID, hand_over, prepare_dir
 
 log = logging.getLogger(__name__)
 

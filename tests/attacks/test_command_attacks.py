@@ -9,7 +9,7 @@ import pytest
 from host_probes import memory, reset_peak_memory
 
 from workbench import Session, Workbench
-from workbench.container import SANDBOX_UID
+from workbench.sandbox import SANDBOX_UID
 
 PROCESSES = "for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline 2>/dev/null; echo; done"
 

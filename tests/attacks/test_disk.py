@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 
 from workbench import Session, Workbench, fstree
-from workbench.container import SANDBOX_UID, private_dir
 from workbench.errors import (
     FileError,
     PathOutsideWorkspaceError,
@@ -26,6 +25,7 @@ from workbench.errors import (
     WorkspaceFullError,
 )
 from workbench.files import Files
+from workbench.sandbox import SANDBOX_UID, private_dir
 from workbench.tools.offload import route
 from workbench.workspace import RUNTIME_SIZE, Workspace, _probe, is_mount
 

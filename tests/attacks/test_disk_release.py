@@ -60,7 +60,7 @@ def test_releasing_a_stopped_kernels_runtime_dir_leaves_the_next_kernels_alone(o
 def test_gc_releases_the_runtime_dir_of_each_kernel_it_removes(own: Workbench) -> None:
     s = own.create(user_id="alice")
     first_dir = s._kernel.runtime_dir
-    s._kernel.container.stop(timeout=0)  # the kernel died; gc finds it
+    s._kernel.sandbox.container.stop(timeout=0)  # the kernel died; gc finds it
     report = own.gc()
     assert [line.split(": ")[1] for line in report.removed] == ["kernel exited"]
     assert not os.path.lexists(first_dir)
@@ -70,13 +70,11 @@ def test_gc_releases_the_runtime_dir_of_each_kernel_it_removes(own: Workbench) -
 @root_only
 def test_a_create_that_fails_leaves_nothing_mounted(own: Workbench, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    import workbench.kernel as kernel_module
-
     def no_container(*args: object, **kwargs: object) -> None:
         raise DockerUnavailableError("the engine went away")
 
     with monkeypatch.context() as patch:
-        patch.setattr(kernel_module, "run_sandbox", no_container)
+        patch.setattr(own.backend, "launch", no_container)
         with pytest.raises(DockerUnavailableError):
             own.create(user_id="alice")
     assert mounts_under(tmp_path) == [] and os.listdir(own.runtime_root) == []

@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..container import SANDBOX_UID
+from ..sandbox import SANDBOX_UID
 from . import protocol as wire
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from pathlib import Path
 import docker
 from docker.errors import APIError, ImageNotFound
 
-from .errors import ImageBuildError
+from ...errors import ImageBuildError
 
 SUITE = "bookworm"
 PACKAGES = ("python3", "python3-venv")

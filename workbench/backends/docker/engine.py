@@ -7,7 +7,7 @@ import docker
 import requests
 from docker.errors import DockerException
 
-from .errors import DockerUnavailableError
+from ...errors import DockerUnavailableError
 
 log = logging.getLogger(__name__)
 

@@ -21,10 +21,10 @@ import docker
 from docker.errors import APIError, ImageNotFound
 from requests import RequestException
 
+from ...assets import assets_root
+from ...config import BASE_IMAGE, DEFAULT_IMAGE, default_home
+from ...errors import DockerUnavailableError, ImageBuildError, ImageNotFoundError
 from . import base_image
-from .assets import assets_root
-from .config import BASE_IMAGE, DEFAULT_IMAGE, default_home
-from .errors import DockerUnavailableError, ImageBuildError, ImageNotFoundError
 
 INPUTS_LABEL = "workbench.image.inputs"
 RUNTIME_REPOSITORY = "workbench-runtime"
