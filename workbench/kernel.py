@@ -4,24 +4,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-import resource
 import secrets
 import stat
-import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import orjson
-import zmq
 from jupyter_client import BlockingKernelClient
-from jupyter_client.connect import channel_socket_types
 
 from .backends import Backend, Sandbox, SandboxSpec
 from .config import Limits
+from .connection import KernelConnection
 from .errors import KernelStartError, WorkbenchError
-from .execution import DROPPED, Callbacks, Outcome, Spill, receive, run_cell
+from .execution import Callbacks, Spill
 from .kernelspec import PYTHON, KernelSpec
 from .results import ExecutionResult
 from .sandbox import RUNTIME, hand_over
@@ -34,58 +27,6 @@ LABEL_KERNEL = "workbench.kernel"  # on every sandbox: the kernel it runs
 _PORTS = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
 SOCKETS = "kernel"  # the folder of the kernel's IPC sockets in the runtime dir
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-# What the kernel can make this process hold: a message (one frame) larger than its channel's limit drops the
-# connection (it is connected again; the message is lost) and at most RECEIVE_QUEUE messages wait per socket, so a
-# flood waits in the kernel's own memory. iopub carries the outputs: a print or an image of up to 32 MiB is one
-# message and passes (larger outputs belong in files). shell carries only replies, which are small: a forged huge
-# execute_reply is dropped. Per session, at worst: iopub (RECEIVE_QUEUE queued + 1 being received) x 32 MiB =
-# 160 MiB, shell 5 x 1 MiB = 5 MiB, about 165 MiB of frames, plus the one message being decoded (its Python str;
-# the part is parsed by the standard library's parser past _SMALL_PART). stdin and heartbeat are not connected.
-MAX_IOPUB_MESSAGE = 32 * 1024**2
-MAX_SHELL_MESSAGE = 1024**2  # shell and control
-RECEIVE_QUEUE = 4
-_SMALL_PART = 1 << 20
-MAX_CONTAINERS = 100_000  # lists and objects in one large message part (an output of JSON data)
-_context: zmq.Context | None = None
-_context_lock = threading.Lock()
-
-
-def zmq_context() -> zmq.Context:
-    """The process's one ZMQ context, for kernel clients and tool bridges: reconnecting fast (sockets appear while
-    a kernel starts) and never terminated, so a socket left open in some thread cannot hang the exit."""
-    global _context
-    with _context_lock:
-        if _context is None:
-            _context = zmq.Context()
-            _context.set(zmq.MAX_SOCKETS, 65536)  # three per kernel client, one per bridge: hundreds of sessions
-            _raise_open_files_limit()
-            _context.setsockopt(zmq.RECONNECT_IVL, 10)
-            _context.setsockopt(zmq.LINGER, 0)
-        return _context
-
-
-def _raise_open_files_limit() -> None:
-    """Let this process hold the sockets of hundreds of sessions: the soft limit on open files up to the hard."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
-    if soft != resource.RLIM_INFINITY and soft < wanted:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-
-
-class _Client(BlockingKernelClient):
-    """A kernel client whose sockets bound what the kernel can queue in this process (set before connecting)."""
-
-    def _create_connected_socket(self, channel: str, identity: bytes | None = None) -> zmq.Socket:
-        sock = self.context.socket(channel_socket_types[channel])
-        sock.linger = 0
-        sock.setsockopt(zmq.MAXMSGSIZE, MAX_IOPUB_MESSAGE if channel == "iopub" else MAX_SHELL_MESSAGE)
-        sock.setsockopt(zmq.RCVHWM, RECEIVE_QUEUE)
-        if identity:
-            sock.identity = identity
-        sock.connect(self._make_url(channel))
-        return sock
-
-
 class Kernel:
     """One sandboxed kernel. Not thread-safe: the session layer runs one execution at a time."""
 
@@ -125,8 +66,8 @@ class Kernel:
         self.kernel_id = secrets.token_hex(6)
         self.lineage = self.kernel_id  # whose variables it holds: its own, or those of a paused kernel it restored
         self.sandbox: Sandbox | None = None
-        self.client: BlockingKernelClient | None = None
-        self.connection: dict | None = None  # the host side's connection info (without the socket path)
+        self.link: KernelConnection | None = None  # this process's channels to the kernel, while connected
+        self.connection: dict | None = None  # the kernel's connection info as stored (its in-sandbox socket path)
         self._sockets: int | None = None  # a descriptor of the kernel's socket folder, reached through /proc
 
     @property
@@ -233,6 +174,11 @@ class Kernel:
             log.info("kernel %s is busy; attached without waiting for it", self.kernel_id)
         return True
 
+    @property
+    def client(self) -> BlockingKernelClient | None:
+        """The jupyter-client of this process's connection to the kernel; None while not connected."""
+        return self.link.client if self.link is not None else None
+
     def record(self) -> KernelRecord:
         """What another process needs to reattach to this kernel."""
         assert self.sandbox is not None and self.connection is not None
@@ -240,12 +186,9 @@ class Kernel:
                             lineage=self.lineage)
 
     def _connect(self, info: dict, timeout: float | None) -> None:
-        client = _Client(context=zmq_context())
         assert self._sockets is not None
-        client.load_connection_info({**info, "ip": f"/proc/self/fd/{self._sockets}/k"})
-        client.session.unpack = _unpack
-        client.start_channels(hb=False, stdin=False)
-        self.client, self.connection = client, info
+        self.link = KernelConnection(info, ipc_path=f"/proc/self/fd/{self._sockets}/k")
+        self.connection = info
         if timeout is None:
             return
         try:
@@ -266,14 +209,9 @@ class Kernel:
             log.warning("kernel %s did not answer after reconnecting", self.kernel_id)
 
     def _wait_ready(self, timeout: float) -> None:
-        assert self.client is not None
-        deadline = time.monotonic() + timeout
-        shell, iopub = self.client.shell_channel, self.client.iopub_channel
-        while time.monotonic() < deadline:
-            msg_id = self.client.kernel_info()
-            # The reply proves the shell socket; a status message for the same request proves iopub is subscribed.
-            if _answered(shell, msg_id, 0.5, self._check_running) and _answered(iopub, msg_id, 0.3):
-                return
+        assert self.link is not None
+        if self.link.wait_ready(timeout, self._check_running):
+            return
         if not any((self.runtime_dir / SOCKETS).glob("k-*")):
             raise KernelStartError(
                 f"the kernel's IPC sockets never appeared in {self.runtime_dir}: this Docker engine does not share the "
@@ -306,9 +244,9 @@ class Kernel:
 
     def disconnect(self) -> None:
         """Close this process's channels; the kernel keeps running."""
-        if self.client is not None:
-            self.client.stop_channels()
-            self.client = None
+        if self.link is not None:
+            self.link.close()
+            self.link = None
 
     def shutdown(self) -> None:
         """Stop the kernel and remove its container and runtime dir; the workspace is kept."""
@@ -337,13 +275,12 @@ class Kernel:
                 spill: Spill | None = None, silent: bool = False) -> ExecutionResult:
         """Run code; on a timeout the kernel is interrupted, on its death it is restarted (files kept). A `silent`
         cell is not counted nor kept in the kernel's history (the host's own cells)."""
-        if self.client is None:
+        if self.link is None:
             self.start()
-        assert self.client is not None
-        outcome: Outcome = run_cell(
-            self.client, code, timeout=timeout, output_limit=self.output_limit, interrupt=self.interrupt,
-            exit_reason=self.exit_reason, callbacks=callbacks or Callbacks(), spill=spill, silent=silent,
-        )
+        assert self.link is not None
+        outcome = self.link.run(code, timeout=timeout, output_limit=self.output_limit, interrupt=self.interrupt,
+                                exit_reason=self.exit_reason, callbacks=callbacks or Callbacks(), spill=spill,
+                                silent=silent)
         result = outcome.result
         if outcome.reply_seen != outcome.idle_seen and outcome.dead is None:
             # a channel lost messages: a flood past the queues, or a message over its channel's limit, after which
@@ -381,35 +318,3 @@ def runtime_dir_of(root: Path, name: str, kernel_id: str) -> Path:
     """The runtime dir of one kernel: `<root>/<name>-<kernel id>` (a session id and a kernel id of 12 hex digits
     each keep socket paths far below the 108 bytes of a unix socket address)."""
     return root / f"{name}-{kernel_id}"
-
-
-def _unpack(data: bytes) -> Any:
-    """A message part's JSON: orjson for the usual small parts, the standard library's parser for large ones
-    (orjson peaks at 12 times their size: 165 MB of host memory for a 10 MB image)."""
-    if len(data) < _SMALL_PART:
-        try:
-            return orjson.loads(data)
-        except orjson.JSONDecodeError:
-            pass  # e.g. a lone surrogate, which the standard library's parser reads
-    elif data.count(b"[") + data.count(b"{") > MAX_CONTAINERS:  # millions of them hold the GIL for seconds
-        raise ValueError(f"a message part with more than {MAX_CONTAINERS:,} lists and objects")
-    return json.loads(data)
-
-
-def _answered(channel: Any, msg_id: str, seconds: float, between: Callable[[], None] | None = None) -> bool:
-    """Whether a message answering `msg_id` arrives on `channel` within `seconds` (others are dropped); `between`
-    runs whenever a poll finds nothing."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if channel.socket.poll(50):
-            if _parent_id(channel) == msg_id:
-                return True
-        elif between is not None:
-            between()
-    return False
-
-
-def _parent_id(channel: Any) -> Any:
-    """The parent msg_id of a channel's next message; None when there is none, or it was malformed (dropped)."""
-    msg = receive(channel, lambda reason: log.warning("dropped a malformed kernel message: %s", reason))
-    return None if msg is None or msg is DROPPED else msg["parent_header"].get("msg_id")

@@ -241,7 +241,7 @@ def test_a_timeout_in_one_process_never_interrupts_another_process_cell(wb: Work
 def test_the_kernel_client_bounds_what_zmq_may_queue(session: Session) -> None:
     import zmq
 
-    from workbench.kernel import MAX_IOPUB_MESSAGE, MAX_SHELL_MESSAGE, RECEIVE_QUEUE
+    from workbench.connection import MAX_IOPUB_MESSAGE, MAX_SHELL_MESSAGE, RECEIVE_QUEUE
     session.execute("1")
     client = session._kernel.client
     assert client is not None
