@@ -17,6 +17,7 @@ import docker
 
 from .agent import Answer, Format
 from .agent.answers import DEFAULT_LIMIT
+from .backends import Backend
 from .client import GcReport, Workbench
 from .commands import Commands
 from .config import Limits
@@ -62,6 +63,7 @@ class AsyncWorkbench(_Threads):
         tool_timeout: float = 60.0,
         pool_size: int = 2,
         answer_limit: int = DEFAULT_LIMIT,
+        backend: str | Backend = "docker",
         docker_client: docker.DockerClient | None = None,
     ) -> None:
         """`max_threads` run the blocking calls; the rest is `Workbench`'s."""
@@ -69,7 +71,8 @@ class AsyncWorkbench(_Threads):
         self.sync = Workbench(
             home=home, kernel=kernel, image=image, limits=limits, execute_timeout=execute_timeout,
             output_limit=output_limit, idle_timeout=idle_timeout, offload_threshold=offload_threshold,
-            tool_timeout=tool_timeout, pool_size=pool_size, answer_limit=answer_limit, docker_client=docker_client)
+            tool_timeout=tool_timeout, pool_size=pool_size, answer_limit=answer_limit, backend=backend,
+            docker_client=docker_client)
 
     async def create(
         self,

@@ -183,12 +183,12 @@ def test_a_flood_of_distinct_bad_signatures_holds_bounded_memory(attacker: Sessi
             for _ in range(1000):
                 k.iopub_socket.send_multipart([b'<IDS|MSG>', os.urandom(32).hex().encode(), b'{}', b'{}', b'{}', b'{}'])
         """)
-    import workbench.kernel as kernel_module
-    kernel_module.run_cell = spying
+    import workbench.connection as connection_module
+    connection_module.run_cell = spying
     try:
         result = attacker.execute(code, timeout=60)
     finally:
-        kernel_module.run_cell = original
+        connection_module.run_cell = original
     assert result.error is None and result.dropped_messages > 10_000, result
     assert seen["reasons"] <= 100, f"{seen['reasons']:,} distinct drop reasons kept for {seen['dropped']:,} drops"
 
