@@ -163,11 +163,12 @@ class AsyncSession(_Threads):
         offload_threshold: int | None = None,
         metadata: dict[str, str] | None = None,
         restart_if_needed: bool = False,
+        config_version: int | None = None,
     ) -> int:
         """Change the session's config in place (see `Session.update`)."""
         return await self._run(self.sync.update, toolkits=toolkits, tools=tools, limits=limits,
                                offload_threshold=offload_threshold, metadata=metadata,
-                               restart_if_needed=restart_if_needed)
+                               restart_if_needed=restart_if_needed, config_version=config_version)
 
     async def execute_tool(
         self, slug: str, arguments: dict[str, Any] | None = None, *, sync_to_workbench: bool = False,

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .agent import Format, MetaTools, answer_calls, render
+from .agent import Answer, Format, MetaTools, answer_calls, render
 from .bridge_protocol import MAX_INLINE, error_reply
 from .bridge_protocol import SLUG as _SLUG
 from .bridge_protocol import Request as BridgeRequest
@@ -242,16 +242,24 @@ class Session:
         offload_threshold: int | None = None,
         metadata: dict[str, str] | None = None,
         restart_if_needed: bool = False,
+        config_version: int | None = None,
     ) -> int:
         """Change the session's config in place; returns the new `config_version`.
 
         `metadata` replaces the session's metadata as a whole. Raises ConflictError when another caller changed
-        the config since this session object read it.
+        the config since this session object read it, or, given `config_version` (the version the caller read,
+        e.g. a remote client), when the stored config is at another version.
         Memory and CPU limits apply to the running kernel; a change of `pids` or `tmp_size` needs a new
         container (variables lost) and is refused unless `restart_if_needed`.
         """
         with self._lock:
             self._check_open()
+            if config_version is not None:
+                record = self._workbench.store.get(self.session_id)
+                if record.config_version != config_version:
+                    raise ConflictError(f"session {self.session_id} config is at version {record.config_version}, "
+                                        f"not {config_version}: reload it and apply the change again")
+                self.config, self.config_version = record.config, record.config_version
             new_limits = self._workbench._limits(limits) if limits is not None else self.config.limits
             needs_restart = (new_limits.pids, new_limits.tmp_size) != (self.limits.pids, self.limits.tmp_size)
             if needs_restart and not restart_if_needed:
@@ -451,6 +459,10 @@ class Session:
         bounded by the workbench's `answer_limit`. Unknown tools and bad arguments are answered with an error
         text, never raised."""
         return self._meta.call(name, arguments).text
+
+    def answer_tool_call(self, name: str, arguments: dict[str, Any] | str | None = None) -> Answer:
+        """`handle_tool_call`, with whether the answer reports an error (`Answer.text`, `Answer.is_error`)."""
+        return self._meta.call(name, arguments)
 
     def handle_tool_calls(self, response: Any, *, include_tools: bool = False) -> list[dict[str, Any]]:
         """Run every call in a model's response that names a tool of this session, in order, and return the
