@@ -4,6 +4,7 @@ from .client import GcReport, Workbench
 from .commands import Commands
 from .config import Limits
 from .errors import (
+    AuthenticationError,
     ConflictError,
     DockerUnavailableError,
     FileError,
@@ -14,14 +15,18 @@ from .errors import (
     KernelStartError,
     MetadataError,
     PathOutsideWorkspaceError,
+    RequestTooLargeError,
+    ServerError,
     SessionClosedError,
     SessionError,
     SessionNotFoundError,
+    TooManyExecutionsError,
     WorkbenchError,
     WorkspaceFileNotFoundError,
     WorkspaceFullError,
 )
 from .files import FileInfo, Files
+from .remote import AsyncRemoteSession, AsyncRemoteWorkbench, RemoteSession, RemoteWorkbench
 from .results import (
     CommandResult,
     ExecutionError,
@@ -37,8 +42,11 @@ from .tools import RateLimited, Tool, ToolContext
 __all__ = [
     "AsyncCommands",
     "AsyncFiles",
+    "AsyncRemoteSession",
+    "AsyncRemoteWorkbench",
     "AsyncSession",
     "AsyncWorkbench",
+    "AuthenticationError",
     "CommandResult",
     "Commands",
     "ConflictError",
@@ -61,12 +69,17 @@ __all__ = [
     "Output",
     "PathOutsideWorkspaceError",
     "RateLimited",
+    "RemoteSession",
+    "RemoteWorkbench",
+    "RequestTooLargeError",
+    "ServerError",
     "Session",
     "SessionClosedError",
     "SessionConfig",
     "SessionError",
     "SessionNotFoundError",
     "SessionRecord",
+    "TooManyExecutionsError",
     "Tool",
     "ToolContext",
     "ToolResult",
