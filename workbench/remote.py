@@ -69,8 +69,8 @@ def _timeout(seconds: float | None) -> httpx.Timeout:
 
 def _no_tool(slug: str | None) -> WorkbenchError:
     return WorkbenchError(
-        f"tools run where the server runs: register {slug or 'this tool'} in the module `workbench serve --app` "
-        "loads (a remote client cannot send a Python function to the server)")
+        f"the server has no tool {slug!r} in this toolkit: tools run where the server runs, so register it in the "
+        "module `workbench serve --app` loads (a remote client cannot send a Python function to the server)")
 
 
 def _plain_response(response: Any) -> dict[str, Any]:
@@ -206,8 +206,17 @@ class RemoteWorkbench:
 
     def tool(self, slug: str | None = None, *, toolkit: str = "default",
              description: str | None = None) -> Callable[[F], F]:
-        """Tools are registered on the server (`workbench serve --app module:wb`); the client cannot send one."""
-        raise _no_tool(slug)
+        """Tools run on the server, registered by the app it serves (`workbench serve --app module:wb`): a client
+        cannot send one. This checks that the server has a tool of this slug in this toolkit and returns the
+        function unchanged (the server's tool is what runs, never this function); WorkbenchError otherwise."""
+        def check(fn: F) -> F:
+            name = slug or fn.__name__
+            served = {(t.slug, t.toolkit) for t in _TOOLS.validate_json(self._request("GET", "/v1/tools").content)}
+            if (name, toolkit) not in served:
+                raise _no_tool(name)
+            return fn
+
+        return check
 
     def close(self) -> None:
         """Close the HTTP connections (the sessions live on, on the server)."""
@@ -521,8 +530,8 @@ class AsyncRemoteWorkbench:
 
     def tool(self, slug: str | None = None, *, toolkit: str = "default",
              description: str | None = None) -> Callable[[F], F]:
-        """Tools are registered on the server (`workbench serve --app module:wb`); the client cannot send one."""
-        raise _no_tool(slug)
+        """See `RemoteWorkbench.tool`: checks that the server has this tool; it runs there."""
+        return self.sync.tool(slug, toolkit=toolkit, description=description)
 
     async def close(self) -> None:
         await self.http.aclose()

@@ -152,18 +152,30 @@ class _Guard:
                 f"the request body has {length:,} bytes; this server takes at most {limit:,}"))(scope, receive, send)
             return
         received = 0
+        too_large: RequestTooLargeError | None = None
+        replaced = False
 
         async def bounded() -> Message:
-            nonlocal received
+            nonlocal received, too_large
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise RequestTooLargeError(f"the request body has more than {limit:,} bytes; this server "
-                                               f"takes at most {limit:,}")
+                    too_large = RequestTooLargeError(f"the request body has more than {limit:,} bytes; this "
+                                                     f"server takes at most {limit:,}")
+                    raise too_large
             return message
 
-        await self.app(scope, bounded, send)
+        async def answer(message: Message) -> None:
+            # whatever the app made of a body cut short (a parse error, a half-written upload): the caller is told 413
+            nonlocal replaced
+            if too_large is None:
+                await send(message)
+            elif not replaced and message["type"] == "http.response.start":
+                replaced = True
+                await _error_response(too_large)(scope, receive, send)
+
+        await self.app(scope, bounded, answer)
 
 
 class _Slots:
@@ -284,6 +296,11 @@ def create_app(
     async def healthz() -> dict[str, str]:
         """Whether the server is up (the one route that needs no key)."""
         return {"status": "ok"}
+
+    @app.get("/v1/tools", response_model=list[ToolInfo], tags=["tools"])
+    async def registered_tools() -> Response:
+        """Every tool the served Workbench registered (a session may call those of its toolkits and tools)."""
+        return _json([ToolInfo(**tool.describe()) for tool in workbench.tools.registered()])
 
     # sessions -------------------------------------------------------------------------------------------------
 
