@@ -38,7 +38,7 @@ def register_readme_tools(wb: Workbench) -> list[str]:
             elif not isinstance(node, (ast.Import, ast.ImportFrom, ast.AnnAssign)):
                 continue
             kept.append(node)
-        exec(compile(ast.Module(kept, []), str(README), "exec"), {"wb": wb})  # noqa: S102 (the README's own code)
+        exec(compile(ast.Module(kept, []), str(README), "exec"), {"wb": wb})  # the README's own code
     return registered
 
 

@@ -183,8 +183,8 @@ class RemoteWorkbench:
                metadata: dict[str, str] | None = None, allow_default_user: bool = False) -> RemoteSession:
         """Open a new session on the server (see `Workbench.create`)."""
         body = _create_body(user_id, toolkits, tools, limits, offload_threshold, metadata, allow_default_user)
-        return RemoteSession(self, SessionInfo.model_validate_json(self._request("POST", "/v1/sessions",
-                                                                                 json=body).content))
+        response = self._request("POST", "/v1/sessions", json=body, timeout=_timeout(None))  # a kernel starts
+        return RemoteSession(self, SessionInfo.model_validate_json(response.content))
 
     def use(self, session_id: str) -> RemoteSession:
         """The session with this id (of this API key); SessionClosedError when it is closed."""
@@ -509,7 +509,7 @@ class AsyncRemoteWorkbench:
                      metadata: dict[str, str] | None = None, allow_default_user: bool = False) -> AsyncRemoteSession:
         """Open a new session on the server (see `Workbench.create`)."""
         body = _create_body(user_id, toolkits, tools, limits, offload_threshold, metadata, allow_default_user)
-        response = await self._request("POST", "/v1/sessions", json=body)
+        response = await self._request("POST", "/v1/sessions", json=body, timeout=_timeout(None))
         return AsyncRemoteSession(self, SessionInfo.model_validate_json(response.content))
 
     async def use(self, session_id: str) -> AsyncRemoteSession:

@@ -80,6 +80,8 @@ class ServerSettings(BaseModel):
                             "workspace cap applies as well")
     max_executions_per_key: int = Field(default=128, ge=1, description="executions, commands and tool calls one "
                                         "API key may have running at once; past it: 429 too_many_executions")
+    max_starting: int = Field(default=4, ge=1, description="sessions created at once (each starts a kernel); more "
+                              "wait their turn rather than all starving the CPU past the kernels' start timeout")
     threads: int = Field(default=256, ge=8, description="threads running the Workbench's blocking calls")
     public_url: str | None = Field(default=None, description="the base URL clients reach this server by (for "
                                    "the MCP URLs of sessions); by default the one each request came to")
@@ -222,6 +224,7 @@ def create_app(
     secret = secret if secret is not None else load_secret(workbench.home)
     threads = ThreadPoolExecutor(settings.threads, thread_name_prefix="workbench-serve")
     slots = _Slots(settings.max_executions_per_key)
+    starting = threading.Semaphore(settings.max_starting)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -310,10 +313,11 @@ def create_app(
         key, base = key_of(request), base_url(request)
 
         def create() -> SessionInfo:
-            session = workbench.create(
-                body.user_id, toolkits=body.toolkits, tools=body.tools, limits=body.limits,
-                offload_threshold=body.offload_threshold, metadata=body.metadata,
-                allow_default_user=body.allow_default_user)
+            with starting:
+                session = workbench.create(
+                    body.user_id, toolkits=body.toolkits, tools=body.tools, limits=body.limits,
+                    offload_threshold=body.offload_threshold, metadata=body.metadata,
+                    allow_default_user=body.allow_default_user)
             try:
                 workbench.store.set_owner(session.session_id, key.key_id)
             except BaseException:
