@@ -124,6 +124,29 @@ def _sse_lines(lines: Iterable[str], dispatch: Callable[[str, Any], Any]) -> Any
     raise ServerError("the server closed the stream before the result")
 
 
+def _lines(chunks: Iterable[bytes]) -> Iterator[str]:
+    """The lines of an event stream, split at LF only (text's other line breaks are data)."""
+    pending = b""
+    for chunk in chunks:
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            yield line.rstrip(b"\r").decode()
+    if pending:
+        yield pending.decode()
+
+
+async def _alines(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
+    pending = b""
+    async for chunk in chunks:
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            yield line.rstrip(b"\r").decode()
+    if pending:
+        yield pending.decode()
+
+
 def _final(name: str, data: Any, model: type[BaseModel]) -> BaseModel | None:
     if name == "done":
         return model.model_validate(data)
@@ -290,7 +313,7 @@ class RemoteSession(_SessionState):
                 if response.status_code >= 400:
                     response.read()
                     _check(response)
-                return _sse_lines(response.iter_lines(), dispatch)  # type: ignore[no-any-return]
+                return _sse_lines(_lines(response.iter_bytes()), dispatch)  # type: ignore[no-any-return]
         except httpx.TransportError as exc:
             raise ServerError(f"lost the workbench server at {self._wb.url}: {exc}") from exc
 
@@ -566,7 +589,7 @@ class AsyncRemoteSession(_SessionState):
                     await response.aread()
                     _check(response)
                 name, data = "message", []
-                async for line in response.aiter_lines():
+                async for line in _alines(response.aiter_bytes()):
                     if line:
                         field, _, value = line.partition(":")
                         if field == "event":

@@ -205,8 +205,16 @@ class _Slots:
                 self._used.pop(key_id, None)
 
 
+_LINE_BREAKS = (("\u2028".encode(), b"\\u2028"), ("\u2029".encode(), b"\\u2029"), ("\x85".encode(), b"\\u0085"))
+
+
 def _event(name: str, data: Any) -> bytes:
-    return b"event: " + name.encode() + b"\ndata: " + _dump(data) + b"\n\n"
+    """One server-sent event. The JSON keeps to one line for every reader: the line breaks outside ASCII that
+    some split lines on (U+2028, U+2029, U+0085) are escaped as well (JSON escapes those below U+0020)."""
+    payload = _dump(data)
+    for raw, escaped in _LINE_BREAKS:
+        payload = payload.replace(raw, escaped)
+    return b"event: " + name.encode() + b"\ndata: " + payload + b"\n\n"
 
 
 def create_app(
