@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from benchmarks import agent, bridge, offload, sessions
+from benchmarks import agent, bridge, offload, server, sessions
 from benchmarks.kernel import (
     bare_ipykernel_roundtrips,
     bare_ipykernel_starts,
@@ -36,9 +36,9 @@ from workbench import Workbench
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"  # the full run's figures, committed
 QUICK_RESULTS = RESULTS.with_name("quick.json")  # a smoke run's: never over the full run's
 FULL = {"starts": 20, "creates": 20, "roundtrips": 300, "offload_mb": 100, "offload_runs": 3, "calls": 5000,
-        "idle": 3, "live": 300, "pairs": 300}
+        "idle": 3, "live": 300, "pairs": 300, "clients": 50, "load_seconds": 10.0}
 QUICK = {"starts": 3, "creates": 3, "roundtrips": 50, "offload_mb": 10, "offload_runs": 1, "calls": 500,
-         "idle": 1, "live": 10, "pairs": 30}
+         "idle": 1, "live": 10, "pairs": 30, "clients": 5, "load_seconds": 2.0}
 
 
 def machine(wb: Workbench) -> dict[str, Any]:
@@ -85,6 +85,8 @@ def run(quick: bool, say: Any) -> dict[str, Any]:
             say("meta tools")
             figures["meta_tools"] = agent.measure(wb, sizes["pairs"])
             figures["meta_tools"]["baseline"] = "session.execute of the same cell, interleaved pairs, same run"
+            say(f"workbench serve: REST against in-process, {sizes['clients']} concurrent clients")
+            figures["server"] = server.measure(wb, sizes["pairs"], sizes["clients"], sizes["load_seconds"])
             say("idle session memory")
             figures["idle_session_mib"] = sessions.idle_memory_mib(wb, sizes["idle"])
         with Workbench(home=home, pool_size=2, idle_timeout=None) as wb:
@@ -118,6 +120,17 @@ def table(figures: dict[str, Any]) -> Table:
               f"{meta['bare_p50_ms']:.2f} ms execute", f"{meta['meta_p50_ms'] / meta['bare_p50_ms']:.2f}", "< 1 ms")
     t.add_row(f"meta tool SEARCH_TOOLS over {meta['search_tools']} tools", f"{meta['search_p50_ms']:.2f} ms", "", "",
               "", "")
+    srv = figures.get("server")
+    if srv:
+        t.add_row("trivial execute through REST (workbench serve)", f"{srv['rest_p50_ms']:.2f} ms", "",
+                  f"{srv['bare_p50_ms']:.2f} ms in-process", f"{srv['rest_ratio']:.2f}",
+                  f"+{srv['rest_added_ms']:.2f} ms (<= +2 ms)")
+        mcp = srv.get("mcp_p50_ms")  # filled by the MCP endpoint's benchmark (benchmarks.server.measure_mcp)
+        t.add_row("trivial execute through MCP", f"{mcp:.2f} ms" if mcp is not None else "n/a", "",
+                  f"{srv['bare_p50_ms']:.2f} ms in-process", f"{srv['mcp_ratio']:.2f}" if mcp is not None else "",
+                  "")
+        t.add_row(f"executions/s, {srv['clients']} concurrent REST clients", f"{srv['rest_per_s']:,.0f}", "",
+                  f"{srv['in_process_per_s']:,.0f} in-process", f"{srv['throughput_ratio']:.2f}", ">= 0.7")
     t.add_row("idle session memory", f"{figures['idle_session_mib']:.1f} MiB", "", "", "", "<= 60 MiB")
     t.add_row("live sessions reached", f"{live['reached']} of {live['target']}", "",
               f"{live['create_rate_per_s']:.1f} creates/s", "", "300")

@@ -168,6 +168,8 @@ class Store:
         self.path = path
         self._db: sqlite3.Connection | None = None
         self._lock = threading.Lock()  # the connection
+        self._reader: sqlite3.Connection | None = None  # for API key checks (see api_key_by_hash)
+        self._reader_lock = threading.Lock()
         self._queue = threading.Lock()  # the entries waiting for a commit
         self._pending: list[tuple] = []
         self._added: dict[str, int] = {}  # log entries per session since its last pruning (see _prune)
@@ -324,9 +326,15 @@ class Store:
 
     @_guarded
     def api_key_by_hash(self, key_hash: str) -> ApiKeyRecord | None:
-        """The active (not revoked) key with this hash, or None."""
-        row = self._exec("SELECT key_id, name, created_at, revoked_at FROM api_keys WHERE key_hash = ? "
-                         "AND revoked_at IS NULL", (key_hash,)).fetchone()
+        """The active (not revoked) key with this hash, or None. Read on a connection of its own: a server checks a
+        key on every request, and must not wait behind the commits of executions (WAL readers never do)."""
+        with self._reader_lock:
+            if self._reader is None:
+                self._connection()  # a closed store stays closed
+                self._reader = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+                self._reader.row_factory = sqlite3.Row
+            row = self._reader.execute("SELECT key_id, name, created_at, revoked_at FROM api_keys WHERE key_hash = ? "
+                                       "AND revoked_at IS NULL", (key_hash,)).fetchone()
         return ApiKeyRecord(**dict(row)) if row is not None else None
 
     @_guarded
@@ -596,6 +604,10 @@ class Store:
                 if self._db is not None:
                     self._db.close()
                     self._db = None
+            with self._reader_lock:
+                if self._reader is not None:
+                    self._reader.close()
+                    self._reader = None
 
 
 def _flush_journal(ref: weakref.ref[Store], due: threading.Condition) -> None:

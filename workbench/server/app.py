@@ -265,8 +265,15 @@ def create_app(
             raise AuthenticationError("no API key given")
         return key
 
+    owners: dict[str, str] = {}  # session id -> its key's id: set once, never changed, so kept once read
+
     def owned(key: ApiKeyRecord, session_id: str) -> None:
-        if workbench.store.owner(session_id) != key.key_id:  # another key's session is not there at all
+        owner = owners.get(session_id)
+        if owner is None:
+            owner = workbench.store.owner(session_id)
+            if owner is not None and len(owners) < 1_000_000:
+                owners[session_id] = owner
+        if owner != key.key_id:  # another key's session is not there at all
             raise SessionNotFoundError(f"no session {session_id!r}")
 
     def session_of(key: ApiKeyRecord, session_id: str) -> Session:
