@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import docker
 
-from .agent import Format
+from .agent import Answer, Format
 from .agent.answers import DEFAULT_LIMIT
 from .client import GcReport, Workbench
 from .commands import Commands
@@ -24,6 +24,7 @@ from .files import Data, FileInfo, Files
 from .results import CommandResult, ExecutionError, ExecutionResult, Output, ToolResult
 from .session import Session
 from .store import LogEntry, SessionRecord
+from .tools import Tool
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -193,6 +194,14 @@ class AsyncSession(_Threads):
     def tools(self, format: Format = "openai", *, include_tools: bool = False) -> list[Any]:
         """The meta tools as tool definitions for a model (see `Session.tools`)."""
         return self.sync.tools(format, include_tools=include_tools)
+
+    async def available_tools(self) -> list[Tool]:
+        """The tools this session may call now (see `Session.available_tools`)."""
+        return await self._run(self.sync.available_tools)
+
+    async def answer_tool_call(self, name: str, arguments: dict[str, Any] | str | None = None) -> Answer:
+        """`handle_tool_call`, with whether the answer reports an error (see `Session.answer_tool_call`)."""
+        return await self._run(self.sync.answer_tool_call, name, arguments)
 
     async def handle_tool_call(self, name: str, arguments: dict[str, Any] | str | None = None) -> str:
         """Answer one tool call a model made (see `Session.handle_tool_call`)."""
