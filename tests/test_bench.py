@@ -27,6 +27,9 @@ def test_quick_benchmark_suite_writes_its_figures(wb: Workbench, tmp_path: Path)
     assert 1 < figures["idle_session_mib"] < 1024
     meta = figures["meta_tools"]
     assert meta["bare_p50_ms"] > 0 and meta["meta_p50_ms"] > 0 and meta["pairs"] == 30 and meta["search_p50_ms"] > 0
+    server = figures["server"]
+    assert server["bare_p50_ms"] > 0 and server["rest_p50_ms"] > 0 and server["pairs"] == 30
+    assert server["rest_per_s"] > 0 and server["in_process_per_s"] > 0 and server["clients"] == 5
     live = figures["live_sessions"]
     assert live["reached"] == live["target"] == 10 and live["first_failure"] is None
     assert live["sample_answering"] >= 1 and live["create_rate_per_s"] > 0
