@@ -286,3 +286,21 @@ def test_many_agents_at_once(served: Server, api_key: str) -> None:
         orders = list(pool.map(agent, range(clients)))
     assert orders == [[0, 1, 2, 3, 4]] * clients
     print(f"{clients} agents in {time.monotonic() - started:.1f}s")
+
+
+def test_serve_warns_off_loopback_without_tls_and_refuses_a_bad_app(wb: Workbench, home: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    server = Server(home, "--host", "0.0.0.0").start()
+    try:
+        assert httpx.get(f"{server.url}/healthz").status_code == 200
+    finally:
+        server.stop()
+    assert "without TLS" in server.log.read_text()
+    env = {**os.environ, "WORKBENCH_HOME": str(home)}
+    for app, said in (("no_such_module:wb", "no_such_module"), ("readme_app:README", "not a Workbench")):
+        proc = subprocess.run([sys.executable, "-m", "workbench", "serve", "--app", app, "--port", "1"],
+                              capture_output=True, text=True, env=env, cwd=Path(__file__).parent, timeout=60)
+        assert proc.returncode == 2 and said in proc.stderr, proc.stderr
