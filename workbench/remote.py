@@ -176,8 +176,14 @@ def _chunks(data: bytes | str | BinaryIO | Iterable[bytes]) -> bytes | Iterator[
         return bytes(data)
     read = getattr(data, "read", None)
     if callable(read):
-        return iter(lambda: read(CHUNK), b"")
-    return iter(data)
+        return _read_chunks(read)
+    return (chunk.encode() if isinstance(chunk, str) else bytes(chunk) for chunk in data)
+
+
+def _read_chunks(read: Callable[[int], bytes | str]) -> Iterator[bytes]:
+    """A file object's content in chunks (a text file's as UTF-8)."""
+    while chunk := read(CHUNK):
+        yield chunk.encode() if isinstance(chunk, str) else chunk
 
 
 # sync ---------------------------------------------------------------------------------------------------------
