@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from benchmarks import agent, bridge, mcp, offload, sessions, state
+from benchmarks import agent, bridge, mcp, offload, server, sessions, state
 from benchmarks.kernel import (
     bare_ipykernel_roundtrips,
     bare_ipykernel_starts,
@@ -36,9 +36,9 @@ from workbench import Workbench
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"  # the full run's figures, committed
 QUICK_RESULTS = RESULTS.with_name("quick.json")  # a smoke run's: never over the full run's
 FULL = {"starts": 20, "creates": 20, "roundtrips": 300, "offload_mb": 100, "offload_runs": 3, "calls": 5000,
-        "idle": 3, "live": 300, "pairs": 300, "state_runs": 5, "paused": 1000}
+        "idle": 3, "live": 300, "pairs": 300, "state_runs": 5, "paused": 1000, "clients": 50, "load_seconds": 10.0}
 QUICK = {"starts": 3, "creates": 3, "roundtrips": 50, "offload_mb": 10, "offload_runs": 1, "calls": 500,
-         "idle": 1, "live": 10, "pairs": 30, "state_runs": 1, "paused": 5}
+         "idle": 1, "live": 10, "pairs": 30, "state_runs": 1, "paused": 5, "clients": 5, "load_seconds": 2.0}
 
 
 def machine(wb: Workbench) -> dict[str, Any]:
@@ -87,6 +87,10 @@ def run(quick: bool, say: Any) -> dict[str, Any]:
             figures["meta_tools"]["baseline"] = "session.execute of the same cell, interleaved pairs, same run"
             say("MCP over Streamable HTTP")
             figures["mcp_execute"] = mcp.measure(wb, sizes["pairs"])
+            say(f"workbench serve: REST against in-process, {sizes['clients']} concurrent clients")
+            figures["server"] = server.measure(wb, sizes["pairs"], sizes["clients"], sizes["load_seconds"])
+            figures["server"]["mcp_p50_ms"] = figures["mcp_execute"]["mcp_p50_ms"]
+            figures["server"]["mcp_ratio"] = figures["mcp_execute"]["ratio"]
             say(f"pause and resume; {sizes['paused']} paused sessions")
             figures["pause_resume"] = state.measure(wb, sizes["state_runs"], sizes["paused"])
             say("idle session memory")
@@ -127,6 +131,13 @@ def table(figures: dict[str, Any]) -> Table:
                   "")
     t.add_row(f"meta tool SEARCH_TOOLS over {meta['search_tools']} tools", f"{meta['search_p50_ms']:.2f} ms", "", "",
               "", "")
+    srv = figures.get("server")
+    if srv:
+        t.add_row("trivial execute through REST (workbench serve)", f"{srv['rest_p50_ms']:.2f} ms", "",
+                  f"{srv['bare_p50_ms']:.2f} ms in-process", f"{srv['rest_ratio']:.2f}",
+                  f"+{srv['rest_added_ms']:.2f} ms (<= +2 ms)")
+        t.add_row(f"executions/s, {srv['clients']} concurrent REST clients", f"{srv['rest_per_s']:,.0f}", "",
+                  f"{srv['in_process_per_s']:,.0f} in-process", f"{srv['throughput_ratio']:.2f}", ">= 0.7")
     if "pause_resume" in figures:  # (results written before pause and resume have none)
         pr = figures["pause_resume"]
         t.add_row("pause + resume, 1M-row DataFrame", sec(pr["pause_resume_p50"]), "",

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from served import Server
 
 os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")  # Ryuk's image cannot be pulled here
 
@@ -185,3 +186,16 @@ def bridge_client() -> str:
     """Sandbox code speaking the bridge's wire format by hand (connect, frame, read, request), for tests that
     send what run_tool never would."""
     return BRIDGE_CLIENT
+
+
+@pytest.fixture(scope="session")
+def served(wb: Workbench, home: Path) -> Iterator[Server]:
+    """A real `workbench serve` (the README's tools registered) on the tests' home, for the whole run."""
+    server = Server(home).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def api_key(served: Server) -> str:
+    return served.key("tests")

@@ -30,6 +30,11 @@ def test_quick_benchmark_suite_writes_its_figures(wb: Workbench, tmp_path: Path)
     over_mcp = figures["mcp_execute"]
     assert over_mcp["bare_p50_ms"] > 0 and over_mcp["mcp_p50_ms"] > 0 and over_mcp["ratio"] > 0
     assert over_mcp["pairs"] == 30
+    server = figures["server"]
+    assert server["bare_p50_ms"] > 0 and server["rest_p50_ms"] > 0 and server["pairs"] == 30
+    assert server["rest_per_s"] > 0 and server["in_process_per_s"] > 0 and server["clients"] == 5
+    paused = figures["pause_resume"]
+    assert paused["pause_resume_p50"] > 0 and paused["paused"]["containers"] == 0 and paused["paused"]["sessions"] == 5
     live = figures["live_sessions"]
     assert live["reached"] == live["target"] == 10 and live["first_failure"] is None
     assert live["sample_answering"] >= 1 and live["create_rate_per_s"] > 0

@@ -4,6 +4,7 @@ from .client import GcReport, Workbench
 from .commands import Commands
 from .config import Limits
 from .errors import (
+    AuthenticationError,
     BackendUnavailableError,
     ConflictError,
     DockerUnavailableError,
@@ -15,14 +16,18 @@ from .errors import (
     KernelStartError,
     MetadataError,
     PathOutsideWorkspaceError,
+    RequestTooLargeError,
+    ServerError,
     SessionClosedError,
     SessionError,
     SessionNotFoundError,
+    TooManyExecutionsError,
     WorkbenchError,
     WorkspaceFileNotFoundError,
     WorkspaceFullError,
 )
 from .files import FileInfo, Files
+from .remote import AsyncRemoteSession, AsyncRemoteWorkbench, RemoteSession, RemoteWorkbench
 from .results import (
     CommandResult,
     ExecutionError,
@@ -38,8 +43,11 @@ from .tools import RateLimited, Tool, ToolContext
 __all__ = [
     "AsyncCommands",
     "AsyncFiles",
+    "AsyncRemoteSession",
+    "AsyncRemoteWorkbench",
     "AsyncSession",
     "AsyncWorkbench",
+    "AuthenticationError",
     "BackendUnavailableError",
     "CommandResult",
     "Commands",
@@ -64,12 +72,17 @@ __all__ = [
     "PathOutsideWorkspaceError",
     "PausedState",
     "RateLimited",
+    "RemoteSession",
+    "RemoteWorkbench",
+    "RequestTooLargeError",
+    "ServerError",
     "Session",
     "SessionClosedError",
     "SessionConfig",
     "SessionError",
     "SessionNotFoundError",
     "SessionRecord",
+    "TooManyExecutionsError",
     "Tool",
     "ToolContext",
     "ToolResult",

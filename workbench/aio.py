@@ -26,6 +26,7 @@ from .kernelspec import KernelSpec
 from .results import CommandResult, ExecutionError, ExecutionResult, Output, ToolResult
 from .session import Session
 from .store import LogEntry, PausedState, SessionRecord
+from .tools import Tool
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -170,11 +171,12 @@ class AsyncSession(_Threads):
         offload_threshold: int | None = None,
         metadata: dict[str, str] | None = None,
         restart_if_needed: bool = False,
+        config_version: int | None = None,
     ) -> int:
         """Change the session's config in place (see `Session.update`)."""
         return await self._run(self.sync.update, toolkits=toolkits, tools=tools, limits=limits,
                                offload_threshold=offload_threshold, metadata=metadata,
-                               restart_if_needed=restart_if_needed)
+                               restart_if_needed=restart_if_needed, config_version=config_version)
 
     async def execute_tool(
         self, slug: str, arguments: dict[str, Any] | None = None, *, sync_to_workbench: bool = False,
@@ -199,6 +201,10 @@ class AsyncSession(_Threads):
     def tools(self, format: Format = "openai", *, include_tools: bool = False) -> list[Any]:
         """The meta tools as tool definitions for a model (see `Session.tools`)."""
         return self.sync.tools(format, include_tools=include_tools)
+
+    async def available_tools(self) -> list[Tool]:
+        """The tools this session may call now (see `Session.available_tools`)."""
+        return await self._run(self.sync.available_tools)
 
     async def handle_tool_call(self, name: str, arguments: dict[str, Any] | str | None = None) -> str:
         """Answer one tool call a model made (see `Session.handle_tool_call`)."""

@@ -19,7 +19,7 @@ from .errors import WorkbenchError
 
 if TYPE_CHECKING:
     from .client import Workbench
-    from .store import SessionRecord
+    from .store import SessionRecord, Store
 
 console = Console(stderr=True, highlight=False)
 out = Console(highlight=False, soft_wrap=True)
@@ -414,6 +414,124 @@ def bench(quick: bool, out: Path | None) -> None:
     sys.path.insert(0, str(root))
     sys.argv = ["benchmarks", *(["--quick"] if quick else []), *(["--out", str(out)] if out else [])]
     runpy.run_module("benchmarks", run_name="__main__", alter_sys=True)
+
+
+@main.command()
+@click.option("--app", "app_string", metavar="MODULE:ATTR",
+              help="The Workbench to serve (with the tools its module registers): a Workbench, or a function "
+                   "without arguments returning one, as uvicorn loads apps. Default: a Workbench with no tools.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind; anything but loopback "
+              "exposes the API to the network (use TLS).")
+@click.option("--port", default=8642, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--ssl-certfile", type=click.Path(exists=True, dir_okay=False), help="TLS certificate (PEM).")
+@click.option("--ssl-keyfile", type=click.Path(exists=True, dir_okay=False), help="TLS private key (PEM).")
+@click.option("--public-url", help="The base URL clients reach this server by (for the sessions' MCP URLs).")
+@click.option("--max-body", type=click.IntRange(1024), default=4 << 20, show_default=True,
+              help="Bytes of a JSON request body.")
+@click.option("--max-upload", type=click.IntRange(1024), default=4 << 30, show_default=True,
+              help="Bytes of one file upload (the session's workspace cap applies too).")
+@click.option("--max-executions-per-key", type=click.IntRange(1), default=128, show_default=True,
+              help="Executions, commands and tool calls one API key may run at once (429 past it).")
+@click.option("--log-level", default="warning", show_default=True,
+              type=click.Choice(["critical", "error", "warning", "info", "debug"]))
+def serve(app_string: str | None, host: str, port: int, ssl_certfile: str | None, ssl_keyfile: str | None,
+          public_url: str | None, max_body: int, max_upload: int, max_executions_per_key: int, log_level: str) -> None:
+    """Serve the HTTP API (OpenAPI at /openapi.json, docs at /docs) and the sessions' MCP endpoints.
+
+    Every route but /healthz needs an API key (workbench keys create NAME). Stopping the server keeps the
+    sessions: their kernels and the store live on, and a server started again serves them."""
+    import uvicorn
+
+    from .server.app import ServerSettings, build_app, is_loopback
+
+    if bool(ssl_certfile) != bool(ssl_keyfile):
+        raise click.UsageError("--ssl-certfile and --ssl-keyfile go together")
+    if not is_loopback(host) and not ssl_certfile:
+        console.print(f"[yellow]warning:[/yellow] serving on {escape(host)} without TLS: API keys and session "
+                      "tokens cross the network in clear text (pass --ssl-certfile and --ssl-keyfile, or put a TLS "
+                      "proxy in front)")
+    wb = _served_workbench(app_string)
+    settings = ServerSettings(max_body=max_body, max_upload=max_upload, public_url=public_url,
+                              max_executions_per_key=max_executions_per_key)
+    try:
+        if not wb.store.api_keys():
+            console.print("[yellow]note:[/yellow] no API key exists yet: every request will be refused until one "
+                          "is made with `workbench keys create NAME`")
+        config = uvicorn.Config(build_app(wb, settings), host=host, port=port, log_level=log_level,
+                                ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile, timeout_graceful_shutdown=5,
+                                access_log=log_level in ("info", "debug"))
+        server = uvicorn.Server(config)
+        console.print(f"serving {escape(str(wb.home))} on http{'s' if ssl_certfile else ''}://{escape(host)}:{port}")
+        server.run()
+    finally:
+        wb.close()  # disconnects; the kernels and the sessions stay for the next server
+
+
+def _served_workbench(app_string: str | None) -> Workbench:
+    """The Workbench of `--app MODULE:ATTR` (a Workbench, or a zero-argument function returning one)."""
+    from .client import Workbench
+
+    if app_string is None:
+        return Workbench()
+    from uvicorn.importer import ImportFromStringError, import_from_string
+
+    if "" not in sys.path and "." not in sys.path:
+        sys.path.insert(0, "")  # as uvicorn does: modules of the current folder
+    try:
+        found = import_from_string(app_string)
+    except ImportFromStringError as exc:
+        raise click.UsageError(f"--app {app_string}: {exc}") from None
+    if not isinstance(found, Workbench) and callable(found):
+        found = found()
+    if not isinstance(found, Workbench):
+        raise click.UsageError(f"--app {app_string} is a {type(found).__name__}, not a Workbench (or a function "
+                               "returning one)")
+    return found
+
+
+@main.group()
+def keys() -> None:
+    """API keys of `workbench serve`."""
+
+
+def _store() -> Store:
+    from .config import default_home
+    from .container import private_dir
+    from .store import Store
+
+    home = default_home()
+    private_dir(home)
+    return Store(home / "workbench.db")
+
+
+@keys.command("create")
+@click.argument("name")
+def keys_create(name: str) -> None:
+    """Make an API key; it is printed once (only its hash is kept)."""
+    from .server.auth import create_key
+
+    record, key = create_key(_store(), name)
+    console.print(f"key {record.key_id} ({escape(record.name)}): shown once, keep it now")
+    out.print(key)
+
+
+@keys.command("list")
+def keys_list() -> None:
+    """The API keys (never the keys themselves)."""
+    table = Table("id", "name", "created", "status")
+    for record in _store().api_keys():
+        table.add_row(record.key_id, Text(record.name), _when(record.created_at),
+                      "active" if record.active else f"revoked {_when(record.revoked_at or 0)}")
+    out.print(table)
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+def keys_revoke(key_id: str) -> None:
+    """Revoke an API key: the server refuses it from the next request on."""
+    if not _store().revoke_api_key(key_id):
+        raise click.ClickException(f"no active key {key_id!r} (see workbench keys list)")
+    console.print(f"revoked {escape(key_id)}")
 
 
 @main.command()

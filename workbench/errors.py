@@ -72,3 +72,23 @@ class WorkspaceFullError(FileError):
 
 class StoreError(WorkbenchError):
     """The session store (the SQLite file under the home) cannot be read or written: damaged, locked or gone."""
+
+
+class ServerError(WorkbenchError):
+    """A `workbench serve` server refused a request, or could not be reached (the remote client raises these)."""
+
+
+class AuthenticationError(ServerError):
+    """No API key, or one the server does not know (or revoked)."""
+
+
+class TooManyExecutionsError(ServerError):
+    """The API key has as many executions running as the server allows it at once; retry when one ends."""
+
+
+class RequestTooLargeError(ServerError):
+    """The request's body is larger than the server accepts."""
+
+
+class InvalidRequestError(ServerError, ValueError):
+    """The request does not fit the API (a missing or malformed field)."""

@@ -270,16 +270,24 @@ class Session:
         offload_threshold: int | None = None,
         metadata: dict[str, str] | None = None,
         restart_if_needed: bool = False,
+        config_version: int | None = None,
     ) -> int:
         """Change the session's config in place; returns the new `config_version`.
 
         `metadata` replaces the session's metadata as a whole. Raises ConflictError when another caller changed
-        the config since this session object read it.
+        the config since this session object read it, or, given `config_version` (the version the caller read,
+        e.g. a remote client), when the stored config is at another version.
         Memory and CPU limits apply to the running kernel; a change of `pids` or `tmp_size` needs a new
         container (variables lost) and is refused unless `restart_if_needed`.
         """
         with self._lock:
             self._check_open()
+            if config_version is not None:
+                record = self._services.store.get(self.session_id)
+                if record.config_version != config_version:
+                    raise ConflictError(f"session {self.session_id} config is at version {record.config_version}, "
+                                        f"not {config_version}: reload it and apply the change again")
+                self.config, self.config_version = record.config, record.config_version
             new_limits = self._services.limits(limits) if limits is not None else self.config.limits
             needs_restart = (new_limits.pids, new_limits.tmp_size) != (self.limits.pids, self.limits.tmp_size)
             if needs_restart and not restart_if_needed:

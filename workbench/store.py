@@ -58,6 +58,18 @@ CREATE TABLE IF NOT EXISTS logs (
     created_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS logs_session ON logs (session_id, id);
+CREATE TABLE IF NOT EXISTS api_keys (  -- `workbench serve`'s API keys: only their sha256 is kept
+    key_id     TEXT PRIMARY KEY,
+    name       TEXT NOT NULL,
+    key_hash   TEXT NOT NULL UNIQUE,
+    created_at REAL NOT NULL,
+    revoked_at REAL
+);
+CREATE TABLE IF NOT EXISTS session_owners (  -- the API key that created a session through the server
+    session_id TEXT PRIMARY KEY,
+    key_id     TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS session_owners_key ON session_owners (key_id);
 CREATE TABLE IF NOT EXISTS journal_marks (  -- how far each tool-call journal has been copied into logs
     name   TEXT PRIMARY KEY,
     offset INTEGER NOT NULL
@@ -150,6 +162,19 @@ class LogEntry(BaseModel):
         return self.detail.get("metadata") or {}
 
 
+class ApiKeyRecord(BaseModel):
+    """An API key of `workbench serve`, as stored: never the key itself, only its hash."""
+
+    key_id: str
+    name: str
+    created_at: float
+    revoked_at: float | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None
+
+
 def _guarded(method: F) -> F:
     """Every sqlite3 error (and a row that no longer parses) leaves the Store as a StoreError naming the file."""
     @functools.wraps(method)
@@ -180,6 +205,8 @@ class Store:
         self.path = path
         self._db: sqlite3.Connection | None = None
         self._lock = threading.Lock()  # the connection
+        self._reader: sqlite3.Connection | None = None  # for API key checks (see api_key_by_hash)
+        self._reader_lock = threading.Lock()
         self._queue = threading.Lock()  # the entries waiting for a commit
         self._pending: list[tuple] = []
         self._added: dict[str, int] = {}  # log entries per session since its last pruning (see _prune)
@@ -259,9 +286,13 @@ class Store:
 
     @_guarded
     def list(self, user_id: str | None = None, status: str | None = "open",
-             metadata: dict[str, str] | None = None) -> builtins.list[SessionRecord]:
-        """Sessions, oldest first: of one user, of one status, and with every `metadata` key at that value."""
+             metadata: dict[str, str] | None = None, owner: str | None = None) -> builtins.list[SessionRecord]:
+        """Sessions, oldest first: of one user, of one status, with every `metadata` key at that value, and
+        created through the server with the API key `owner`."""
         sql, args = "SELECT * FROM sessions WHERE 1=1", builtins.list[str]()
+        if owner is not None:
+            sql, args = (sql + " AND session_id IN (SELECT session_id FROM session_owners WHERE key_id = ?)",
+                         [*args, owner])
         if user_id is not None:
             sql, args = sql + " AND user_id = ?", [*args, user_id]
         if status is not None:
@@ -339,6 +370,53 @@ class Store:
     @_guarded
     def set_status(self, session_id: str, status: str) -> None:
         self._exec("UPDATE sessions SET status = ?, kernel = NULL WHERE session_id = ?", (status, session_id))
+
+    # API keys and session owners (`workbench serve`) ----------------------------------------------------------
+
+    @_guarded
+    def add_api_key(self, key_id: str, name: str, key_hash: str) -> ApiKeyRecord:
+        """Store a new API key by its hash (the key itself is never stored)."""
+        record = ApiKeyRecord(key_id=key_id, name=name, created_at=time.time())
+        self._exec("INSERT INTO api_keys (key_id, name, key_hash, created_at) VALUES (?, ?, ?, ?)",
+                   (key_id, name, key_hash, record.created_at))
+        return record
+
+    @_guarded
+    def api_key_by_hash(self, key_hash: str) -> ApiKeyRecord | None:
+        """The active (not revoked) key with this hash, or None. Read on a connection of its own: a server checks a
+        key on every request, and must not wait behind the commits of executions (WAL readers never do)."""
+        with self._reader_lock:
+            if self._reader is None:
+                self._connection()  # a closed store stays closed
+                self._reader = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+                self._reader.row_factory = sqlite3.Row
+            row = self._reader.execute("SELECT key_id, name, created_at, revoked_at FROM api_keys WHERE key_hash = ? "
+                                       "AND revoked_at IS NULL", (key_hash,)).fetchone()
+        return ApiKeyRecord(**dict(row)) if row is not None else None
+
+    @_guarded
+    def api_keys(self) -> builtins.list[ApiKeyRecord]:
+        """Every API key, revoked ones too, oldest first."""
+        rows = self._exec("SELECT key_id, name, created_at, revoked_at FROM api_keys ORDER BY created_at").fetchall()
+        return [ApiKeyRecord(**dict(row)) for row in rows]
+
+    @_guarded
+    def revoke_api_key(self, key_id: str) -> bool:
+        """Revoke a key for good; False when no active key has this id."""
+        cursor = self._exec("UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL",
+                            (time.time(), key_id))
+        return cursor.rowcount == 1
+
+    @_guarded
+    def set_owner(self, session_id: str, key_id: str) -> None:
+        """Record the API key that created a session (once: a session never changes hands)."""
+        self._exec("INSERT INTO session_owners (session_id, key_id) VALUES (?, ?)", (session_id, key_id))
+
+    @_guarded
+    def owner(self, session_id: str) -> str | None:
+        """The id of the API key that created the session through the server, or None."""
+        row = self._exec("SELECT key_id FROM session_owners WHERE session_id = ?", (session_id,)).fetchone()
+        return row[0] if row is not None else None
 
     @_guarded
     def data_version(self) -> int:
@@ -583,6 +661,10 @@ class Store:
                 if self._db is not None:
                     self._db.close()
                     self._db = None
+            with self._reader_lock:
+                if self._reader is not None:
+                    self._reader.close()
+                    self._reader = None
 
 
 def _flush_journal(ref: weakref.ref[Store], due: threading.Condition) -> None:

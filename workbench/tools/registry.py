@@ -147,6 +147,10 @@ class ToolRegistry:
         except KeyError:
             raise ToolCallError("not_found", f"no tool {slug!r} is registered") from None
 
+    def registered(self) -> list[Tool]:
+        """Every registered tool, in the order they were registered."""
+        return list(self._tools.values())
+
     def allowed(self, toolkits: list[str], tools: list[str]) -> list[Tool]:
         """The tools a session with this config may call."""
         return [t for t in self._tools.values() if t.slug in tools or t.toolkit in toolkits]

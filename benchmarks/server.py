@@ -1,0 +1,171 @@
+"""What `workbench serve` adds to an execution, against the in-process call, in the same run.
+
+    python -m benchmarks.server [--pairs 300] [--clients 50] [--seconds 10] [--json]
+
+Latency: a trivial cell (`1`) through REST (`RemoteWorkbench`, keep-alive connection) and through
+`Session.execute` in this process, on twin sessions (one client attached to each kernel), interleaved (each pair
+in alternating order); the added time is the median of the paired differences. Throughput: `clients` sessions,
+each driven by a client of its own in a loop of trivial executions for `seconds`, through REST (a RemoteWorkbench
+per client) and then in-process (a thread per session), executions per second of each. The MCP figure
+(`mcp_*`) is measured by `measure_mcp` when the MCP endpoint is in this build; None otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from workbench import RemoteWorkbench, Session, Workbench
+from workbench.server.auth import create_key
+
+CELL = "1"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class _Served:
+    """`workbench serve` on `home`, in a subprocess."""
+
+    def __init__(self, home: Path) -> None:
+        self.url = f"http://127.0.0.1:{_free_port()}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "workbench", "serve", "--port", self.url.rsplit(":", 1)[1]],
+            env={**os.environ, "WORKBENCH_HOME": str(home)}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError("workbench serve did not come up")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=30)
+
+
+def measure_mcp(url: str, session: Any, n: int) -> list[float] | None:
+    """Seconds per trivial execute through the session's MCP endpoint (`WORKBENCH_REMOTE_WORKBENCH`), or None while
+    this build has no MCP endpoint. (The MCP part fills this in.)"""
+    return None
+
+
+def _loop(run: Callable[[], Any], stop: threading.Event, counts: list[int], i: int) -> None:
+    while not stop.is_set():
+        run()
+        counts[i] += 1
+
+
+def _throughput(runs: list[Callable[[], Any]], seconds: float) -> float:
+    """Executions per second of one thread per callable, all at once, over `seconds` (after a short warm-up)."""
+    stop, counts = threading.Event(), [0] * len(runs)
+    threads = [threading.Thread(target=_loop, args=(run, stop, counts, i)) for i, run in enumerate(runs)]
+    for thread in threads:
+        thread.start()
+    time.sleep(min(2.0, seconds / 4))  # warm-up: every client has its connection and its session attached
+    start, begun = sum(counts), time.perf_counter()
+    time.sleep(seconds)
+    done, took = sum(counts) - start, time.perf_counter() - begun
+    stop.set()
+    for thread in threads:
+        thread.join()
+    return done / took
+
+
+def measure(wb: Workbench, pairs: int = 300, clients: int = 50, seconds: float = 10.0) -> dict[str, Any]:
+    """Milliseconds (p50s, paired overhead) and executions per second; see the module's docstring."""
+    _, key = create_key(wb.store, f"bench-{os.getpid()}")
+    served = _Served(wb.home)
+    try:
+        remote = RemoteWorkbench(served.url, key)
+        rs = remote.create(user_id="bench", limits={"memory": "256m"})
+        local = wb.create(user_id="bench", limits={"memory": "256m"})  # a twin: one client attached to each kernel
+        for _ in range(20):
+            local.execute(CELL)
+            rs.execute(CELL)
+        bare, rest, added = [], [], []
+        for i in range(pairs):
+            pair: dict[str, float] = {}
+            for which in (("bare", "rest") if i % 2 == 0 else ("rest", "bare")):
+                started = time.perf_counter()
+                result = (local if which == "bare" else rs).execute(CELL)
+                pair[which] = time.perf_counter() - started
+                assert result.text == "1", result
+            bare.append(pair["bare"])
+            rest.append(pair["rest"])
+            added.append(pair["rest"] - pair["bare"])
+        mcp = measure_mcp(served.url, rs, pairs)
+        rs.close(delete_workspace=True)
+        local.close(delete_workspace=True)
+
+        sessions = [remote.create(user_id=f"bench-{i}", limits={"memory": "128m"}) for i in range(clients)]
+        clients_ = [RemoteWorkbench(served.url, key).use(s.session_id) for s in sessions]
+        over_rest = _throughput([lambda c=c: c.execute(CELL) for c in clients_], seconds)
+        for s in sessions:
+            s.close(delete_workspace=True)
+        locals_: list[Session] = [wb.create(user_id=f"bench-{i}", limits={"memory": "128m"}) for i in range(clients)]
+        in_process = _throughput([lambda s=s: s.execute(CELL) for s in locals_], seconds)
+        for each in locals_:
+            each.close(delete_workspace=True)
+    finally:
+        served.stop()
+        wb.gc()  # this process mounted the workspaces too (its in-process runs): unmount what is closed
+    ms = lambda values: statistics.median(values) * 1000
+    figures: dict[str, Any] = {
+        "bare_p50_ms": ms(bare), "rest_p50_ms": ms(rest), "rest_added_ms": ms(added),
+        "rest_ratio": ms(rest) / ms(bare), "pairs": pairs,
+        "mcp_p50_ms": ms(mcp) if mcp else None, "mcp_ratio": ms(mcp) / ms(bare) if mcp else None,
+        "clients": clients, "seconds": seconds, "rest_per_s": over_rest, "in_process_per_s": in_process,
+        "throughput_ratio": over_rest / in_process,
+        "baseline": "Session.execute in the benchmark's process on twin sessions, same run"}
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=300)
+    parser.add_argument("--clients", type=int, default=50)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="wb-bench-", ignore_cleanup_errors=True) as home, \
+            Workbench(home=home, pool_size=0) as wb:
+        wb.build_image()
+        figures = measure(wb, args.pairs, args.clients, args.seconds)
+    if args.json:
+        print(json.dumps(figures))
+        return
+    print(f"trivial execute ({args.pairs} interleaved pairs)")
+    print(f"  in-process Session.execute      p50 {figures['bare_p50_ms']:6.2f} ms")
+    print(f"  REST (RemoteWorkbench)          p50 {figures['rest_p50_ms']:6.2f} ms   ratio {figures['rest_ratio']:.2f}")
+    print(f"  added by REST (paired median)       {figures['rest_added_ms']:6.2f} ms   target <= 2 ms")
+    if figures["mcp_p50_ms"] is not None:
+        print(f"  MCP                             p50 {figures['mcp_p50_ms']:6.2f} ms   "
+              f"ratio {figures['mcp_ratio']:.2f}")
+    print(f"{args.clients} concurrent clients, {args.seconds:g}s each")
+    print(f"  REST        {figures['rest_per_s']:8.0f} executions/s")
+    print(f"  in-process  {figures['in_process_per_s']:8.0f} executions/s   ratio {figures['throughput_ratio']:.2f}"
+          "   target >= 0.7")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,306 @@
+"""`workbench serve` as clients see it: a real server in a subprocess, httpx and RemoteWorkbench against it."""
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from served import Server
+
+from workbench import (
+    AsyncRemoteWorkbench,
+    ConflictError,
+    PathOutsideWorkspaceError,
+    RemoteWorkbench,
+    SessionClosedError,
+    SessionNotFoundError,
+    TooManyExecutionsError,
+    Workbench,
+    WorkbenchError,
+    WorkspaceFileNotFoundError,
+    WorkspaceFullError,
+)
+from workbench.server.tokens import load_secret, session_token
+
+
+def events(response: httpx.Response) -> list[tuple[str, object]]:
+    found, name = [], "message"
+    for line in response.iter_lines():
+        if line.startswith("event:"):
+            name = line[6:].strip()
+        elif line.startswith("data:"):
+            found.append((name, json.loads(line[5:])))
+    return found
+
+
+def test_openapi_is_valid_and_docs_are_served(served: Server, api_key: str) -> None:
+    from openapi_spec_validator import validate
+
+    with served.client(api_key) as http:
+        spec = http.get("/openapi.json").json()
+        validate(spec)
+        assert "/v1/sessions/{session_id}/execute/stream" in spec["paths"]
+        assert http.get("/docs").status_code == 200
+    assert httpx.get(f"{served.url}/healthz").json() == {"status": "ok"}
+
+
+def test_rest_api_end_to_end(served: Server, api_key: str, home: Path) -> None:
+    with served.client(api_key) as http:
+        created = http.post("/v1/sessions", json={"user_id": "rest-user", "toolkits": ["test"],
+                                                  "limits": {"memory": "256m"}, "metadata": {"team": "a"}})
+        assert created.status_code == 201, created.text
+        session = created.json()
+        sid = session["session_id"]
+        assert "kernel" not in session or session["kernel"] is None  # never its connection keys
+        assert session["mcp"]["url"] == f"{served.url}/mcp/{sid}"
+        assert session["mcp"]["headers"] == {"Authorization": f"Bearer {session_token(load_secret(home), sid)}"}
+        assert session["config"]["limits"]["memory"] == 256 * 1024**2
+        try:
+            assert http.get(f"/v1/sessions/{sid}").json()["config_version"] == 1
+            listed = http.get("/v1/sessions", params=[("metadata", "team=a"), ("user_id", "rest-user")]).json()
+            assert [s["session_id"] for s in listed] == [sid]
+            assert http.get("/v1/sessions", params={"metadata": "team=b"}).json() == []
+
+            result = http.post(f"/v1/sessions/{sid}/execute", json={"code": "x = 41\nprint('out')\nx + 1"}).json()
+            assert result["text"] == "42" and result["stdout"] == "out\n"
+
+            code = "import sys, time\nfor i in range(3):\n    print(i, flush=True); time.sleep(0.2)\n" \
+                   "print('err', file=sys.stderr, flush=True)\ndisplay('shown')\n1 / 0"
+            with http.stream("POST", f"/v1/sessions/{sid}/execute/stream", json={"code": code}) as response:
+                assert response.headers["content-type"].startswith("text/event-stream")
+                got = events(response)
+            names = [name for name, _ in got]
+            assert names[-1] == "done" and names.index("stderr") > names.index("stdout")
+            assert "".join(d["text"] for n, d in got if n == "stdout") == "0\n1\n2\n"  # in order
+            assert names.index("result") < names.index("error") < names.index("done")
+            assert got[-1][1]["error"]["ename"] == "ZeroDivisionError"
+
+            updated = http.patch(f"/v1/sessions/{sid}", json={"metadata": {"team": "b"}, "config_version": 1})
+            assert updated.json() == {"config_version": 2}
+            stale = http.patch(f"/v1/sessions/{sid}", json={"toolkits": [], "config_version": 1})
+            assert stale.status_code == 409 and stale.json()["error"]["code"] == "conflict"
+
+            put = http.put(f"/v1/sessions/{sid}/files/content", params={"path": "in/data.csv"},
+                           content=iter([b"a,b\n", b"1,2\n"]))
+            assert put.status_code == 200 and put.json()["size"] == 8
+            assert http.get(f"/v1/sessions/{sid}/files/content", params={"path": "in/data.csv"}).content == b"a,b\n1,2\n"
+            paths = [f["path"] for f in http.get(f"/v1/sessions/{sid}/files", params={"recursive": True}).json()]
+            assert "in/data.csv" in paths
+            out = http.get(f"/v1/sessions/{sid}/files/content", params={"path": "../../etc/passwd"})
+            assert out.status_code == 400 and out.json()["error"]["code"] == "path_outside_workspace"
+            missing = http.get(f"/v1/sessions/{sid}/files/content", params={"path": "nope.txt"})
+            assert missing.status_code == 404 and missing.json()["error"]["code"] == "file_not_found"
+            assert http.delete(f"/v1/sessions/{sid}/files", params={"path": "in"}).status_code == 204
+            assert http.get(f"/v1/sessions/{sid}/files/exists", params={"path": "in"}).json() == {"exists": False}
+
+            command = http.post(f"/v1/sessions/{sid}/commands", json={"cmd": "echo hi; exit 3"}).json()
+            assert command["exit_code"] == 3 and command["stdout"] == "hi\n"
+
+            assert [t["slug"] for t in http.get(f"/v1/sessions/{sid}/tools").json()] == ["TEST_ECHO"]
+            tool = http.post(f"/v1/sessions/{sid}/tools/execute", json={"slug": "TEST_ECHO",
+                                                                         "arguments": {"text": "ab", "times": 2}})
+            assert tool.json()["data"] == {"echo": "abab"}
+            many = http.post(f"/v1/sessions/{sid}/tools/execute_many", json={"calls": [
+                {"slug": "TEST_ECHO", "arguments": {"text": "x"}}, {"slug": "CRM_GET_CONTACT", "arguments": {}}]})
+            assert [r["error_kind"] for r in many.json()] == [None, "not_allowed"]
+            definitions = http.get(f"/v1/sessions/{sid}/tools/definitions", params={"format": "anthropic"}).json()
+            assert "WORKBENCH_REMOTE_WORKBENCH" in {d["name"] for d in definitions}
+            search = http.post(f"/v1/sessions/{sid}/tools/search", json={"queries": [{"use_case": "echo text"}]})
+            assert "TEST_ECHO" in search.json()["text"]
+            answer = http.post(f"/v1/sessions/{sid}/tool_calls", json={
+                "name": "WORKBENCH_REMOTE_WORKBENCH", "arguments": '{"code_to_execute": "x"}'}).json()
+            assert answer == {"text": "result:\n41", "is_error": False}
+            bad = http.post(f"/v1/sessions/{sid}/tool_calls", json={"name": "NOPE", "arguments": {}}).json()
+            assert bad["is_error"] and bad["text"].startswith("[error: not_found]")
+            logs = http.get(f"/v1/sessions/{sid}/logs").json()
+            assert [e["kind"] for e in logs][:2] == ["execution", "execution"]
+            assert logs[0]["detail"]["metadata"] == {"team": "a"}
+
+            invalid = http.post(f"/v1/sessions/{sid}/execute", json={"code": 1, "nope": True})
+            assert invalid.status_code == 422 and invalid.json()["error"]["code"] == "invalid_request"
+        finally:
+            assert http.delete(f"/v1/sessions/{sid}").status_code == 204
+        gone = http.post(f"/v1/sessions/{sid}/execute", json={"code": "1"})
+        assert gone.status_code == 410 and gone.json()["error"]["code"] == "session_closed"
+        assert http.get(f"/v1/sessions/{sid}").json()["status"] == "closed"
+        assert http.get("/v1/sessions/nosuchsession").json()["error"]["code"] == "session_not_found"
+
+
+def test_remote_workbench_has_the_same_api(served: Server, api_key: str) -> None:
+    with RemoteWorkbench(served.url, api_key) as wb, wb.create(user_id="remote-user", toolkits=["test"],
+                                                              metadata={"run": "1"}) as s:
+        assert s.mcp is not None and s.mcp.url.endswith(f"/mcp/{s.session_id}")
+        assert s.execute("x = 20").ok and s.execute("x * 2 + 2").text == "42"
+        chunks: list[str] = []
+        errors: list[str] = []
+        r = s.execute("print('a', flush=True); import time; time.sleep(0.1); print('b'); 1/0",
+                      on_stdout=chunks.append, on_error=lambda e: errors.append(e.ename))
+        assert "".join(chunks) == "a\nb\n" and errors == ["ZeroDivisionError"] and r.error is not None
+        streamed: list[str] = []
+        c = s.commands.run("echo one; echo two >&2; exit 4", on_stdout=streamed.append, on_stderr=streamed.append)
+        assert c.exit_code == 4 and sorted(streamed) == ["one\n", "two\n"]
+        info = s.files.write("big.bin", iter([b"x" * 3_000_000, b"y"]))
+        assert info.size == 3_000_001 and s.files.read("big.bin")[-2:] == b"xy"
+        with s.files.open("big.bin") as handle:
+            assert handle.read(5) == b"xxxxx"
+        assert [f.path for f in s.files.list()] == ["big.bin"] and s.files.exists("big.bin")
+        with pytest.raises(PathOutsideWorkspaceError):
+            s.files.read("/etc/passwd")
+        with pytest.raises(WorkspaceFileNotFoundError):
+            s.files.remove("nothing-here")
+        assert s.execute_tool("TEST_ECHO", {"text": "hi"}).data == {"echo": "hi"}
+        assert [r.data for r in s.execute_tools([("TEST_ECHO", {"text": "a"}), ("TEST_ECHO", {"text": "b"})])] == [
+            {"echo": "a"}, {"echo": "b"}]
+        assert s.handle_tool_call("WORKBENCH_REMOTE_WORKBENCH", {"code_to_execute": "x"}) == "result:\n20"
+        response = {"role": "assistant", "content": [
+            {"type": "tool_use", "id": "t1", "name": "WORKBENCH_REMOTE_BASH_TOOL", "input": {"command": "echo ok"}},
+            {"type": "tool_use", "id": "t2", "name": "OTHER", "input": {}}]}
+        (message,) = s.handle_tool_calls(response)
+        assert [b["tool_use_id"] for b in message["content"]] == ["t1"] and "ok" in message["content"][0]["content"]
+        langchain = {t.name: t for t in s.tools("langchain")}
+        assert langchain["WORKBENCH_REMOTE_WORKBENCH"].invoke({"code_to_execute": "x + 1"}) == "result:\n21"
+        assert {t["name"] for t in s.tools("mcp", include_tools=True)} >= {"TEST_ECHO", "WORKBENCH_SEARCH_TOOLS"}
+        assert [t.slug for t in s.available_tools()] == ["TEST_ECHO"]
+        assert s.metadata == {"run": "1"}
+        other = wb.use(s.session_id)
+        assert other.update(metadata={"run": "2"}) == 2
+        with pytest.raises(ConflictError):
+            s.update(toolkits=[])  # s read version 1
+        assert s.update(toolkits=[], config_version=2) == 3
+        assert s.session_id in [r.session_id for r in wb.list(metadata={"run": "2"})]
+        assert any(e.kind == "execution" and e.status == "error" for e in s.logs())
+        with pytest.raises(WorkbenchError, match="has no tool 'NOT_THERE'"):
+            wb.tool(slug="NOT_THERE")(lambda: None)
+    with pytest.raises(SessionClosedError):
+        RemoteWorkbench(served.url, api_key).use(s.session_id)
+    with pytest.raises(SessionNotFoundError):
+        RemoteWorkbench(served.url, api_key).use("0123456789ab")
+
+
+def test_async_remote_workbench(served: Server, api_key: str) -> None:
+    async def main() -> list[str | None]:
+        async with AsyncRemoteWorkbench(served.url, api_key) as wb:
+            sessions = await asyncio.gather(*(wb.create(user_id=f"async-{i}", limits={"memory": "256m"})
+                                              for i in range(2)))
+            seen: list[str] = []
+
+            async def on_stdout(text: str) -> None:
+                seen.append(text)
+
+            results = await asyncio.gather(*(s.execute(f"print({i}); {i} ** 2", on_stdout=on_stdout)
+                                             for i, s in enumerate(sessions)))
+            await sessions[0].files.write("a.txt", b"async")
+            assert await sessions[0].files.read("a.txt") == b"async"
+            assert sorted(seen) == ["0\n", "1\n"]
+            await asyncio.gather(*(s.close(delete_workspace=True) for s in sessions))
+            return [r.text for r in results]
+
+    assert asyncio.run(main()) == ["0", "1"]
+
+
+def test_a_client_that_disconnects_mid_execution_leaves_the_session_usable(served: Server, api_key: str) -> None:
+    with RemoteWorkbench(served.url, api_key) as wb, wb.create(user_id="leaver", limits={"memory": "256m"}) as s:
+        with served.client(api_key) as http, http.stream(
+                "POST", f"/v1/sessions/{s.session_id}/execute/stream",
+                json={"code": "import time\nprint('started', flush=True)\ntime.sleep(2)\nfinished = True"}) as response:
+            for line in response.iter_lines():
+                if line.startswith("data:"):
+                    break  # the first event: the cell runs; the client goes away
+        assert s.execute("finished").text == "True"  # queued behind the cell, which ran to its end
+        assert s.execute("1 + 1").text == "2"
+
+
+def test_request_size_and_workspace_caps(served: Server, api_key: str) -> None:
+    with RemoteWorkbench(served.url, api_key) as wb, wb.create(
+            user_id="capped", limits={"memory": "256m", "workspace_size": "2m"}) as s:
+        with served.client(api_key) as http:
+            big = http.post(f"/v1/sessions/{s.session_id}/execute", json={"code": "#" * (5 << 20)})
+            assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
+            chunked = http.post(f"/v1/sessions/{s.session_id}/execute", content=iter([b"x" * (1 << 20)] * 5),
+                                headers={"Content-Type": "application/json"})  # no Content-Length: counted
+            assert chunked.status_code == 413, chunked.text
+        with pytest.raises(WorkspaceFullError):
+            s.files.write("fill.bin", iter([b"z" * (1 << 20)] * 3))
+        assert not s.files.exists("fill.bin") and s.execute("1").text == "1"
+
+
+def test_per_key_cap_on_concurrent_executions(wb: Workbench, home: Path) -> None:
+    server = Server(home, "--max-executions-per-key", "1").start()
+    try:
+        key = server.key("capped")
+        with RemoteWorkbench(server.url, key) as remote, remote.create(user_id="cap", limits={"memory": "256m"}) as s:
+            runner = threading.Thread(target=s.execute, args=("import time; time.sleep(1.5)",))
+            runner.start()
+            time.sleep(0.5)
+            with pytest.raises(TooManyExecutionsError):
+                s.execute("1")
+            with server.client(key) as http:
+                refused = http.post(f"/v1/sessions/{s.session_id}/execute", json={"code": "1"})
+                assert refused.status_code == 429 and refused.json()["error"]["code"] == "too_many_executions"
+            runner.join()
+            assert s.execute("2").text == "2"  # the slot is back
+    finally:
+        server.stop()
+
+
+def test_a_restarted_server_serves_its_sessions_again(wb: Workbench, home: Path) -> None:
+    server = Server(home).start()
+    key = server.key("restart")
+    try:
+        remote = RemoteWorkbench(server.url, key)
+        s = remote.create(user_id="restart", limits={"memory": "256m"})
+        s.execute("kept = 'across restarts'")
+        s.files.write("note.txt", b"still here")
+        server.stop()
+        server.start()
+        again = RemoteWorkbench(server.url, key).use(s.session_id)
+        assert again.execute("kept").text == "'across restarts'"  # the same kernel, variables intact
+        assert again.files.read("note.txt") == b"still here"
+        assert [e.status for e in again.logs() if e.kind == "execution"] == ["ok", "ok"]
+        again.close(delete_workspace=True)
+    finally:
+        server.stop()
+
+
+def test_many_agents_at_once(served: Server, api_key: str) -> None:
+    """100 clients, each driving a session of its own, all at once; each session's executions stay in order."""
+    clients = 100
+
+    def agent(i: int) -> list[int]:
+        with RemoteWorkbench(served.url, api_key) as wb, wb.create(
+                user_id=f"agent-{i}", limits={"memory": "128m", "cpus": 0.2}) as s:
+            s.execute("seen = []")
+            for step in range(5):
+                s.execute(f"seen.append({step})")
+            order = s.execute("seen").text
+            s.close(delete_workspace=True)
+            return json.loads(order or "null")
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(clients) as pool:
+        orders = list(pool.map(agent, range(clients)))
+    assert orders == [[0, 1, 2, 3, 4]] * clients
+    print(f"{clients} agents in {time.monotonic() - started:.1f}s")
+
+
+def test_serve_warns_off_loopback_without_tls_and_refuses_a_bad_app(wb: Workbench, home: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    server = Server(home, "--host", "0.0.0.0").start()
+    try:
+        assert httpx.get(f"{server.url}/healthz").status_code == 200
+    finally:
+        server.stop()
+    assert "without TLS" in server.log.read_text()
+    env = {**os.environ, "WORKBENCH_HOME": str(home)}
+    for app, said in (("no_such_module:wb", "no_such_module"), ("readme_app:README", "not a Workbench")):
+        proc = subprocess.run([sys.executable, "-m", "workbench", "serve", "--app", app, "--port", "1"],
+                              capture_output=True, text=True, env=env, cwd=Path(__file__).parent, timeout=60)
+        assert proc.returncode == 2 and said in proc.stderr, proc.stderr
