@@ -182,6 +182,36 @@ def test_remote_workbench_has_the_same_api(served: Server, api_key: str) -> None
         RemoteWorkbench(served.url, api_key).use("0123456789ab")
 
 
+def test_pause_resume_fork_and_notebook_through_the_server(served: Server, api_key: str, tmp_path: Path) -> None:
+    import nbformat
+
+    with RemoteWorkbench(served.url, api_key) as wb:
+        s = wb.create(user_id="remote-user", limits={"memory": "256m"})
+        try:
+            s.execute("import pandas as pd\nframe = pd.DataFrame({'a': [1, 2]})\ngen = (i for i in range(2))")
+            state = s.pause()
+            assert "frame" in state.names and "gen" in state.skipped and s.paused
+            fork = wb.create(user_id="remote-user", from_session=s.session_id)  # forking a paused session
+            with pytest.raises(SessionNotFoundError):
+                wb.create(user_id="someone-else", from_session=s.session_id)
+            r = s.execute("int(frame.a.sum())")
+            assert r.text == "3" and r.state_restored and not s.paused
+            assert fork.execute("frame['b'] = 1\nlist(frame.columns)").text == "['a', 'b']"
+            assert s.execute("list(frame.columns)").text == "['a']"
+            s.pause()
+            s.resume()
+            assert not s.paused and s.execute("frame.shape").text == "(2, 1)"
+            nb = nbformat.read(s.export_notebook(tmp_path / "remote.ipynb"), as_version=4)
+            nbformat.validate(nb)
+            assert nb.cells[-1].source == "frame.shape" and nb.cells[-1].outputs[0]["data"]["text/plain"] == "(2, 1)"
+            fork.close(delete_workspace=True)
+        finally:
+            s.close(delete_workspace=True)
+    # a fork belongs to the key that asked for it: another key does not see it
+    with httpx.Client(base_url=served.url, headers={"Authorization": "Bearer wbk_not-a-key"}) as other:
+        assert other.post(f"/v1/sessions/{fork.session_id}/fork").status_code == 401
+
+
 def test_async_remote_workbench(served: Server, api_key: str) -> None:
     async def main() -> list[str | None]:
         async with AsyncRemoteWorkbench(served.url, api_key) as wb:

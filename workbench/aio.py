@@ -239,6 +239,9 @@ class AsyncSession(_Threads):
         """A copy of this session, variables included (see `Session.fork`)."""
         return AsyncSession(await self._run(self.sync.fork), self._pool)
 
+    async def notebook(self) -> str:
+        return await self._run(self.sync.notebook)
+
     async def export_notebook(self, path: str | Path) -> Path:
         return await self._run(self.sync.export_notebook, path)
 

@@ -496,7 +496,7 @@ def keys() -> None:
 
 def _store() -> Store:
     from .config import default_home
-    from .container import private_dir
+    from .sandbox import private_dir
     from .store import Store
 
     home = default_home()

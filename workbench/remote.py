@@ -16,7 +16,7 @@ import inspect
 import json
 import os
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
-from pathlib import PurePath
+from pathlib import Path, PurePath
 from typing import Any, BinaryIO, TypeVar
 
 import httpx
@@ -24,12 +24,12 @@ from pydantic import BaseModel, TypeAdapter
 
 from .agent import Answer, Definition, Format, render
 from .config import Limits
-from .errors import ServerError, WorkbenchError
+from .errors import ServerError, SessionError, SessionNotFoundError, WorkbenchError
 from .files import FileInfo
 from .results import CommandResult, ExecutionError, ExecutionResult, Output, ToolResult
 from .server.errors import exception_for
 from .server.models import McpConfig, SessionInfo, ToolInfo
-from .store import LogEntry, SessionConfig, SessionRecord
+from .store import LogEntry, PausedState, SessionConfig, SessionRecord
 
 DEFAULT_URL = "http://127.0.0.1:8642"
 CHUNK = 1 << 20
@@ -186,6 +186,127 @@ def _read_chunks(read: Callable[[int], bytes | str]) -> Iterator[bytes]:
         yield chunk.encode() if isinstance(chunk, str) else chunk
 
 
+# the HTTP side ------------------------------------------------------------------------------------------------
+
+
+class _Channel:
+    """Requests to one server with one key; failures turned into workbench's exceptions."""
+
+    def __init__(self, http: httpx.Client, url: str) -> None:
+        self.http, self.url = http, url
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            return _check(self.http.request(method, path, **kwargs))
+        except httpx.TransportError as exc:
+            raise ServerError(f"cannot reach the workbench server at {self.url}: {exc}") from exc
+
+    def session(self, session_id: str) -> _SessionChannel:
+        return _SessionChannel(self, session_id)
+
+
+class _SessionChannel:
+    """Requests about one session (paths below /v1/sessions/{id})."""
+
+    def __init__(self, channel: _Channel, session_id: str) -> None:
+        self.channel, self.path = channel, f"/v1/sessions/{_id(session_id)}"
+
+    def request(self, method: str, path: str = "", **kwargs: Any) -> httpx.Response:
+        return self.channel.request(method, self.path + path, **kwargs)
+
+    def info(self) -> SessionInfo:
+        return SessionInfo.model_validate_json(self.request("GET").content)
+
+    def events(self, path: str, body: dict[str, Any], model: type[M], callbacks: dict[str, Any],
+               timeout: float | None) -> M:
+        """POST and follow the server-sent events to the final result, calling back for each output."""
+        def dispatch(name: str, data: Any) -> Any:
+            callback, value = _streamed_callback(callbacks, name, data)
+            if callback is not None:
+                callback(value)
+            return _final(name, data, model)  # type: ignore[arg-type]
+
+        try:
+            with self.channel.http.stream("POST", self.path + path, json=body,
+                                          timeout=_timeout(timeout)) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    _check(response)
+                return _sse_lines(_lines(response.iter_bytes()), dispatch)  # type: ignore[no-any-return]
+        except httpx.TransportError as exc:
+            raise ServerError(f"lost the workbench server at {self.channel.url}: {exc}") from exc
+
+    @contextlib.contextmanager
+    def download(self, path: str, params: dict[str, Any]) -> Iterator[httpx.Response]:
+        """A GET whose body is streamed (checked for an error first)."""
+        with self.channel.http.stream("GET", self.path + path, params=params, timeout=_timeout(None)) as response:
+            if response.status_code >= 400:
+                response.read()
+                _check(response)
+            yield response
+
+
+class _AsyncChannel:
+    """`_Channel` on an async httpx client."""
+
+    def __init__(self, http: httpx.AsyncClient, url: str) -> None:
+        self.http, self.url = http, url
+
+    async def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            return _check(await self.http.request(method, path, **kwargs))
+        except httpx.TransportError as exc:
+            raise ServerError(f"cannot reach the workbench server at {self.url}: {exc}") from exc
+
+    def session(self, session_id: str) -> _AsyncSessionChannel:
+        return _AsyncSessionChannel(self, session_id)
+
+
+class _AsyncSessionChannel:
+    """`_SessionChannel` on an async httpx client; callbacks may be coroutines."""
+
+    def __init__(self, channel: _AsyncChannel, session_id: str) -> None:
+        self.channel, self.path = channel, f"/v1/sessions/{_id(session_id)}"
+
+    async def request(self, method: str, path: str = "", **kwargs: Any) -> httpx.Response:
+        return await self.channel.request(method, self.path + path, **kwargs)
+
+    async def info(self) -> SessionInfo:
+        return SessionInfo.model_validate_json((await self.request("GET")).content)
+
+    async def events(self, path: str, body: dict[str, Any], model: type[M], callbacks: dict[str, Any],
+                     timeout: float | None) -> M:
+        try:
+            async with self.channel.http.stream("POST", self.path + path, json=body,
+                                                timeout=_timeout(timeout)) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    _check(response)
+                name, data = "message", []
+                async for line in _alines(response.aiter_bytes()):
+                    if line:
+                        field, _, value = line.partition(":")
+                        if field == "event":
+                            name = value.strip()
+                        elif field == "data":
+                            data.append(value[1:] if value.startswith(" ") else value)
+                        continue
+                    if data:
+                        parsed = json.loads("\n".join(data))
+                        callback, argument = _streamed_callback(callbacks, name, parsed)
+                        if callback is not None:
+                            given = callback(argument)
+                            if inspect.isawaitable(given):
+                                await given
+                        found = _final(name, parsed, model)  # type: ignore[arg-type]
+                        if found is not None:
+                            return found  # type: ignore[return-value]
+                    name, data = "message", []
+        except httpx.TransportError as exc:
+            raise ServerError(f"lost the workbench server at {self.channel.url}: {exc}") from exc
+        raise ServerError("the server closed the stream before the result")
+
+
 # sync ---------------------------------------------------------------------------------------------------------
 
 
@@ -200,32 +321,36 @@ class RemoteWorkbench:
         self.http = http or httpx.Client(base_url=self.url, timeout=timeout, limits=httpx.Limits(
             max_connections=None, max_keepalive_connections=64))
         self.http.headers["Authorization"] = f"Bearer {api_key}"
+        self._channel = _Channel(self.http, self.url)
 
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        try:
-            return _check(self.http.request(method, path, **kwargs))
-        except httpx.TransportError as exc:
-            raise ServerError(f"cannot reach the workbench server at {self.url}: {exc}") from exc
+        return self._channel.request(method, path, **kwargs)
 
     def create(self, user_id: str, *, toolkits: list[str] | None = None, tools: list[str] | None = None,
                limits: Limits | dict | None = None, offload_threshold: int | None = None,
-               metadata: dict[str, str] | None = None, allow_default_user: bool = False) -> RemoteSession:
-        """Open a new session on the server (see `Workbench.create`)."""
+               metadata: dict[str, str] | None = None, allow_default_user: bool = False,
+               from_session: str | None = None) -> RemoteSession:
+        """Open a new session on the server, or fork one (see `Workbench.create`)."""
+        if from_session is not None:
+            _check_fork(toolkits, tools, limits, offload_threshold, metadata)
+            source = self.use(from_session)
+            if source.user_id != user_id:
+                raise SessionNotFoundError(f"no session {from_session!r} of user {user_id!r}")
+            return source.fork()
         body = _create_body(user_id, toolkits, tools, limits, offload_threshold, metadata, allow_default_user)
         response = self._request("POST", "/v1/sessions", json=body, timeout=_timeout(None))  # a kernel starts
-        return RemoteSession(self, SessionInfo.model_validate_json(response.content))
+        info = SessionInfo.model_validate_json(response.content)
+        return RemoteSession(self._channel.session(info.session_id), info)
 
     def use(self, session_id: str) -> RemoteSession:
         """The session with this id (of this API key); SessionClosedError when it is closed."""
-        session = RemoteSession(self, self._info(session_id))
+        channel = self._channel.session(session_id)
+        session = RemoteSession(channel, channel.info())
         if session.status != "open":
             from .errors import SessionClosedError
 
             raise SessionClosedError(f"session {session_id} is closed")
         return session
-
-    def _info(self, session_id: str) -> SessionInfo:
-        return SessionInfo.model_validate_json(self._request("GET", f"/v1/sessions/{_id(session_id)}").content)
 
     def list(self, user_id: str | None = None, metadata: dict[str, str] | None = None) -> list[SessionRecord]:
         """The key's open sessions, of one user, and with every `metadata` key at the value given."""
@@ -258,6 +383,12 @@ class RemoteWorkbench:
         self.close()
 
 
+def _check_fork(*settings: object) -> None:
+    if any(value is not None for value in settings):
+        raise SessionError("a fork copies its source's config and metadata: leave the other settings out and change "
+                           "them with update() afterwards")
+
+
 def _id(session_id: str) -> str:
     if not isinstance(session_id, str) or not session_id or "/" in session_id or session_id in (".", ".."):
         from .errors import SessionNotFoundError
@@ -280,15 +411,12 @@ class _SessionState:
         self.config: SessionConfig = info.config
         self.config_version = info.config_version
         self.mcp: McpConfig | None = info.mcp
+        self._paused = info.paused is not None
         """The session's MCP endpoint: `mcp.url` and the `mcp.headers` to send (its bearer token)."""
 
     @property
     def limits(self) -> Limits:
         return self.config.limits
-
-    @property
-    def _path(self) -> str:
-        return f"/v1/sessions/{_id(self.session_id)}"
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(session_id={self.session_id!r}, user_id={self.user_id!r})"
@@ -297,36 +425,16 @@ class _SessionState:
 class RemoteSession(_SessionState):
     """`Session` over HTTP. Executions on one session run one at a time, in order, on the server."""
 
-    def __init__(self, workbench: RemoteWorkbench, info: SessionInfo) -> None:
+    def __init__(self, channel: _SessionChannel, info: SessionInfo) -> None:
         super().__init__(info)
-        self._wb = workbench
-        self.files = RemoteFiles(self)
-        self.commands = RemoteCommands(self)
-
-    def _request(self, method: str, path: str = "", **kwargs: Any) -> httpx.Response:
-        return self._wb._request(method, self._path + path, **kwargs)
-
-    def _stream(self, path: str, body: dict[str, Any], model: type[M], callbacks: dict[str, Any],
-                timeout: float | None) -> M:
-        def dispatch(name: str, data: Any) -> Any:
-            callback, value = _streamed_callback(callbacks, name, data)
-            if callback is not None:
-                callback(value)
-            return _final(name, data, model)  # type: ignore[arg-type]
-
-        try:
-            with self._wb.http.stream("POST", self._path + path, json=body, timeout=_timeout(timeout)) as response:
-                if response.status_code >= 400:
-                    response.read()
-                    _check(response)
-                return _sse_lines(_lines(response.iter_bytes()), dispatch)  # type: ignore[no-any-return]
-        except httpx.TransportError as exc:
-            raise ServerError(f"lost the workbench server at {self._wb.url}: {exc}") from exc
+        self._channel = channel
+        self.files = RemoteFiles(channel)
+        self.commands = RemoteCommands(channel)
 
     @property
     def metadata(self) -> dict[str, str]:
         """The session's metadata, as stored now."""
-        self._set(self._wb._info(self.session_id))
+        self._set(self._channel.info())
         return self.config.metadata
 
     def execute(self, code: str, *, timeout: float | None = None, on_stdout: Callable[[str], Any] | None = None,
@@ -336,9 +444,9 @@ class RemoteSession(_SessionState):
         body = {"code": code, "timeout": timeout}
         callbacks = {"stdout": on_stdout, "stderr": on_stderr, "result": on_result, "error": on_error}
         if any(callbacks.values()):
-            return self._stream("/execute/stream", body, ExecutionResult, callbacks, timeout)
+            return self._channel.events("/execute/stream", body, ExecutionResult, callbacks, timeout)
         return ExecutionResult.model_validate_json(
-            self._request("POST", "/execute", json=body, timeout=_timeout(timeout)).content)
+            self._channel.request("POST", "/execute", json=body, timeout=_timeout(timeout)).content)
 
     def update(self, *, toolkits: list[str] | None = None, tools: list[str] | None = None,
                limits: Limits | dict | None = None, offload_threshold: int | None = None,
@@ -348,8 +456,8 @@ class RemoteSession(_SessionState):
         read it (or since `config_version`)."""
         expected = self.config_version if config_version is None else config_version
         body = _update_body(toolkits, tools, limits, offload_threshold, metadata, restart_if_needed, expected)
-        self._request("PATCH", json=body, timeout=_timeout(None))
-        self._set(self._wb._info(self.session_id))
+        self._channel.request("PATCH", json=body, timeout=_timeout(None))
+        self._set(self._channel.info())
         return self.config_version
 
     def execute_tool(self, slug: str, arguments: dict[str, Any] | None = None, *, sync_to_workbench: bool = False,
@@ -358,7 +466,7 @@ class RemoteSession(_SessionState):
         body = {"slug": slug, "arguments": arguments, "sync_to_workbench": sync_to_workbench, "timeout": timeout,
                 "inline_limit": inline_limit}
         return ToolResult.model_validate_json(
-            self._request("POST", "/tools/execute", json=body, timeout=_timeout(timeout)).content)
+            self._channel.request("POST", "/tools/execute", json=body, timeout=_timeout(timeout)).content)
 
     def execute_tools(self, calls: list[tuple[str, dict[str, Any]]], *, sync_to_workbench: bool = False,
                       max_workers: int = 8, timeout: float | None = None,
@@ -368,26 +476,26 @@ class RemoteSession(_SessionState):
                 "sync_to_workbench": sync_to_workbench, "max_workers": max_workers, "timeout": timeout,
                 "inline_limit": inline_limit}
         return _TOOL_RESULTS.validate_json(
-            self._request("POST", "/tools/execute_many", json=body, timeout=_timeout(timeout)).content)
+            self._channel.request("POST", "/tools/execute_many", json=body, timeout=_timeout(timeout)).content)
 
     def available_tools(self) -> list[ToolInfo]:
         """The tools this session may call (slug, toolkit, description, argument schema)."""
-        return _TOOLS.validate_json(self._request("GET", "/tools").content)
+        return _TOOLS.validate_json(self._channel.request("GET", "/tools").content)
 
     def tools(self, format: Format = "openai", *, include_tools: bool = False) -> list[Any]:
         """The meta tools as tool definitions for a model (see `Session.tools`); "langchain" tools answer through
         the server."""
         if format == "langchain":
-            found = self._request("GET", "/tools/definitions", params={"format": "mcp",
+            found = self._channel.request("GET", "/tools/definitions", params={"format": "mcp",
                                                                         "include_tools": include_tools}).json()
             return render([Definition(d["name"], d["description"], d["inputSchema"]) for d in found], format,
                           self.answer_tool_call)
-        return self._request("GET", "/tools/definitions", params={"format": format,  # type: ignore[no-any-return]
+        return self._channel.request("GET", "/tools/definitions", params={"format": format,  # type: ignore[no-any-return]
                                                                    "include_tools": include_tools}).json()
 
     def answer_tool_call(self, name: str, arguments: dict[str, Any] | str | None = None) -> Answer:
         """`handle_tool_call`, with whether the answer reports an error."""
-        found = self._request("POST", "/tool_calls", json={"name": name, "arguments": arguments},
+        found = self._channel.request("POST", "/tool_calls", json={"name": name, "arguments": arguments},
                               timeout=_timeout(None)).json()
         return Answer(found["text"], bool(found["is_error"]))
 
@@ -399,21 +507,50 @@ class RemoteSession(_SessionState):
         """Run the calls in a model's response on the server; the result messages (see
         `Session.handle_tool_calls`)."""
         body = {"response": _plain_response(response), "include_tools": include_tools}
-        return self._request("POST", "/tool_calls/response", json=body,  # type: ignore[no-any-return]
+        return self._channel.request("POST", "/tool_calls/response", json=body,  # type: ignore[no-any-return]
                              timeout=_timeout(None)).json()
 
     def logs(self, limit: int = 1000) -> list[LogEntry]:
         """The session's executions and tool calls, oldest first."""
-        return _LOGS.validate_json(self._request("GET", "/logs", params={"limit": limit}).content)
+        return _LOGS.validate_json(self._channel.request("GET", "/logs", params={"limit": limit}).content)
 
     def restart(self) -> None:
         """Restart the kernel: variables are lost, the workspace is kept."""
-        self._request("POST", "/restart", timeout=_timeout(None))
+        self._channel.request("POST", "/restart", timeout=_timeout(None))
+
+    @property
+    def paused(self) -> bool:
+        """True while the session sleeps (see `Session.paused`)."""
+        self._set(self._channel.info())
+        return self.status == "open" and self._paused
+
+    def pause(self) -> PausedState:
+        """Save the variables and stop the kernel (see `Session.pause`)."""
+        return PausedState.model_validate_json(self._channel.request("POST", "/pause", timeout=_timeout(None)).content)
+
+    def resume(self) -> None:
+        """Start the kernel and restore the variables now (see `Session.resume`)."""
+        self._channel.request("POST", "/resume", timeout=_timeout(None))
+
+    def fork(self) -> RemoteSession:
+        """A copy of this session, variables included (see `Session.fork`); it belongs to the same key."""
+        info = SessionInfo.model_validate_json(self._channel.request("POST", "/fork", timeout=_timeout(None)).content)
+        return RemoteSession(self._channel.channel.session(info.session_id), info)
+
+    def notebook(self) -> str:
+        """The session's executions and outputs as a Jupyter notebook (see `Session.notebook`)."""
+        return self._channel.request("GET", "/notebook", timeout=_timeout(None)).text
+
+    def export_notebook(self, path: str | Path) -> Path:
+        """Write the session's notebook at `path` on this machine; returns the path."""
+        target = Path(path)
+        target.write_text(self.notebook(), encoding="utf-8")
+        return target
 
     def close(self, delete_workspace: bool = False) -> None:
         """Close the session on the server (see `Session.close`)."""
         if not self.closed:
-            self._request("DELETE", params={"delete_workspace": delete_workspace}, timeout=_timeout(None))
+            self._channel.request("DELETE", params={"delete_workspace": delete_workspace}, timeout=_timeout(None))
             self.closed = True
 
     def __enter__(self) -> RemoteSession:
@@ -426,12 +563,12 @@ class RemoteSession(_SessionState):
 class RemoteFiles:
     """`Files` over HTTP: uploads and downloads are streamed."""
 
-    def __init__(self, session: RemoteSession) -> None:
-        self._session = session
+    def __init__(self, channel: _SessionChannel) -> None:
+        self._channel = channel
 
     def write(self, path: str | PurePath, data: bytes | str | BinaryIO | Iterable[bytes]) -> FileInfo:
         """Write a file (bytes, str, a binary file object or an iterable of byte chunks), streamed."""
-        return FileInfo.model_validate_json(self._session._request(
+        return FileInfo.model_validate_json(self._channel.request(
             "PUT", "/files/content", params={"path": os.fspath(path)}, content=_chunks(data),
             headers={"Content-Type": "application/octet-stream"}, timeout=_timeout(None)).content)
 
@@ -446,23 +583,18 @@ class RemoteFiles:
     @contextlib.contextmanager
     def open(self, path: str | PurePath) -> Iterator[BinaryIO]:
         """The file, streamed from the server, as a binary file to read: `with s.files.open(p) as f: ...`."""
-        session = self._session
-        with session._wb.http.stream("GET", session._path + "/files/content", params={"path": os.fspath(path)},
-                                     timeout=_timeout(None)) as response:
-            if response.status_code >= 400:
-                response.read()
-                _check(response)
+        with self._channel.download("/files/content", {"path": os.fspath(path)}) as response:
             yield _Reader(response.iter_bytes())  # type: ignore[misc]
 
     def list(self, path: str | PurePath = ".", recursive: bool = False) -> list[FileInfo]:
-        return _FILES.validate_json(self._session._request(
+        return _FILES.validate_json(self._channel.request(
             "GET", "/files", params={"path": os.fspath(path), "recursive": recursive}).content)
 
     def exists(self, path: str | PurePath) -> bool:
-        return bool(self._session._request("GET", "/files/exists", params={"path": os.fspath(path)}).json()["exists"])
+        return bool(self._channel.request("GET", "/files/exists", params={"path": os.fspath(path)}).json()["exists"])
 
     def remove(self, path: str | PurePath) -> None:
-        self._session._request("DELETE", "/files", params={"path": os.fspath(path)})
+        self._channel.request("DELETE", "/files", params={"path": os.fspath(path)})
 
 
 class _Reader:
@@ -491,8 +623,8 @@ class _Reader:
 class RemoteCommands:
     """`Commands` over HTTP."""
 
-    def __init__(self, session: RemoteSession) -> None:
-        self._session = session
+    def __init__(self, channel: _SessionChannel) -> None:
+        self._channel = channel
 
     def run(self, cmd: str, *, timeout: float = 60, cwd: str | None = None, env: dict[str, str] | None = None,
             on_stdout: Callable[[str], Any] | None = None,
@@ -500,10 +632,10 @@ class RemoteCommands:
         """Run a shell command in the session's sandbox (see `Commands.run`); with callbacks, output streams."""
         body = {"cmd": cmd, "timeout": timeout, "cwd": cwd, "env": env}
         if on_stdout or on_stderr:
-            return self._session._stream("/commands/stream", body, CommandResult,
+            return self._channel.events("/commands/stream", body, CommandResult,
                                          {"stdout": on_stdout, "stderr": on_stderr}, timeout)
         return CommandResult.model_validate_json(
-            self._session._request("POST", "/commands", json=body, timeout=_timeout(timeout)).content)
+            self._channel.request("POST", "/commands", json=body, timeout=_timeout(timeout)).content)
 
 
 # async --------------------------------------------------------------------------------------------------------
@@ -518,6 +650,7 @@ class AsyncRemoteWorkbench:
         self.http = http or httpx.AsyncClient(base_url=self.url, timeout=timeout, limits=httpx.Limits(
             max_connections=None, max_keepalive_connections=64))
         self.http.headers["Authorization"] = f"Bearer {self._key}"
+        self._channel = _AsyncChannel(self.http, self.url)
         self._sync: RemoteWorkbench | None = None
 
     @property
@@ -528,30 +661,33 @@ class AsyncRemoteWorkbench:
         return self._sync
 
     async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        try:
-            return _check(await self.http.request(method, path, **kwargs))
-        except httpx.TransportError as exc:
-            raise ServerError(f"cannot reach the workbench server at {self.url}: {exc}") from exc
+        return await self._channel.request(method, path, **kwargs)
 
     async def create(self, user_id: str, *, toolkits: list[str] | None = None, tools: list[str] | None = None,
                      limits: Limits | dict | None = None, offload_threshold: int | None = None,
-                     metadata: dict[str, str] | None = None, allow_default_user: bool = False) -> AsyncRemoteSession:
-        """Open a new session on the server (see `Workbench.create`)."""
+                     metadata: dict[str, str] | None = None, allow_default_user: bool = False,
+                     from_session: str | None = None) -> AsyncRemoteSession:
+        """Open a new session on the server, or fork one (see `Workbench.create`)."""
+        if from_session is not None:
+            _check_fork(toolkits, tools, limits, offload_threshold, metadata)
+            source = await self.use(from_session)
+            if source.user_id != user_id:
+                raise SessionNotFoundError(f"no session {from_session!r} of user {user_id!r}")
+            return await source.fork()
         body = _create_body(user_id, toolkits, tools, limits, offload_threshold, metadata, allow_default_user)
         response = await self._request("POST", "/v1/sessions", json=body, timeout=_timeout(None))
-        return AsyncRemoteSession(self, SessionInfo.model_validate_json(response.content))
+        info = SessionInfo.model_validate_json(response.content)
+        return AsyncRemoteSession(self._channel.session(info.session_id), info, self.sync.use)
 
     async def use(self, session_id: str) -> AsyncRemoteSession:
         """The session with this id (of this API key); SessionClosedError when it is closed."""
-        session = AsyncRemoteSession(self, await self._info(session_id))
+        channel = self._channel.session(session_id)
+        session = AsyncRemoteSession(channel, await channel.info(), self.sync.use)
         if session.status != "open":
             from .errors import SessionClosedError
 
             raise SessionClosedError(f"session {session_id} is closed")
         return session
-
-    async def _info(self, session_id: str) -> SessionInfo:
-        return SessionInfo.model_validate_json((await self._request("GET", f"/v1/sessions/{_id(session_id)}")).content)
 
     async def list(self, user_id: str | None = None, metadata: dict[str, str] | None = None) -> list[SessionRecord]:
         response = await self._request("GET", "/v1/sessions", params=_list_params(user_id, metadata))
@@ -577,46 +713,12 @@ class AsyncRemoteWorkbench:
 class AsyncRemoteSession(_SessionState):
     """`AsyncSession` over HTTP; streaming callbacks may be plain functions or coroutines."""
 
-    def __init__(self, workbench: AsyncRemoteWorkbench, info: SessionInfo) -> None:
+    def __init__(self, channel: _AsyncSessionChannel, info: SessionInfo,
+                 sync: Callable[[str], RemoteSession]) -> None:
         super().__init__(info)
-        self._wb = workbench
-        self.files = AsyncRemoteFiles(self)
-        self.commands = AsyncRemoteCommands(self)
-
-    async def _request(self, method: str, path: str = "", **kwargs: Any) -> httpx.Response:
-        return await self._wb._request(method, self._path + path, **kwargs)
-
-    async def _stream(self, path: str, body: dict[str, Any], model: type[M], callbacks: dict[str, Any],
-                      timeout: float | None) -> M:
-        try:
-            async with self._wb.http.stream("POST", self._path + path, json=body,
-                                            timeout=_timeout(timeout)) as response:
-                if response.status_code >= 400:
-                    await response.aread()
-                    _check(response)
-                name, data = "message", []
-                async for line in _alines(response.aiter_bytes()):
-                    if line:
-                        field, _, value = line.partition(":")
-                        if field == "event":
-                            name = value.strip()
-                        elif field == "data":
-                            data.append(value[1:] if value.startswith(" ") else value)
-                        continue
-                    if data:
-                        parsed = json.loads("\n".join(data))
-                        callback, argument = _streamed_callback(callbacks, name, parsed)
-                        if callback is not None:
-                            given = callback(argument)
-                            if inspect.isawaitable(given):
-                                await given
-                        found = _final(name, parsed, model)  # type: ignore[arg-type]
-                        if found is not None:
-                            return found  # type: ignore[return-value]
-                    name, data = "message", []
-        except httpx.TransportError as exc:
-            raise ServerError(f"lost the workbench server at {self._wb.url}: {exc}") from exc
-        raise ServerError("the server closed the stream before the result")
+        self._channel, self._sync = channel, sync  # `sync(id)`: the same session on a sync client (for tools())
+        self.files = AsyncRemoteFiles(channel)
+        self.commands = AsyncRemoteCommands(channel)
 
     @property
     def metadata(self) -> dict[str, str]:
@@ -631,8 +733,8 @@ class AsyncRemoteSession(_SessionState):
         body = {"code": code, "timeout": timeout}
         callbacks = {"stdout": on_stdout, "stderr": on_stderr, "result": on_result, "error": on_error}
         if any(callbacks.values()):
-            return await self._stream("/execute/stream", body, ExecutionResult, callbacks, timeout)
-        response = await self._request("POST", "/execute", json=body, timeout=_timeout(timeout))
+            return await self._channel.events("/execute/stream", body, ExecutionResult, callbacks, timeout)
+        response = await self._channel.request("POST", "/execute", json=body, timeout=_timeout(timeout))
         return ExecutionResult.model_validate_json(response.content)
 
     async def update(self, *, toolkits: list[str] | None = None, tools: list[str] | None = None,
@@ -642,8 +744,8 @@ class AsyncRemoteSession(_SessionState):
         """Change the session's config (see `RemoteSession.update`)."""
         expected = self.config_version if config_version is None else config_version
         body = _update_body(toolkits, tools, limits, offload_threshold, metadata, restart_if_needed, expected)
-        await self._request("PATCH", json=body, timeout=_timeout(None))
-        self._set(await self._wb._info(self.session_id))
+        await self._channel.request("PATCH", json=body, timeout=_timeout(None))
+        self._set(await self._channel.info())
         return self.config_version
 
     async def execute_tool(self, slug: str, arguments: dict[str, Any] | None = None, *,
@@ -651,7 +753,7 @@ class AsyncRemoteSession(_SessionState):
                            inline_limit: int | None = None) -> ToolResult:
         body = {"slug": slug, "arguments": arguments, "sync_to_workbench": sync_to_workbench, "timeout": timeout,
                 "inline_limit": inline_limit}
-        response = await self._request("POST", "/tools/execute", json=body, timeout=_timeout(timeout))
+        response = await self._channel.request("POST", "/tools/execute", json=body, timeout=_timeout(timeout))
         return ToolResult.model_validate_json(response.content)
 
     async def execute_tools(self, calls: list[tuple[str, dict[str, Any]]], *, sync_to_workbench: bool = False,
@@ -660,18 +762,18 @@ class AsyncRemoteSession(_SessionState):
         body = {"calls": [{"slug": slug, "arguments": arguments} for slug, arguments in calls],
                 "sync_to_workbench": sync_to_workbench, "max_workers": max_workers, "timeout": timeout,
                 "inline_limit": inline_limit}
-        response = await self._request("POST", "/tools/execute_many", json=body, timeout=_timeout(timeout))
+        response = await self._channel.request("POST", "/tools/execute_many", json=body, timeout=_timeout(timeout))
         return _TOOL_RESULTS.validate_json(response.content)
 
     async def available_tools(self) -> list[ToolInfo]:
-        return _TOOLS.validate_json((await self._request("GET", "/tools")).content)
+        return _TOOLS.validate_json((await self._channel.request("GET", "/tools")).content)
 
     def tools(self, format: Format = "openai", *, include_tools: bool = False) -> list[Any]:
         """The meta tools as tool definitions for a model (not awaited, as `AsyncSession.tools`)."""
-        return RemoteSession(self._wb.sync, _info_of(self)).tools(format, include_tools=include_tools)
+        return self._sync(self.session_id).tools(format, include_tools=include_tools)
 
     async def answer_tool_call(self, name: str, arguments: dict[str, Any] | str | None = None) -> Answer:
-        found = (await self._request("POST", "/tool_calls", json={"name": name, "arguments": arguments},
+        found = (await self._channel.request("POST", "/tool_calls", json={"name": name, "arguments": arguments},
                                      timeout=_timeout(None))).json()
         return Answer(found["text"], bool(found["is_error"]))
 
@@ -680,18 +782,43 @@ class AsyncRemoteSession(_SessionState):
 
     async def handle_tool_calls(self, response: Any, *, include_tools: bool = False) -> list[dict[str, Any]]:
         body = {"response": _plain_response(response), "include_tools": include_tools}
-        return (await self._request("POST", "/tool_calls/response", json=body,  # type: ignore[no-any-return]
+        return (await self._channel.request("POST", "/tool_calls/response", json=body,  # type: ignore[no-any-return]
                                     timeout=_timeout(None))).json()
 
     async def logs(self, limit: int = 1000) -> list[LogEntry]:
-        return _LOGS.validate_json((await self._request("GET", "/logs", params={"limit": limit})).content)
+        return _LOGS.validate_json((await self._channel.request("GET", "/logs", params={"limit": limit})).content)
 
     async def restart(self) -> None:
-        await self._request("POST", "/restart", timeout=_timeout(None))
+        await self._channel.request("POST", "/restart", timeout=_timeout(None))
+
+    @property
+    def paused(self) -> bool:
+        """Whether the session was paused when this object last read it (`await wb.use(id)` reads it again)."""
+        return self.status == "open" and self._paused
+
+    async def pause(self) -> PausedState:
+        response = await self._channel.request("POST", "/pause", timeout=_timeout(None))
+        return PausedState.model_validate_json(response.content)
+
+    async def resume(self) -> None:
+        await self._channel.request("POST", "/resume", timeout=_timeout(None))
+
+    async def fork(self) -> AsyncRemoteSession:
+        response = await self._channel.request("POST", "/fork", timeout=_timeout(None))
+        info = SessionInfo.model_validate_json(response.content)
+        return AsyncRemoteSession(self._channel.channel.session(info.session_id), info, self._sync)
+
+    async def notebook(self) -> str:
+        return (await self._channel.request("GET", "/notebook", timeout=_timeout(None))).text
+
+    async def export_notebook(self, path: str | Path) -> Path:
+        target = Path(path)
+        target.write_text(await self.notebook(), encoding="utf-8")
+        return target
 
     async def close(self, delete_workspace: bool = False) -> None:
         if not self.closed:
-            await self._request("DELETE", params={"delete_workspace": delete_workspace}, timeout=_timeout(None))
+            await self._channel.request("DELETE", params={"delete_workspace": delete_workspace}, timeout=_timeout(None))
             self.closed = True
 
     async def __aenter__(self) -> AsyncRemoteSession:
@@ -701,28 +828,22 @@ class AsyncRemoteSession(_SessionState):
         await self.close()
 
 
-def _info_of(session: _SessionState) -> SessionInfo:
-    return SessionInfo(session_id=session.session_id, user_id=session.user_id, status=session.status,
-                       config=session.config, config_version=session.config_version, created_at=0.0,
-                       last_used_at=0.0, mcp=session.mcp)
-
-
 class AsyncRemoteFiles:
     """`AsyncFiles` over HTTP."""
 
-    def __init__(self, session: AsyncRemoteSession) -> None:
-        self._session = session
+    def __init__(self, channel: _AsyncSessionChannel) -> None:
+        self._channel = channel
 
     async def write(self, path: str | PurePath, data: bytes | str | BinaryIO | Iterable[bytes]) -> FileInfo:
         chunks = _chunks(data)
         content: bytes | AsyncIterator[bytes] = chunks if isinstance(chunks, bytes) else _aiter(chunks)
-        response = await self._session._request("PUT", "/files/content", params={"path": os.fspath(path)},
+        response = await self._channel.request("PUT", "/files/content", params={"path": os.fspath(path)},
                                                 content=content, timeout=_timeout(None),
                                                 headers={"Content-Type": "application/octet-stream"})
         return FileInfo.model_validate_json(response.content)
 
     async def read(self, path: str | PurePath) -> bytes:
-        response = await self._session._request("GET", "/files/content", params={"path": os.fspath(path)},
+        response = await self._channel.request("GET", "/files/content", params={"path": os.fspath(path)},
                                                 timeout=_timeout(None))
         return response.content
 
@@ -730,16 +851,16 @@ class AsyncRemoteFiles:
         return (await self.read(path)).decode(encoding)
 
     async def list(self, path: str | PurePath = ".", recursive: bool = False) -> list[FileInfo]:
-        response = await self._session._request("GET", "/files",
+        response = await self._channel.request("GET", "/files",
                                                 params={"path": os.fspath(path), "recursive": recursive})
         return _FILES.validate_json(response.content)
 
     async def exists(self, path: str | PurePath) -> bool:
-        response = await self._session._request("GET", "/files/exists", params={"path": os.fspath(path)})
+        response = await self._channel.request("GET", "/files/exists", params={"path": os.fspath(path)})
         return bool(response.json()["exists"])
 
     async def remove(self, path: str | PurePath) -> None:
-        await self._session._request("DELETE", "/files", params={"path": os.fspath(path)})
+        await self._channel.request("DELETE", "/files", params={"path": os.fspath(path)})
 
 
 async def _aiter(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
@@ -750,15 +871,15 @@ async def _aiter(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
 class AsyncRemoteCommands:
     """`AsyncCommands` over HTTP."""
 
-    def __init__(self, session: AsyncRemoteSession) -> None:
-        self._session = session
+    def __init__(self, channel: _AsyncSessionChannel) -> None:
+        self._channel = channel
 
     async def run(self, cmd: str, *, timeout: float = 60, cwd: str | None = None, env: dict[str, str] | None = None,
                   on_stdout: Callable[[str], Any] | None = None,
                   on_stderr: Callable[[str], Any] | None = None) -> CommandResult:
         body = {"cmd": cmd, "timeout": timeout, "cwd": cwd, "env": env}
         if on_stdout or on_stderr:
-            return await self._session._stream("/commands/stream", body, CommandResult,
+            return await self._channel.events("/commands/stream", body, CommandResult,
                                                {"stdout": on_stdout, "stderr": on_stderr}, timeout)
-        response = await self._session._request("POST", "/commands", json=body, timeout=_timeout(timeout))
+        response = await self._channel.request("POST", "/commands", json=body, timeout=_timeout(timeout))
         return CommandResult.model_validate_json(response.content)

@@ -699,13 +699,15 @@ class Session:
                         except (FileError, OSError) as exc:
                             self.log.warning("could not remove the fork's snapshot: %s", exc)
 
+    def notebook(self) -> str:
+        """Every execution of the session (code and outputs, oldest first) as a Jupyter notebook: nbformat v4
+        JSON text, validated."""
+        return notebook_of(self._services.store.logs(self.session_id, LOG_KEEP), self.session_id, self._kernel.spec)
+
     def export_notebook(self, path: str | Path) -> Path:
-        """Write every execution of the session (code and outputs, oldest first) as a Jupyter notebook (nbformat
-        v4, validated) at `path` on the host; returns the path."""
-        notebook = notebook_of(self._services.store.logs(self.session_id, LOG_KEEP), self.session_id,
-                               self._kernel.spec)
+        """Write the session's notebook (see `notebook`) at `path` on this host; returns the path."""
         target = Path(path)
-        target.write_text(notebook, encoding="utf-8")
+        target.write_text(self.notebook(), encoding="utf-8")
         return target
 
     def _kernel_container(self, timeout: float) -> str:

@@ -39,7 +39,7 @@ from ..errors import (
 from ..files import CHUNK, FileInfo
 from ..results import CommandResult, ExecutionError, ExecutionResult, Output, ToolResult
 from ..session import Session
-from ..store import ApiKeyRecord, LogEntry, SessionRecord
+from ..store import ApiKeyRecord, LogEntry, PausedState, SessionRecord
 from .auth import authenticate, bearer
 from .errors import INTERNAL, clean_text, error_body, status_and_code
 from .models import (
@@ -404,6 +404,44 @@ def create_app(
         await run(lambda: session_of(key, session_id).restart())
         return Response(status_code=204)
 
+    @app.post("/v1/sessions/{session_id}/pause", response_model=PausedState, tags=["sessions"])
+    async def pause_session(session_id: str, request: Request) -> Response:
+        """Save the kernel's variables into the workspace and stop the kernel (see `Session.pause`)."""
+        key = key_of(request)
+        return _json(await run(lambda: session_of(key, session_id).pause()))
+
+    @app.post("/v1/sessions/{session_id}/resume", status_code=204, tags=["sessions"])
+    async def resume_session(session_id: str, request: Request) -> Response:
+        """Start a paused session's kernel and restore its variables now."""
+        key = key_of(request)
+        await run(lambda: session_of(key, session_id).resume())
+        return Response(status_code=204)
+
+    @app.post("/v1/sessions/{session_id}/fork", response_model=SessionInfo, status_code=201, tags=["sessions"])
+    async def fork_session(session_id: str, request: Request) -> Response:
+        """A new session with a copy of this one's config, workspace and variables; it belongs to the same key."""
+        key, base = key_of(request), base_url(request)
+
+        def fork() -> SessionInfo:
+            with starting:
+                forked = session_of(key, session_id).fork()
+            try:
+                workbench.store.set_owner(forked.session_id, key.key_id)
+            except BaseException:
+                forked.close(delete_workspace=True)
+                raise
+            return info(workbench.store.get(forked.session_id), base)
+
+        return _json(await run(fork), 201)
+
+    @app.get("/v1/sessions/{session_id}/notebook", tags=["sessions"],
+             responses={200: {"content": {"application/x-ipynb+json": {}}}})
+    async def session_notebook(session_id: str, request: Request) -> Response:
+        """Every execution of the session with its outputs, as a Jupyter notebook (nbformat v4)."""
+        key = key_of(request)
+        text = await run(lambda: session_of(key, session_id).notebook())
+        return Response(text, media_type="application/x-ipynb+json")
+
     @app.get("/v1/sessions/{session_id}/logs", response_model=list[LogEntry], tags=["sessions"])
     async def session_logs(session_id: str, request: Request, limit: int = Query(1000, ge=1, le=100_000)
                            ) -> Response:
@@ -636,18 +674,12 @@ def create_app(
 
 
 def build_app(workbench: Workbench, settings: ServerSettings | None = None) -> FastAPI:
-    """The app `workbench serve` runs: the HTTP API, and the per-session MCP endpoints at /mcp when this install
-    has them (`workbench.server.mcp`)."""
-    import importlib.util
+    """The app `workbench serve` runs: the HTTP API, and the per-session MCP endpoints at /mcp."""
+    from .mcp import McpEndpoint
 
     secret = load_secret(workbench.home)
-    mounts: dict[str, ASGIApp] = {}
-    lifespans: list[Callable[[], contextlib.AbstractAsyncContextManager[Any]]] = []
-    if importlib.util.find_spec("workbench.server.mcp") is not None:  # part B: the MCP endpoint
-        from .mcp import McpEndpoint  # type: ignore[import-not-found,unused-ignore]
-
-        endpoint = McpEndpoint(workbench, secret)
-        mounts["/mcp"] = endpoint
-        lifespans.append(endpoint.lifespan)
+    endpoint = McpEndpoint(workbench, secret)
+    mounts: dict[str, ASGIApp] = {"/mcp": endpoint}
+    lifespans: list[Callable[[], contextlib.AbstractAsyncContextManager[Any]]] = [endpoint.lifespan]
     return create_app(workbench, settings=settings, secret=secret, mounts=mounts, lifespans=lifespans)
 
