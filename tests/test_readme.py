@@ -17,7 +17,10 @@ from workbench import Workbench
 README = Path(__file__).resolve().parent.parent / "README.md"
 BLOCKS = re.findall(r"```(python|bash)\n(.*?)```", README.read_text(), flags=re.S)
 EXAMPLES = [(lang, code) for lang, code in BLOCKS if "workbench" in code and "pip install" not in code]
-LOCAL = [code for lang, code in EXAMPLES if lang == "python" and re.search(r"\b(Async)?Workbench\(", code)]
+# every Python example of the API runs again against a server; not the one that starts `workbench mcp` over stdio,
+# which serves a session of a local home to a desktop client (there is no server in that picture)
+LOCAL = [code for lang, code in EXAMPLES if lang == "python" and re.search(r"\b(Async)?Workbench\(", code)
+         and '"mcp", "--session"' not in code]
 
 
 def run_example(lang: str, code: str, env: dict[str, str], cwd: Path) -> None:
