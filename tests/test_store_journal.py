@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from workbench import store as store_module
-from workbench.store import LOG_DELAY, Store
+from workbench.store import LOG_DELAY, SQLiteStore
+from workbench.store import sqlite as store_module
 
 
 def test_a_journaled_tool_call_reaches_the_table_within_log_delay_without_another_call(tmp_path: Path) -> None:
-    writer = Store(tmp_path / "workbench.db")
+    writer = SQLiteStore(tmp_path / "workbench.db")
     try:
         writer.log("s", "tool", "ok", 0.1, {"slug": "ECHO"}, touch=False)
         journaled = time.monotonic()
@@ -27,7 +27,7 @@ def test_a_journaled_tool_call_reaches_the_table_within_log_delay_without_anothe
             time.sleep(0.01)
         assert time.monotonic() - journaled <= LOG_DELAY + 0.25  # a little slack for a loaded machine
         # so another process sees it: it reads only the logs table (the writer's journal is locked, so it is left alone)
-        script = ("import sys, time\nfrom workbench.store import Store\nstore = Store(__import__('pathlib').Path("
+        script = ("import sys, time\nfrom workbench.store import SQLiteStore\nstore = SQLiteStore(__import__('pathlib').Path("
                   "sys.argv[1]))\nfor _ in range(100):\n    if store.logs('s'):\n        break\n    time.sleep(0.02)\n"
                   "print(len(store.logs('s')))\nstore.close()")
         seen = subprocess.run([sys.executable, "-c", script, str(tmp_path / "workbench.db")], capture_output=True,
@@ -54,16 +54,16 @@ def _table(tmp_path: Path) -> int:
 
 def test_recovery_never_takes_a_journal_being_created(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "workbench.db"
-    first = Store(path)
+    first = SQLiteStore(path)
     real_flock = fcntl.flock
-    opened: list[Store] = []
+    opened: list[SQLiteStore] = []
     racing: list[int] = []
 
     def flock(fd: int, operation: int) -> None:
         # another Store opens (and recovers) right between the journal's creation and its lock
         if not racing and os.readlink(f"/proc/self/fd/{fd}").endswith(".new"):
             racing.append(fd)
-            opened.append(Store(path))
+            opened.append(SQLiteStore(path))
         return real_flock(fd, operation)
 
     monkeypatch.setattr(fcntl, "flock", flock)
@@ -80,13 +80,13 @@ def test_recovery_never_takes_a_journal_being_created(tmp_path: Path, monkeypatc
 
 def test_concurrent_store_opens_lose_no_tool_call(tmp_path: Path) -> None:
     path = tmp_path / "workbench.db"
-    Store(path).close()
+    SQLiteStore(path).close()
     errors: list[BaseException] = []
 
     def worker(t: int) -> None:
         try:
             for round_ in range(4):
-                store = Store(path)  # its recovery runs while the others create their journals
+                store = SQLiteStore(path)  # its recovery runs while the others create their journals
                 for i in range(25):
                     store.log("s", "tool", "ok", 0.0, {"t": t, "r": round_, "i": i}, touch=False)
                 store.close()
@@ -99,7 +99,7 @@ def test_concurrent_store_opens_lose_no_tool_call(tmp_path: Path) -> None:
     for thread in threads:
         thread.join()
     assert not errors, errors
-    store = Store(path)
+    store = SQLiteStore(path)
     try:
         entries = store.logs("s", limit=10_000)
         assert len(entries) == 8 * 4 * 25
@@ -111,7 +111,7 @@ def test_concurrent_store_opens_lose_no_tool_call(tmp_path: Path) -> None:
 
 def test_a_stale_unlocked_new_journal_is_removed(tmp_path: Path) -> None:
     path = tmp_path / "workbench.db"
-    Store(path).close()
+    SQLiteStore(path).close()
     journals = tmp_path / "workbench.db.journals"
     journals.mkdir(exist_ok=True)
     fresh, stale = journals / "1-aa.log.new", journals / "2-bb.log.new"
@@ -119,14 +119,14 @@ def test_a_stale_unlocked_new_journal_is_removed(tmp_path: Path) -> None:
     stale.write_bytes(b"")
     old = time.time() - 3600
     os.utime(stale, (old, old))
-    Store(path).close()
+    SQLiteStore(path).close()
     assert fresh.exists() and not stale.exists()
 
 
 def test_a_session_keeps_only_its_newest_log_entries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(store_module, "LOG_KEEP", 50)
     monkeypatch.setattr(store_module, "_PRUNE_EVERY", 20)
-    store = Store(tmp_path / "workbench.db")
+    store = SQLiteStore(tmp_path / "workbench.db")
     try:
         for i in range(500):
             store.log("s1", "tool", "ok", 0.0, {"i": i}, touch=False)

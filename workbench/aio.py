@@ -25,7 +25,7 @@ from .files import Data, FileInfo, Files
 from .kernelspec import KernelSpec
 from .results import CommandResult, ExecutionError, ExecutionResult, Output, ToolResult
 from .session import Session
-from .store import LogEntry, PausedState, SessionRecord
+from .store import LogEntry, PausedState, SessionRecord, Store
 from .tools import Tool
 
 T = TypeVar("T")
@@ -65,6 +65,7 @@ class AsyncWorkbench(_Threads):
         pool_size: int = 2,
         answer_limit: int = DEFAULT_LIMIT,
         backend: str | Backend = "docker",
+        store: Store | None = None,
         docker_client: docker.DockerClient | None = None,
     ) -> None:
         """`max_threads` run the blocking calls; the rest is `Workbench`'s."""
@@ -73,7 +74,7 @@ class AsyncWorkbench(_Threads):
             home=home, kernel=kernel, image=image, limits=limits, execute_timeout=execute_timeout,
             output_limit=output_limit, idle_timeout=idle_timeout, offload_threshold=offload_threshold,
             tool_timeout=tool_timeout, pool_size=pool_size, answer_limit=answer_limit, backend=backend,
-            docker_client=docker_client)
+            store=store, docker_client=docker_client)
 
     async def create(
         self,

@@ -497,11 +497,11 @@ def keys() -> None:
 def _store() -> Store:
     from .config import default_home
     from .sandbox import private_dir
-    from .store import Store
+    from .store import SQLiteStore
 
     home = default_home()
     private_dir(home)
-    return Store(home / "workbench.db")
+    return SQLiteStore(home / "workbench.db")
 
 
 @keys.command("create")

@@ -16,7 +16,7 @@ import pytest
 from workbench import Session, Workbench
 from workbench.config import Limits
 from workbench.errors import SessionError, StoreError, WorkbenchError
-from workbench.store import Store
+from workbench.store import SQLiteStore
 
 _CALLER = """
 import sys
@@ -49,7 +49,7 @@ def test_tool_calls_that_returned_are_logged_when_the_process_is_killed(tmp_path
         if caller.poll() is None:
             caller.kill()
     session_id = line.split()[1]
-    store = Store(tmp_path / "workbench.db")
+    store = SQLiteStore(tmp_path / "workbench.db")
     try:
         tools = [e for e in store.logs(session_id, limit=10 * n) if e.kind == "tool"]
         assert len(tools) == 2 * n and all(e.status == "ok" for e in tools)
@@ -86,7 +86,7 @@ def test_concurrent_log_entries_are_all_kept_once(tmp_path: Path) -> None:
         finally:
             other.close()
 
-    store = Store(tmp_path / "workbench.db")
+    store = SQLiteStore(tmp_path / "workbench.db")
     threads = [threading.Thread(target=lambda t=t: [
         store.log("s", "tool" if i % 10 else "execution", "ok", 0.0, {"t": t, "i": i}, touch=bool(i % 10 == 0))
         for i in range(200)]) for t in range(8)]
@@ -94,14 +94,14 @@ def test_concurrent_log_entries_are_all_kept_once(tmp_path: Path) -> None:
         thread.start()
     for thread in threads:
         thread.join()
-    alive = Store(tmp_path / "workbench.db")  # a second store, as another process: leaves a live journal alone
+    alive = SQLiteStore(tmp_path / "workbench.db")  # a second store, as another process: leaves a live journal alone
     assert count() <= 1600
     store.flush()
     assert count() == 1600
     alive.close()
     store.close()
     store.close()  # twice is fine
-    assert Store(tmp_path / "workbench.db").logs("s", limit=5000).__len__() == 1600  # nothing copied twice
+    assert SQLiteStore(tmp_path / "workbench.db").logs("s", limit=5000).__len__() == 1600  # nothing copied twice
     assert not any((tmp_path / "workbench.db.journals").iterdir())
     with pytest.raises(StoreError, match="closed"):
         store.logs("s")
@@ -109,7 +109,7 @@ def test_concurrent_log_entries_are_all_kept_once(tmp_path: Path) -> None:
 
 def test_a_damaged_store_gives_a_workbench_error(tmp_path: Path, wb: Workbench) -> None:
     path = tmp_path / "workbench.db"
-    store = Store(path)
+    store = SQLiteStore(path)
     for i in range(3000):
         store.log("s", "tool", "ok", 0.0, {"padding": "p" * 200, "i": i}, touch=False)
     store.close()
@@ -118,7 +118,7 @@ def test_a_damaged_store_gives_a_workbench_error(tmp_path: Path, wb: Workbench) 
     with open(path, "r+b") as f:
         f.truncate(size // 3)
     with pytest.raises(StoreError, match=str(path)) as raised:
-        damaged = Store(path)
+        damaged = SQLiteStore(path)
         damaged.logs("s", limit=5000)
         damaged.list()
     assert "damaged" in str(raised.value) and isinstance(raised.value, WorkbenchError)

@@ -1,4 +1,4 @@
-"""The session store: SQLite under WORKBENCH_HOME, the one source of truth for sessions, configs and logs."""
+"""The embedded store: SQLite under WORKBENCH_HOME, the one source of truth for sessions, configs and logs."""
 from __future__ import annotations
 
 import builtins
@@ -17,10 +17,20 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import orjson
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import ValidationError
 
-from .config import Limits, Metadata, check_metadata
-from .errors import ConflictError, SessionNotFoundError, StoreError
+from ..config import check_metadata
+from ..errors import ConflictError, SessionNotFoundError, StoreError
+from .base import (
+    LOG_KEEP,
+    ApiKeyRecord,
+    KernelRecord,
+    LogEntry,
+    PausedState,
+    SessionConfig,
+    SessionRecord,
+    Store,
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger(__name__)
@@ -29,7 +39,6 @@ _FLUSH_MARGIN = 0.05  # the flusher commits this long before LOG_DELAY is up: th
 LOG_BATCH = 512  # ... or until this many wait
 _STALE_NEW = 60.0  # seconds after which an unlocked `.new` journal is a leftover of a process that died creating it
 JOURNAL_ROTATE = 64 * 1024**2  # bytes after which a fully copied journal is replaced by a new one
-LOG_KEEP = 100_000  # newest log entries kept per session: a sandbox calling tools in a loop cannot fill the disk
 _PRUNE_EVERY = 10_000  # entries a session may add before its oldest beyond LOG_KEEP are deleted
 _INSERT_LOG = "INSERT INTO logs (session_id, kind, status, duration, detail, created_at) VALUES (?, ?, ?, ?, ?, ?)"
 
@@ -77,108 +86,10 @@ CREATE TABLE IF NOT EXISTS journal_marks (  -- how far each tool-call journal ha
 """
 
 
-class SessionConfig(BaseModel):
-    """What a session may use: its toolkits, tools and resource limits."""
-
-    toolkits: list[str] = Field(default_factory=list)
-    tools: list[str] = Field(default_factory=list)
-    limits: Limits = Field(default_factory=Limits)
-    offload_threshold: int = Field(default=20_000, ge=0, description="bytes of JSON above which a tool's "
-                                   "response goes to the workspace instead of inline")
-    metadata: Metadata = Field(default_factory=dict, description="the caller's labels (e.g. a correlation id): "
-                               "given to every tool call and written into every log entry")
-
-    def changed(self, *, toolkits: builtins.list[str] | None = None, tools: builtins.list[str] | None = None,
-                limits: Limits | None = None, offload_threshold: int | None = None,
-                metadata: dict[str, str] | None = None) -> SessionConfig:
-        """A copy with the settings given (None keeps this one's), validated as a new config is."""
-        return SessionConfig(
-            toolkits=self.toolkits if toolkits is None else toolkits,
-            tools=self.tools if tools is None else tools,
-            limits=self.limits if limits is None else limits,
-            offload_threshold=self.offload_threshold if offload_threshold is None else offload_threshold,
-            metadata=self.metadata if metadata is None else check_metadata(metadata),
-        )
-
-
-class KernelRecord(BaseModel):
-    """Enough to reattach to a running kernel from another process."""
-
-    kernel_id: str
-    sandbox_id: str = Field(description="the backend's opaque handle of the kernel's sandbox")
-    connection: dict[str, Any]
-    lineage: str | None = Field(default=None, description="the id of the kernel whose variables this one holds: "
-                                "its own, or a paused kernel's it restored (None: its own, in older stores)")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _older_store(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "container_id" in data and "sandbox_id" not in data:  # written before backends
-            data = {**data, "sandbox_id": data["container_id"]}
-            del data["container_id"]
-        return data
-
-
-class PausedState(BaseModel):
-    """A session asleep: its kernel stopped, its namespace saved in the workspace (`.state/`) to be restored by
-    the next kernel. `error` says why nothing was saved (the kernel was stopped without a snapshot)."""
-
-    paused_at: float
-    names: list[str] = Field(default_factory=list, description="the variables saved")
-    modules: dict[str, str] = Field(default_factory=dict, description="name -> module, imported again on resume")
-    skipped: dict[str, str] = Field(default_factory=dict, description="name -> why it could not be saved")
-    bytes: int = Field(default=0, description="size of the snapshot")
-    error: str | None = Field(default=None, description="why no snapshot was saved")
-    lineage: str | None = Field(default=None, description="the lineage of the kernel that was paused")
-
-
-class SessionRecord(BaseModel):
-    session_id: str
-    user_id: str
-    status: str
-    config: SessionConfig
-    config_version: int
-    kernel: KernelRecord | None = None
-    created_at: float
-    last_used_at: float
-    busy_until: float = 0.0  # while a cell runs: when it must have ended; the idle reaper leaves it alone until then
-    paused: PausedState | None = None
-
-
-class LogEntry(BaseModel):
-    """One execution or tool call of a session; the session id is its trace id."""
-
-    id: int
-    session_id: str
-    kind: str
-    status: str
-    duration: float
-    detail: dict[str, Any]
-    created_at: float
-
-    @property
-    def metadata(self) -> dict[str, str]:
-        """The session's metadata when the entry was written."""
-        return self.detail.get("metadata") or {}
-
-
-class ApiKeyRecord(BaseModel):
-    """An API key of `workbench serve`, as stored: never the key itself, only its hash."""
-
-    key_id: str
-    name: str
-    created_at: float
-    revoked_at: float | None = None
-
-    @property
-    def active(self) -> bool:
-        return self.revoked_at is None
-
-
 def _guarded(method: F) -> F:
     """Every sqlite3 error (and a row that no longer parses) leaves the Store as a StoreError naming the file."""
     @functools.wraps(method)
-    def guarded(self: Store, *args: Any, **kwargs: Any) -> Any:
+    def guarded(self: SQLiteStore, *args: Any, **kwargs: Any) -> Any:
         try:
             return method(self, *args, **kwargs)
         except (sqlite3.Error, ValidationError, json.JSONDecodeError, OSError) as exc:
@@ -187,7 +98,7 @@ def _guarded(method: F) -> F:
     return guarded  # type: ignore[return-value]
 
 
-class Store:
+class SQLiteStore(Store):
     """Thread-safe access to the SQLite file; several processes may share it (WAL mode).
 
     Every write is durable before the call returns, against the death of the process (not of the machine):
@@ -667,7 +578,7 @@ class Store:
                     self._reader = None
 
 
-def _flush_journal(ref: weakref.ref[Store], due: threading.Condition) -> None:
+def _flush_journal(ref: weakref.ref[SQLiteStore], due: threading.Condition) -> None:
     """The flusher of a Store: copies its journaled tool calls into the logs table within LOG_DELAY of the oldest,
     so that other processes see them without waiting for another call. Holds the Store only weakly: a Store
     dropped unclosed lets it end."""
