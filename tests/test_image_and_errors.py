@@ -80,17 +80,19 @@ def test_unknown_and_closed_sessions(wb: Workbench) -> None:
 def test_a_workbench_keeps_the_image_it_started_with_when_the_tag_moves(wb: Workbench, tmp_path) -> None:
     """Another process rebuilding the image (the tag moving to a new image) must not change what this workbench's
     kernels run, nor mix one image with another's Python trees."""
-    from workbench.config import BASE_IMAGE
+    from workbench.backends.docker.image import runtime_tag
 
     tag = "workbench-kernel:pin-test"
-    wb.docker.images.get(wb.image).tag(tag)
+    original = wb.docker.images.get(wb.image)
+    original.tag(tag)
     pinned = Workbench(home=tmp_path, image=tag, pool_size=0, idle_timeout=None, docker_client=wb.docker)
     try:
         first = pinned.create(user_id="test-user")
         assert first.execute("import pandas; 1 + 1").text == "2"
-        wb.docker.images.get(BASE_IMAGE).tag(tag)  # the tag now names an image without the kernel at all
+        wb.docker.images.get(runtime_tag()).tag(tag)  # the tag now names another image (the kernel's packages only)
         second = pinned.create(user_id="test-user")
         assert second.execute("import pandas; 2 + 2").text == "4"
+        assert second._kernel.sandbox.container.image.id == original.id  # the image it started with, not the tag's
         first.close(delete_workspace=True)
         second.close(delete_workspace=True)
     finally:
