@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import docker
+from docker import DockerClient
 from pydantic import BaseModel, Field
 
 from . import fstree
@@ -88,7 +88,7 @@ class Workbench:
         answer_limit: int = DEFAULT_LIMIT,
         backend: str | Backend = "docker",
         store: Store | None = None,
-        docker_client: docker.DockerClient | None = None,
+        docker_client: DockerClient | None = None,
     ) -> None:
         """`kernel`: the kernel language, by name or as a `KernelSpec` (Python, "python3", is the only one so far);
         `image`: the image its sandboxes run (default: the kernel spec's).
@@ -116,13 +116,6 @@ class Workbench:
             self.backend = backend
         else:
             self.backend = load_backend(backend, **({"client": docker_client} if docker_client is not None else {}))
-        if not isinstance(self.backend, DockerBackend):
-            raise WorkbenchError(f"the {self.backend.name!r} backend cannot run shell commands yet (they use Docker's "
-                                 "exec): only the docker backend is supported")
-        self.docker = self.backend.client
-        """The Docker backend's engine client."""
-        self.engine_security = self.backend.security
-        """The engine's security options as it reports them (seccomp, AppArmor, user namespaces...)."""
         self.runtime_root = default_runtime_root()
         # Private to the host user: another host uid reaches no workspace, kernel.json (its HMAC key) or bridge.
         check_sandbox_uid()
@@ -162,6 +155,21 @@ class Workbench:
         if not self.disk_quota:  # plain folders: nothing stops a kernel at its cap but this, idle_timeout or not
             self._watchdog = threading.Thread(target=self._watch, name="workbench-watchdog", daemon=True)
             self._watchdog.start()
+
+    @property
+    def docker(self) -> DockerClient:
+        """The Docker backend's engine client (raises WorkbenchError with another backend)."""
+        return self._docker_backend().client
+
+    @property
+    def engine_security(self) -> list[str]:
+        """The Docker engine's security options as it reports them (seccomp, AppArmor, user namespaces...)."""
+        return self._docker_backend().security
+
+    def _docker_backend(self) -> DockerBackend:
+        if not isinstance(self.backend, DockerBackend):
+            raise WorkbenchError(f"the workbench runs on the {self.backend.name!r} backend, not on Docker")
+        return self.backend
 
     @property
     def workspaces_root(self) -> Path:
@@ -209,7 +217,7 @@ class Workbench:
         *,
         toolkits: list[str] | None = None,
         tools: list[str] | None = None,
-        limits: Limits | dict | None = None,
+        limits: Limits | dict[str, Any] | None = None,
         offload_threshold: int | None = None,
         metadata: dict[str, str] | None = None,
         allow_default_user: bool = False,
@@ -490,7 +498,7 @@ class Workbench:
             self._reaper.join(timeout=30)  # it may be in the middle of a gc, using the store
         self.store.close()
 
-    def _limits(self, limits: Limits | dict | None) -> Limits:
+    def _limits(self, limits: Limits | dict[str, Any] | None) -> Limits:
         if limits is None:
             return self.limits
         given = limits if isinstance(limits, Limits) else Limits.model_validate(limits)

@@ -119,7 +119,7 @@ class SQLiteStore(Store):
         self._reader: sqlite3.Connection | None = None  # for API key checks (see api_key_by_hash)
         self._reader_lock = threading.Lock()
         self._queue = threading.Lock()  # the entries waiting for a commit
-        self._pending: list[tuple] = []
+        self._pending: list[tuple[Any, ...]] = []
         self._added: dict[str, int] = {}  # log entries per session since its last pruning (see _prune)
         self._touched: dict[str, float] = {}  # session -> when an execution last used it, with the pending entries
         self._queued = 0  # sequence number of the last entry queued
@@ -174,7 +174,7 @@ class SQLiteStore(Store):
         return self._db
 
     @_guarded
-    def _exec(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
+    def _exec(self, sql: str, args: tuple[Any, ...] = ()) -> sqlite3.Cursor:
         with self._lock:
             return self._connection().execute(sql, args)
 
@@ -254,7 +254,7 @@ class SQLiteStore(Store):
         """
         sql = ("UPDATE sessions SET kernel = NULL WHERE session_id = ? AND status = 'open' "
                "AND json_extract(kernel, '$.kernel_id') = ?")
-        args: tuple = (session_id, kernel_id)
+        args: tuple[Any, ...] = (session_id, kernel_id)
         if idle_before is not None:
             sql += " AND last_used_at < ? AND busy_until < ?"
             args += (idle_before, time.time())
@@ -266,7 +266,7 @@ class SQLiteStore(Store):
         `kernel_id` (and, given `idle_before`, unused since then): True means the caller owns the kernel's removal."""
         sql = ("UPDATE sessions SET kernel = NULL, paused = ? WHERE session_id = ? AND status = 'open' "
                "AND json_extract(kernel, '$.kernel_id') = ?")
-        args: tuple = (paused.model_dump_json(), session_id, kernel_id)
+        args: tuple[Any, ...] = (paused.model_dump_json(), session_id, kernel_id)
         if idle_before is not None:
             sql += " AND last_used_at < ? AND busy_until < ?"
             args += (idle_before, time.time())
@@ -332,7 +332,7 @@ class SQLiteStore(Store):
     @_guarded
     def data_version(self) -> int:
         """Changes whenever another connection (another process) commits: nothing to re-read while it stays."""
-        return self._exec("PRAGMA data_version").fetchone()[0]
+        return int(self._exec("PRAGMA data_version").fetchone()[0])
 
     @_guarded
     def log(self, session_id: str, kind: str, status: str, duration: float, detail: dict[str, Any],
@@ -463,7 +463,7 @@ class SQLiteStore(Store):
                 db.execute("DELETE FROM journal_marks WHERE name = ?", (retire[1],))
                 os.close(retire[0])
 
-    def _prune(self, db: sqlite3.Connection, batch: builtins.list[tuple]) -> None:
+    def _prune(self, db: sqlite3.Connection, batch: builtins.list[tuple[Any, ...]]) -> None:
         """Delete a session's oldest log entries beyond LOG_KEEP, every _PRUNE_EVERY entries it adds."""
         for entry in batch:
             self._added[entry[0]] = self._added.get(entry[0], 0) + 1
