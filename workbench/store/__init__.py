@@ -5,6 +5,7 @@ from .base import (
     KernelRecord,
     LogEntry,
     PausedState,
+    ReplicaRecord,
     SessionConfig,
     SessionRecord,
     Store,
@@ -12,4 +13,4 @@ from .base import (
 from .sqlite import JOURNAL_ROTATE, LOG_BATCH, LOG_DELAY, SQLiteStore
 
 __all__ = ["JOURNAL_ROTATE", "LOG_BATCH", "LOG_DELAY", "LOG_KEEP", "ApiKeyRecord", "KernelRecord", "LogEntry",
-           "PausedState", "SQLiteStore", "SessionConfig", "SessionRecord", "Store"]
+           "PausedState", "ReplicaRecord", "SQLiteStore", "SessionConfig", "SessionRecord", "Store"]

@@ -27,6 +27,7 @@ from .base import (
     KernelRecord,
     LogEntry,
     PausedState,
+    ReplicaRecord,
     SessionConfig,
     SessionRecord,
     Store,
@@ -53,7 +54,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     created_at     REAL NOT NULL,
     last_used_at   REAL NOT NULL,
     busy_until     REAL NOT NULL DEFAULT 0,
-    paused         TEXT  -- a PausedState while the session sleeps: its kernel stopped, its namespace saved
+    paused         TEXT,  -- a PausedState while the session sleeps: its kernel stopped, its namespace saved
+    replica        TEXT   -- in a cluster: the replica whose host runs it
 );
 CREATE INDEX IF NOT EXISTS sessions_user ON sessions (user_id, status);
 CREATE TABLE IF NOT EXISTS logs (
@@ -79,6 +81,13 @@ CREATE TABLE IF NOT EXISTS session_owners (  -- the API key that created a sessi
     key_id     TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS session_owners_key ON session_owners (key_id);
+CREATE TABLE IF NOT EXISTS replicas (  -- a cluster's `workbench serve` replicas, by heartbeat
+    replica_id TEXT PRIMARY KEY,
+    url        TEXT NOT NULL,
+    memory     INTEGER NOT NULL,
+    started_at REAL NOT NULL,
+    seen_at    REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS journal_marks (  -- how far each tool-call journal has been copied into logs
     name   TEXT PRIMARY KEY,
     offset INTEGER NOT NULL
@@ -146,6 +155,8 @@ class SQLiteStore(Store):
                     self._db.execute("ALTER TABLE sessions ADD COLUMN busy_until REAL NOT NULL DEFAULT 0")
                 if "paused" not in columns:
                     self._db.execute("ALTER TABLE sessions ADD COLUMN paused TEXT")
+                if "replica" not in columns:
+                    self._db.execute("ALTER TABLE sessions ADD COLUMN replica TEXT")
             path.chmod(0o600)  # it holds the kernels' connection keys
             self._recover()
         except (sqlite3.Error, OSError, ValueError) as exc:
@@ -182,10 +193,11 @@ class SQLiteStore(Store):
     def add(self, record: SessionRecord) -> None:
         self._exec(
             "INSERT INTO sessions (session_id, user_id, status, config, config_version, kernel, created_at, "
-            "last_used_at, paused) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "last_used_at, paused, replica) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (record.session_id, record.user_id, record.status, record.config.model_dump_json(),
              record.config_version, record.kernel.model_dump_json() if record.kernel else None,
-             record.created_at, record.last_used_at, record.paused.model_dump_json() if record.paused else None),
+             record.created_at, record.last_used_at, record.paused.model_dump_json() if record.paused else None,
+             record.replica),
         )
 
     @_guarded
@@ -328,6 +340,18 @@ class SQLiteStore(Store):
         """The id of the API key that created the session through the server, or None."""
         row = self._exec("SELECT key_id FROM session_owners WHERE session_id = ?", (session_id,)).fetchone()
         return row[0] if row is not None else None
+
+    @_guarded
+    def heartbeat(self, replica: ReplicaRecord) -> None:
+        self._exec("INSERT INTO replicas (replica_id, url, memory, started_at, seen_at) VALUES (?, ?, ?, ?, ?) "
+                   "ON CONFLICT (replica_id) DO UPDATE SET url = excluded.url, memory = excluded.memory, "
+                   "started_at = excluded.started_at, seen_at = excluded.seen_at",
+                   (replica.replica_id, replica.url, replica.memory, replica.started_at, replica.seen_at))
+
+    @_guarded
+    def replicas(self) -> builtins.list[ReplicaRecord]:
+        return [ReplicaRecord(**dict(row)) for row in
+                self._exec("SELECT * FROM replicas ORDER BY replica_id").fetchall()]
 
     @_guarded
     def data_version(self) -> int:
