@@ -31,8 +31,9 @@ def recipe_hash() -> str:
     return hashlib.sha256(f"{SUITE}|{','.join(PACKAGES)}".encode()).hexdigest()
 
 
-def ensure_base_image(client: docker.DockerClient, tag: str, progress: Progress, workdir: Path) -> None:
-    """Make sure `tag` exists locally, bootstrapping it with debootstrap when it is missing."""
+def ensure_base_image(client: docker.DockerClient, tag: str, progress: Progress, workdir: Path,
+                      packages: tuple[str, ...] = PACKAGES) -> None:
+    """Make sure `tag` exists locally, bootstrapping it (Debian with `packages`) with debootstrap when missing."""
     try:
         client.images.get(tag)
         return
@@ -44,7 +45,7 @@ def ensure_base_image(client: docker.DockerClient, tag: str, progress: Progress,
     with tempfile.TemporaryDirectory(prefix="base-", dir=workdir) as tmp:
         rootfs = Path(tmp) / "rootfs"
         _run(
-            [debootstrap, "--variant=minbase", f"--include={','.join(PACKAGES)}", SUITE, str(rootfs), MIRROR],
+            [debootstrap, "--variant=minbase", f"--include={','.join(packages)}", SUITE, str(rootfs), MIRROR],
             progress,
             "debootstrap",
         )

@@ -30,7 +30,7 @@ INPUTS_LABEL = "workbench.image.inputs"
 RUNTIME_REPOSITORY = "workbench-runtime"
 SITE_PACKAGES = "usr/local/lib/python3.11/dist-packages"  # a site dir of Debian's CPython 3.11
 # Wheels for Debian bookworm's CPython 3.11 on x86_64 (glibc 2.36).
-_WHEEL_TARGET = [
+WHEEL_TARGET = [
     "--only-binary=:all:", "--python-version", "3.11", "--implementation", "cp",
     "--abi", "cp311", "--abi", "abi3", "--abi", "none",
     *[arg for tag in ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
@@ -104,7 +104,7 @@ def ensure_image(
             with ThreadPoolExecutor(1) as pool:
                 staged = pool.submit(_stage_packages, work / "staged", progress)
                 base_image.ensure_base_image(client, BASE_IMAGE, progress, build_dir)
-                _import_runtime(client, runtime, staged.result(), work, progress)
+                import_layer(client, BASE_IMAGE, runtime, staged.result() / SITE_PACKAGES, work, progress)
         context = work / "context"
         context.mkdir()
         root = assets_root()
@@ -190,8 +190,8 @@ def _stage_packages(staged: Path, progress: Progress) -> Path:
     """Install the pinned packages for the sandbox's Python into staged/<site dir>, from wheels on the host."""
     wheels = _fetch_wheels(_requirements(), default_home() / "cache" / "wheels", progress)
     progress("installing the kernel's Python packages (on the host, for the image)")
-    _pip(["install", "--no-index", "--find-links", str(wheels), "--no-deps", "--target",
-          str(staged / SITE_PACKAGES), "-r", str(_requirements()), *_WHEEL_TARGET], progress)
+    run_pip(["install", "--no-index", "--find-links", str(wheels), "--no-deps", "--target",
+          str(staged / SITE_PACKAGES), "-r", str(_requirements()), *WHEEL_TARGET], progress)
     shutil.rmtree(staged / SITE_PACKAGES / "bin", ignore_errors=True)  # console scripts with the host's shebang
     return staged
 
@@ -203,12 +203,12 @@ def _fetch_wheels(requirements: Path, cache: Path, progress: Progress) -> Path:
         return target
     progress("fetching wheels for the kernel image")
     target.mkdir(parents=True, exist_ok=True)
-    _pip(["download", "--no-deps", "-d", str(target), "-r", str(requirements), *_WHEEL_TARGET], progress)
+    run_pip(["download", "--no-deps", "-d", str(target), "-r", str(requirements), *WHEEL_TARGET], progress)
     (target / ".complete").touch()
     return target
 
 
-def _pip(args: list[str], progress: Progress) -> None:
+def run_pip(args: list[str], progress: Progress) -> None:
     argv = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input", *args]
     env = {**os.environ, "PIP_FIND_LINKS": "", "PIP_TARGET": ""}
     proc = subprocess.run(argv, capture_output=True, text=True, env=env)
@@ -219,11 +219,14 @@ def _pip(args: list[str], progress: Progress) -> None:
         raise ImageBuildError(f"pip {args[0]} failed:\n" + "\n".join((proc.stdout + proc.stderr).splitlines()[-20:]))
 
 
-def _import_runtime(client: docker.DockerClient, tag: str, staged: Path, work: Path, progress: Progress) -> None:
-    """Export the base image's filesystem, append the staged packages, import the result as one layer."""
-    progress(f"importing the runtime image {tag}")
-    tarball = work / "runtime.tar"
-    container = client.containers.create(BASE_IMAGE, command=["true"], network_disabled=True)
+def import_layer(client: docker.DockerClient, base: str, tag: str, site: Path, work: Path, progress: Progress,
+                 changes: tuple[str, ...] = ()) -> None:
+    """Export `base`'s filesystem, append the packages staged in `site` (a site dir of Debian's CPython), import the
+    result as `tag`, one layer; `changes` are more Dockerfile instructions (ENV, CMD...) for it. Older images of
+    the runtime repository are removed."""
+    progress(f"importing the image {tag}")
+    tarball = work / f"{tag.replace(':', '-').replace('/', '-')}.tar"
+    container = client.containers.create(base, command=["true"], network_disabled=True)
     try:
         with open(tarball, "wb") as out:
             for chunk in container.export(chunk_size=1 << 20):
@@ -231,7 +234,6 @@ def _import_runtime(client: docker.DockerClient, tag: str, staged: Path, work: P
     finally:
         container.remove(force=True)
     # Only the site dir's entries are appended: the export already holds its parent folders.
-    site = staged / SITE_PACKAGES
     proc = subprocess.run(["tar", "--numeric-owner", "--owner=0", "--group=0", "-rf", str(tarball), "-C", str(site),
                            f"--transform=s,^,{SITE_PACKAGES}/,", *sorted(os.listdir(site))],
                           capture_output=True, text=True)
@@ -241,11 +243,13 @@ def _import_runtime(client: docker.DockerClient, tag: str, staged: Path, work: P
     try:
         client.api.import_image_from_file(
             str(tarball), repository=repository, tag=version,
-            changes=["ENV PATH=/usr/local/bin:/usr/bin:/bin LANG=C.UTF-8", 'CMD ["/bin/bash"]'],
+            changes=["ENV PATH=/usr/local/bin:/usr/bin:/bin LANG=C.UTF-8", 'CMD ["/bin/bash"]', *changes],
         )
     except APIError as exc:
         raise ImageBuildError(f"importing {tag} failed: {exc}") from exc
-    for image in client.images.list(name=RUNTIME_REPOSITORY):  # older runtimes are no longer needed
+    finally:
+        tarball.unlink(missing_ok=True)
+    for image in client.images.list(name=repository):  # older runtimes are no longer needed
         if tag not in image.tags:
             try:
                 client.images.remove(str(image.id))
