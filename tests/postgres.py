@@ -54,7 +54,10 @@ def _free_port() -> int:
 class PostgresServer:
     """One cluster; `database()` makes a fresh, empty database and gives its DSN."""
 
-    def __init__(self) -> None:
+    def __init__(self, durable: bool = False) -> None:
+        """`durable`: commits are flushed to disk as in production (the tests leave fsync off: they check behaviour,
+        not durability across a power cut)."""
+        self.durable = durable
         self.root = os.geteuid() == 0
         bin_dir = _bin_dir()
         if bin_dir is None:
@@ -88,9 +91,9 @@ class PostgresServer:
         hba = self.data / "pg_hba.conf"
         rules = hba.read_text()
         hba.write_text(f"host all {AUTH_USER} 127.0.0.1/32 scram-sha-256\n{rules}")  # first match wins
-        # fsync off: the tests check behaviour, not durability across a power cut; commits stay cheap
-        options = (f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 -c fsync=off "
-                   "-c full_page_writes=off -c max_connections=300")
+        options = f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 -c max_connections=300"
+        if not self.durable:
+            options += " -c fsync=off -c full_page_writes=off"
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.base / "log"), "-w", "-t", "60", "-o", options,
                   "start")
         self.started = True

@@ -2,6 +2,7 @@
 several processes on one store settled by the store alone (one winner, no log entry lost or duplicated)."""
 from __future__ import annotations
 
+import inspect
 import multiprocessing
 import os
 import subprocess
@@ -547,3 +548,12 @@ def test_two_workbenches_in_two_processes_share_sessions_through_postgres(postgr
             s.close(delete_workspace=True)
     finally:
         postgres_server.drop(dsn)
+
+
+def test_the_postgres_store_implements_the_whole_interface() -> None:
+    from workbench.store.postgres import PostgresStore
+
+    assert not PostgresStore.__abstractmethods__
+    for name in Store.__abstractmethods__:
+        ours, theirs = inspect.signature(getattr(PostgresStore, name)), inspect.signature(getattr(Store, name))
+        assert list(ours.parameters) == list(theirs.parameters), name

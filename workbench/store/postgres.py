@@ -42,12 +42,8 @@ _SCHEMA_LOCK = 0x776F726B62656E63  # advisory lock key ("workbenc") held while o
 _PRUNE_EVERY = 10_000  # entries a session may add (through one Store) before its oldest beyond LOG_KEEP are deleted
 _SESSION_COLUMNS = ("session_id, user_id, status, config::text, config_version, kernel::text, created_at, "
                     "last_used_at, busy_until, paused::text")
-_INSERT_LOG = ("INSERT INTO workbench_logs (session_id, kind, status, duration, detail, created_at) "
-               "VALUES (%s, %s, %s, %s, %s, %s)")
-# A log batch holds the advisory locks of its sessions (in one order: no deadlock) until it commits, so a
-# session's entries get their ids in commit order, from every process: a reader never sees a gap filled later.
-_LOCK_SESSIONS = ("SELECT pg_advisory_xact_lock(k) FROM (SELECT DISTINCT hashtextextended(s, 0) AS k "
-                  "FROM unnest(%s::text[]) AS s ORDER BY k) AS keys")
+_LOG_BATCH = ("SELECT workbench_log_batch(%s::text[], %s::text[], %s::text[], %s::float8[], %s::text[], "
+              "%s::float8[], %s::text[], %s::float8[])")
 
 _SCHEMA = [
     """CREATE TABLE IF NOT EXISTS workbench_sessions (
@@ -85,6 +81,27 @@ _SCHEMA = [
         key_id     text NOT NULL
     )""",
     "CREATE INDEX IF NOT EXISTS workbench_session_owners_key ON workbench_session_owners (key_id)",
+    # A batch of log entries in one statement (one round trip, one transaction in autocommit). It holds the
+    # advisory locks of its sessions (taken in one order: no deadlock) until it commits, and numbers its entries
+    # in their order: a session's entries get their ids in commit order, from every process, so a reader never
+    # sees a gap that is filled later. Executions also mark their session used, and not busy.
+    """CREATE OR REPLACE FUNCTION workbench_log_batch(
+        sessions text[], kinds text[], statuses text[], durations float8[], details text[], times float8[],
+        touched text[], touched_at float8[]) RETURNS void LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM pg_advisory_xact_lock(k) FROM (SELECT DISTINCT hashtextextended(s, 0) AS k
+            FROM unnest(sessions) AS s ORDER BY k) AS keys;
+        INSERT INTO workbench_logs (session_id, kind, status, duration, detail, created_at)
+            SELECT e.session_id, e.kind, e.status, e.duration, e.detail, e.created_at
+            FROM unnest(sessions, kinds, statuses, durations, details, times)
+                WITH ORDINALITY AS e(session_id, kind, status, duration, detail, created_at, n)
+            ORDER BY e.n;
+        IF cardinality(touched) > 0 THEN
+            UPDATE workbench_sessions AS s SET last_used_at = t.at, busy_until = 0
+                FROM unnest(touched, touched_at) AS t(session_id, at) WHERE s.session_id = t.session_id;
+        END IF;
+    END
+    $$""",
     "CREATE TABLE IF NOT EXISTS workbench_schema (version integer NOT NULL)",  # last: its row says all is there
 ]
 
@@ -139,9 +156,10 @@ class PostgresStore(Store):
         connection (and, when the DSN sets no connect_timeout, for the server to answer a new one)."""
         self.name = describe(dsn)
         self._closed = False
-        self._committing = threading.Lock()  # one log batch in flight per Store; the next one gathers meanwhile
-        self._queue = threading.Lock()  # guards _batch and _added
-        self._batch = _Batch()
+        self._queue = threading.Lock()  # guards _batch, _committing and _added
+        self._batch = _Batch()  # the log entries waiting for the next commit
+        self._committing = False  # one batch in flight per Store; the next one gathers meanwhile
+        self._committed = threading.Condition(self._queue)
         self._added: dict[str, int] = {}  # log entries per session since its last pruning (see _prune)
         self._version = threading.Lock()
         self._snapshot: str | None = None  # see data_version
@@ -341,31 +359,34 @@ class PostgresStore(Store):
             batch.entries.append(entry)
             if touch:
                 batch.touched[session_id] = now
-        with self._committing:
-            if not batch.done and batch.error is None:  # no earlier caller took it: commit it, and what joined it
-                with self._queue:
-                    self._batch = _Batch()
-                self._commit(batch)
+            while not (batch.done or batch.error or self._closed) and self._committing:
+                self._committed.wait()
+            lead = not (batch.done or batch.error)
+            if lead:  # no batch in flight: commit this one, with what joined it
+                self._batch, self._committing = _Batch(), True
+        if lead:
+            self._commit(batch)
         if isinstance(batch.error, StoreError):
             raise StoreError(str(batch.error)) from batch.error
         if batch.error is not None:
             raise self._error(batch.error) from batch.error
 
     def _commit(self, batch: _Batch) -> None:
+        """Commit a batch, then wake its writers (each raises the error, if any) and the next batch's."""
         try:
-            with self._connection() as conn, conn.transaction(), conn.cursor() as cursor:
-                cursor.execute(_LOCK_SESSIONS, (builtins.list({entry[0] for entry in batch.entries}),))
-                cursor.executemany(_INSERT_LOG, batch.entries)
-                if batch.touched:
-                    cursor.executemany(
-                        "UPDATE workbench_sessions SET last_used_at = %s, busy_until = 0 WHERE session_id = %s",
-                        [(when, sid) for sid, when in batch.touched.items()])
-        except BaseException as exc:  # every thread whose entry is in the batch raises it
+            columns = [builtins.list(column) for column in zip(*batch.entries, strict=True)]
+            self._exec(_LOG_BATCH, (*columns, builtins.list(batch.touched), builtins.list(batch.touched.values())))
+        except BaseException as exc:
             batch.error = exc
             if not isinstance(exc, Exception):
                 raise
             return
-        batch.done = True
+        else:
+            batch.done = True
+        finally:
+            with self._queue:
+                self._committing = False
+                self._committed.notify_all()
         try:
             self._prune(batch)
         except psycopg.Error:
@@ -439,10 +460,12 @@ class PostgresStore(Store):
     def close(self) -> None:
         """Wait for a log batch being committed, then close the pool; later calls raise StoreError. Closing twice
         is fine."""
-        with self._committing:
+        with self._queue:
             if self._closed:
                 return
             self._closed = True
+            while self._committing:
+                self._committed.wait()
         self._pool.close()
 
 
