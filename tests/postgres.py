@@ -101,6 +101,11 @@ class PostgresServer:
             conn.execute(f"CREATE ROLE {AUTH_USER} LOGIN SUPERUSER PASSWORD '{AUTH_PASSWORD}'")
         return self
 
+    def restart(self) -> None:
+        """Stop the server (ending every connection) and start it again."""
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.base / "log"), "-m", "fast", "-w", "-t", "60",
+                  "restart")
+
     def dsn(self, dbname: str = "postgres", user: str = "postgres", password: str | None = None) -> str:
         secret = f":{password}" if password is not None else ""
         return f"postgresql://{user}{secret}@127.0.0.1:{self.port}/{dbname}"

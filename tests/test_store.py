@@ -557,3 +557,22 @@ def test_the_postgres_store_implements_the_whole_interface() -> None:
     for name in Store.__abstractmethods__:
         ours, theirs = inspect.signature(getattr(PostgresStore, name)), inspect.signature(getattr(Store, name))
         assert list(ours.parameters) == list(theirs.parameters), name
+
+
+def test_a_store_outlives_a_restart_of_the_server(postgres_server: PostgresServer) -> None:
+    dsn = postgres_server.database()
+    store = open_store(dsn, Path("/nonexistent"))
+    try:
+        store.add(record())
+        for n in range(4):  # the pool holds several connections: the restart ends them all
+            threading.Thread(target=store.get, args=("s1",)).start()
+            store.log("s1", "execution", "ok", 0.0, {"n": n})
+        postgres_server.restart()
+        for n in range(4, 8):  # each pooled connection is found dead before it is used, and replaced
+            assert store.get("s1").session_id == "s1"
+            store.touch("s1")
+            store.log("s1", "tool", "ok", 0.0, {"n": n}, touch=False)
+        assert [e.detail["n"] for e in store.logs("s1")] == list(range(8))
+    finally:
+        store.close()
+        postgres_server.drop(dsn)

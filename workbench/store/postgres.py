@@ -11,6 +11,7 @@ import builtins
 import functools
 import json
 import re
+import select
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -106,7 +107,7 @@ _SCHEMA = [
 ]
 
 
-def describe(dsn: str) -> str:
+def _describe(dsn: str) -> str:
     """A DSN as it may be shown: `postgresql://user@host:port/dbname`, never its password."""
     try:
         parts = conninfo_to_dict(dsn)
@@ -154,7 +155,7 @@ class PostgresStore(Store):
     def __init__(self, dsn: str, *, min_size: int = 1, max_size: int = 8, timeout: float = 30.0) -> None:
         """`min_size`/`max_size`: connections the pool keeps and may open; `timeout`: seconds a call waits for a
         connection (and, when the DSN sets no connect_timeout, for the server to answer a new one)."""
-        self.name = describe(dsn)
+        self.name = _describe(dsn)
         self._closed = False
         self._queue = threading.Lock()  # guards _batch, _committing and _added
         self._batch = _Batch()  # the log entries waiting for the next commit
@@ -175,10 +176,14 @@ class PostgresStore(Store):
             with psycopg.connect(conninfo, autocommit=True) as conn:  # first alone: its error says what is wrong
                 _create_schema(conn)
             self._pool: ConnectionPool = ConnectionPool(
-                conninfo, min_size=min_size, max_size=max_size, timeout=timeout, open=False,
+                conninfo, min_size=min_size, max_size=max_size, timeout=timeout, open=False, check=_check,
                 kwargs={"autocommit": True}, name=f"workbench-store {self.name}")
+        except psycopg.Error as exc:
+            raise self._error(exc) from exc
+        try:
             self._pool.open(wait=True, timeout=timeout)
         except psycopg.Error as exc:
+            self._pool.close()
             raise self._error(exc) from exc
 
     def _error(self, exc: BaseException) -> StoreError:
@@ -196,7 +201,6 @@ class PostgresStore(Store):
         else:
             hint = "the database refused the request"
         return StoreError(f"session store {self.name}: {type(exc).__name__}: {_scrub(text)[:300]}; {hint}")
-
 
     @contextmanager
     def _connection(self) -> Iterator[psycopg.Connection]:
@@ -467,6 +471,14 @@ class PostgresStore(Store):
             while self._committing:
                 self._committed.wait()
         self._pool.close()
+
+
+def _check(conn: psycopg.Connection) -> None:
+    """Before the pool hands out a connection: an idle one the server has something to say to (after a restart:
+    that it terminated the connection) is tried with a query, and replaced when it fails. A plain idle one costs
+    no round trip."""
+    if select.select([conn.fileno()], [], [], 0)[0]:
+        ConnectionPool.check_connection(conn)
 
 
 def _create_schema(conn: psycopg.Connection) -> None:
