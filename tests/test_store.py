@@ -564,9 +564,12 @@ def test_a_store_outlives_a_restart_of_the_server(postgres_server: PostgresServe
     store = open_store(dsn, Path("/nonexistent"))
     try:
         store.add(record())
-        for n in range(4):  # the pool holds several connections: the restart ends them all
-            threading.Thread(target=store.get, args=("s1",)).start()
+        readers = [threading.Thread(target=store.get, args=("s1",)) for _ in range(4)]
+        for n, reader in enumerate(readers):  # the pool holds several connections: the restart ends them all
+            reader.start()
             store.log("s1", "execution", "ok", 0.0, {"n": n})
+        for reader in readers:
+            reader.join()
         postgres_server.restart()
         for n in range(4, 8):  # each pooled connection is found dead before it is used, and replaced
             assert store.get("s1").session_id == "s1"
@@ -575,4 +578,21 @@ def test_a_store_outlives_a_restart_of_the_server(postgres_server: PostgresServe
         assert [e.detail["n"] for e in store.logs("s1")] == list(range(8))
     finally:
         store.close()
+        postgres_server.drop(dsn)
+
+
+def test_the_command_line_keeps_api_keys_in_the_store_workbench_store_names(postgres_server: PostgresServer,
+                                                                             tmp_path: Path) -> None:
+    dsn = postgres_server.database()
+    try:
+        env = {**os.environ, "WORKBENCH_STORE": dsn, "WORKBENCH_HOME": str(tmp_path / "home"),
+               "PYTHONPATH": os.pathsep.join(sys.path)}
+        made = subprocess.run([sys.executable, "-m", "workbench", "keys", "create", "from-cli"], env=env,
+                              capture_output=True, text=True, timeout=120, check=False)
+        assert made.returncode == 0, made.stderr[-2000:]
+        store = open_store(dsn, tmp_path)
+        assert [k.name for k in store.api_keys()] == ["from-cli"]
+        store.close()
+        assert not (tmp_path / "home" / "workbench.db").exists()
+    finally:
         postgres_server.drop(dsn)
