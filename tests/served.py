@@ -31,8 +31,9 @@ def cli(home: Path, *args: str) -> str:
 class Server:
     """`workbench serve --app readme_app:make` (the README's tools and a few of the tests') with `home`."""
 
-    def __init__(self, home: Path, *args: str, app: str | None = "readme_app:make") -> None:
-        self.home, self.args, self.app = home, args, app
+    def __init__(self, home: Path, *args: str, app: str | None = "readme_app:make",
+                 env: dict[str, str] | None = None) -> None:
+        self.home, self.args, self.app, self.env = home, args, app, env or {}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[str] | None = None
@@ -42,7 +43,7 @@ class Server:
         command = [sys.executable, "-m", "workbench", "serve", "--port", str(self.port), *self.args]
         if self.app:
             command += ["--app", self.app]
-        env = {**os.environ, "WORKBENCH_HOME": str(self.home), "PYTHONPATH": os.pathsep.join(
+        env = {**os.environ, "WORKBENCH_HOME": str(self.home), **self.env, "PYTHONPATH": os.pathsep.join(
             filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
         with open(self.log, "a") as log:
             self.proc = subprocess.Popen(command, env=env, cwd=TESTS, stdout=log, stderr=subprocess.STDOUT,

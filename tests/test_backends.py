@@ -28,26 +28,55 @@ def test_an_unknown_backend_is_a_clear_error(tmp_path: Path) -> None:
 
 
 PLUGIN = '''
+from workbench.backends import Backend
 from workbench.backends.docker import DockerBackend
 
-class CountingBackend(DockerBackend):
-    """A third party's backend: Docker's, counting the sandboxes it launched."""
+class CountingBackend(Backend):
+    """A third party's backend, built on the interface alone: it hands every call to a Docker backend it holds
+    and counts the sandboxes it launched."""
     name = "counting"
     launched = 0
+
+    def __init__(self):
+        self.inner = DockerBackend()
 
     def launch(self, spec):
         type(self).launched += 1
         assert spec.labels["workbench.session"] and spec.command[0] == "python3"
-        return super().launch(spec)
+        return self.inner.launch(spec)
+
+    def attach(self, sandbox_id):
+        return self.inner.attach(sandbox_id)
+
+    def list_managed(self, labels):
+        return self.inner.list_managed(labels)
+
+    def destroy(self, sandbox_id):
+        return self.inner.destroy(sandbox_id)
+
+    def ensure_image(self, tag, progress, force=False):
+        return self.inner.ensure_image(tag, progress, force)
+
+    def require_image(self, tag):
+        self.inner.require_image(tag)
+
+    def pin_image(self, tag):
+        return self.inner.pin_image(tag)
 '''
 
 USE_PLUGIN = '''
 import sys
 from workbench import Workbench
+from workbench.errors import WorkbenchError
 from counting_backend import CountingBackend
 with Workbench(home=sys.argv[1], backend="counting", pool_size=0, idle_timeout=None) as wb:
     s = wb.create(user_id="plugin-user")
-    print(s.execute("6 * 7").text, type(wb.backend).__name__, CountingBackend.launched)
+    print(s.execute("6 * 7").text, s.commands.run("echo $((6 * 7))").stdout.strip(), type(wb.backend).__name__,
+          CountingBackend.launched)
+    try:
+        wb.docker
+    except WorkbenchError as exc:
+        print("no-docker:", exc)
     s.close(delete_workspace=True)
 '''
 
@@ -64,7 +93,9 @@ def test_a_backend_registered_by_another_package_is_used_by_name(tmp_path: Path,
     proc = subprocess.run([sys.executable, "-c", USE_PLUGIN, str(tmp_path / "home")], capture_output=True, text=True,
                           timeout=180, env=env)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["42", "CountingBackend", "1"]
+    first, second = proc.stdout.splitlines()
+    assert first.split() == ["42", "42", "CountingBackend", "1"]
+    assert second == "no-docker: the workbench runs on the 'counting' backend, not on Docker"
 
 
 def test_a_kernel_record_of_an_older_store_names_its_sandbox() -> None:

@@ -67,6 +67,7 @@ class AsyncWorkbench(_Threads):
         backend: str | Backend = "docker",
         store: Store | str | None = None,
         docker_client: docker.DockerClient | None = None,
+        replica: str | None = None,
     ) -> None:
         """`max_threads` run the blocking calls; the rest is `Workbench`'s."""
         super().__init__(ThreadPoolExecutor(max_threads, thread_name_prefix="workbench"))
@@ -74,7 +75,7 @@ class AsyncWorkbench(_Threads):
             home=home, kernel=kernel, image=image, limits=limits, execute_timeout=execute_timeout,
             output_limit=output_limit, idle_timeout=idle_timeout, offload_threshold=offload_threshold,
             tool_timeout=tool_timeout, pool_size=pool_size, answer_limit=answer_limit, backend=backend,
-            store=store, docker_client=docker_client)
+            store=store, docker_client=docker_client, replica=replica)
 
     async def create(
         self,
@@ -82,7 +83,7 @@ class AsyncWorkbench(_Threads):
         *,
         toolkits: list[str] | None = None,
         tools: list[str] | None = None,
-        limits: Limits | dict | None = None,
+        limits: Limits | dict[str, Any] | None = None,
         offload_threshold: int | None = None,
         metadata: dict[str, str] | None = None,
         allow_default_user: bool = False,
@@ -168,7 +169,7 @@ class AsyncSession(_Threads):
         *,
         toolkits: list[str] | None = None,
         tools: list[str] | None = None,
-        limits: Limits | dict | None = None,
+        limits: Limits | dict[str, Any] | None = None,
         offload_threshold: int | None = None,
         metadata: dict[str, str] | None = None,
         restart_if_needed: bool = False,

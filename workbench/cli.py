@@ -62,13 +62,21 @@ def image() -> None:
 
 @image.command("build")
 @click.option("--force", is_flag=True, help="Rebuild even when the image is up to date.")
-def image_build(force: bool) -> None:
+@click.option("--cluster", is_flag=True, help="Also the images of a cluster deployment (deploy/stack.yml): the "
+              "server's and Postgres's; their tags are printed last.")
+def image_build(force: bool, cluster: bool) -> None:
     """Build the kernel image (and the Debian base image when it is missing)."""
     from .client import Workbench
 
     wb = Workbench()
     with progress_printer() as progress:
         wb.build_image(progress=progress, force=force)
+        if cluster:
+            from .backends.docker.cluster_images import ensure_postgres_image, ensure_server_image
+
+            tags = [ensure_server_image(wb.docker, progress), ensure_postgres_image(wb.docker, progress)]
+    if cluster:
+        click.echo("\n".join(tags))
 
 
 @image.command("status")
@@ -439,10 +447,14 @@ def serve(app_string: str | None, host: str, port: int, ssl_certfile: str | None
     """Serve the HTTP API (OpenAPI at /openapi.json, docs at /docs) and the sessions' MCP endpoints.
 
     Every route but /healthz needs an API key (workbench keys create NAME). Stopping the server keeps the
-    sessions: their kernels and the store live on, and a server started again serves them."""
+    sessions: their kernels and the store live on, and a server started again serves them.
+
+    With WORKBENCH_REPLICA set, it is one replica of a cluster sharing the store (WORKBENCH_STORE): see
+    deploy/README.md for WORKBENCH_CLUSTER_SECRET(_FILE) and WORKBENCH_REPLICA_URL."""
     import uvicorn
 
     from .server.app import ServerSettings, build_app, is_loopback
+    from .server.cluster import ClusterSettings
 
     if bool(ssl_certfile) != bool(ssl_keyfile):
         raise click.UsageError("--ssl-certfile and --ssl-keyfile go together")
@@ -450,6 +462,10 @@ def serve(app_string: str | None, host: str, port: int, ssl_certfile: str | None
         console.print(f"[yellow]warning:[/yellow] serving on {escape(host)} without TLS: API keys and session "
                       "tokens cross the network in clear text (pass --ssl-certfile and --ssl-keyfile, or put a TLS "
                       "proxy in front)")
+    try:
+        cluster = ClusterSettings.from_env(port)
+    except (WorkbenchError, OSError, ValueError) as exc:
+        raise click.UsageError(str(exc)) from None
     wb = _served_workbench(app_string)
     settings = ServerSettings(max_body=max_body, max_upload=max_upload, public_url=public_url,
                               max_executions_per_key=max_executions_per_key)
@@ -457,11 +473,13 @@ def serve(app_string: str | None, host: str, port: int, ssl_certfile: str | None
         if not wb.store.api_keys():
             console.print("[yellow]note:[/yellow] no API key exists yet: every request will be refused until one "
                           "is made with `workbench keys create NAME`")
-        config = uvicorn.Config(build_app(wb, settings), host=host, port=port, log_level=log_level,
+        config = uvicorn.Config(build_app(wb, settings, cluster), host=host, port=port, log_level=log_level,
                                 ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile, timeout_graceful_shutdown=5,
                                 access_log=log_level in ("info", "debug"))
         server = uvicorn.Server(config)
-        console.print(f"serving {escape(str(wb.home))} on http{'s' if ssl_certfile else ''}://{escape(host)}:{port}")
+        role = f" as replica {escape(cluster.replica)} (reached at {escape(cluster.url)})" if cluster else ""
+        console.print(f"serving {escape(str(wb.home))} on http{'s' if ssl_certfile else ''}://{escape(host)}:{port}"
+                      f"{role}")
         server.run()
     finally:
         wb.close()  # disconnects; the kernels and the sessions stay for the next server

@@ -1,6 +1,7 @@
 """Workbench: the entry point that creates and finds sessions."""
 from __future__ import annotations
 
+import builtins
 import errno
 import hashlib
 import logging
@@ -13,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import docker
+from docker import DockerClient
 from pydantic import BaseModel, Field
 
 from . import fstree
@@ -22,6 +23,7 @@ from .backends import Backend, load_backend
 from .backends.docker import DockerBackend
 from .config import Limits, default_home, default_runtime_root
 from .errors import (
+    ReplicaUnavailableError,
     SessionClosedError,
     SessionError,
     SessionNotFoundError,
@@ -88,7 +90,8 @@ class Workbench:
         answer_limit: int = DEFAULT_LIMIT,
         backend: str | Backend = "docker",
         store: Store | str | None = None,
-        docker_client: docker.DockerClient | None = None,
+        docker_client: DockerClient | None = None,
+        replica: str | None = None,
     ) -> None:
         """`kernel`: the kernel language, by name or as a `KernelSpec` (Python, "python3", is the only one so far);
         `image`: the image its sandboxes run (default: the kernel spec's).
@@ -103,10 +106,13 @@ class Workbench:
         `docker_client` is the Docker backend's engine client (default: DOCKER_HOST, or the local socket).
         `store`: where sessions, configs and logs are kept: a Store, or a `postgresql://` DSN (default:
         WORKBENCH_STORE's DSN when set, else SQLite, `workbench.db` under the home); the workbench closes it when it
-        closes."""
+        closes.
+        `replica` (default: WORKBENCH_REPLICA, else none): this workbench's name as one replica of a cluster that
+        shares the store; it keeps to the sessions placed on it (each replica runs its sessions on its own host)."""
         if not isinstance(answer_limit, int) or answer_limit < MIN_LIMIT:
             raise WorkbenchError(f"answer_limit must be at least {MIN_LIMIT} characters, not {answer_limit!r}")
         self.answer_limit = answer_limit
+        self.replica = replica if replica is not None else os.environ.get("WORKBENCH_REPLICA") or None
         self.home = Path(home) if home is not None else default_home()
         self.kernel_spec = kernel_spec(kernel)
         self.image = image or self.kernel_spec.image
@@ -117,13 +123,6 @@ class Workbench:
             self.backend = backend
         else:
             self.backend = load_backend(backend, **({"client": docker_client} if docker_client is not None else {}))
-        if not isinstance(self.backend, DockerBackend):
-            raise WorkbenchError(f"the {self.backend.name!r} backend cannot run shell commands yet (they use Docker's "
-                                 "exec): only the docker backend is supported")
-        self.docker = self.backend.client
-        """The Docker backend's engine client."""
-        self.engine_security = self.backend.security
-        """The engine's security options as it reports them (seccomp, AppArmor, user namespaces...)."""
         self.runtime_root = default_runtime_root()
         # Private to the host user: another host uid reaches no workspace, kernel.json (its HMAC key) or bridge.
         check_sandbox_uid()
@@ -163,6 +162,21 @@ class Workbench:
         if not self.disk_quota:  # plain folders: nothing stops a kernel at its cap but this, idle_timeout or not
             self._watchdog = threading.Thread(target=self._watch, name="workbench-watchdog", daemon=True)
             self._watchdog.start()
+
+    @property
+    def docker(self) -> DockerClient:
+        """The Docker backend's engine client (raises WorkbenchError with another backend)."""
+        return self._docker_backend().client
+
+    @property
+    def engine_security(self) -> list[str]:
+        """The Docker engine's security options as it reports them (seccomp, AppArmor, user namespaces...)."""
+        return self._docker_backend().security
+
+    def _docker_backend(self) -> DockerBackend:
+        if not isinstance(self.backend, DockerBackend):
+            raise WorkbenchError(f"the workbench runs on the {self.backend.name!r} backend, not on Docker")
+        return self.backend
 
     @property
     def workspaces_root(self) -> Path:
@@ -210,7 +224,7 @@ class Workbench:
         *,
         toolkits: list[str] | None = None,
         tools: list[str] | None = None,
-        limits: Limits | dict | None = None,
+        limits: Limits | dict[str, Any] | None = None,
         offload_threshold: int | None = None,
         metadata: dict[str, str] | None = None,
         allow_default_user: bool = False,
@@ -243,7 +257,8 @@ class Workbench:
         warm = self.pool.take(config.limits)
         now = time.time()
         record = SessionRecord(session_id=warm[0] if warm else secrets.token_hex(6), user_id=user_id, status="open",
-                               config=config, config_version=1, created_at=now, last_used_at=now)
+                               config=config, config_version=1, created_at=now, last_used_at=now,
+                               replica=self.replica)
         try:
             self.store.add(record)
         except BaseException:
@@ -277,6 +292,10 @@ class Workbench:
         record = self.store.get(session_id)
         if record.status != "open":
             raise SessionClosedError(f"session {session_id} is closed")
+        if record.replica != self.replica:
+            raise ReplicaUnavailableError(
+                f"session {session_id} runs on replica {record.replica or '(none: a standalone workbench)'}, not on "
+                f"{self.replica or 'this standalone workbench'}: reach it through that replica")
         # The kernel is reattached (or started anew) on first need, so files and close() never wait for it.
         return self._register(Session(self._services, record, self._kernel(record)))
 
@@ -330,7 +349,7 @@ class Workbench:
             self._release_workspace(session_id, record, pooled=LABEL_POOL in container.labels)
         if self.idle_timeout:
             idle_before = time.time() - self.idle_timeout
-            for record in self.store.list():
+            for record in self._own_sessions():
                 if record.kernel is None or max(record.last_used_at, record.busy_until) >= idle_before:
                     continue
                 try:
@@ -345,6 +364,10 @@ class Workbench:
         self._unmount_closed_workspaces()
         self._watch_plain_workspaces(report, bounded=False)  # also a plain folder of a host with images (older)
         return report
+
+    def _own_sessions(self) -> builtins.list[SessionRecord]:
+        """The open sessions placed on this workbench (all of them, but for a replica of a cluster)."""
+        return [record for record in self.store.list() if record.replica == self.replica]
 
     def _unmount_closed_workspaces(self) -> None:
         """Unmount the image of every closed session still mounted (its close was cut short: the process ended,
@@ -378,7 +401,7 @@ class Workbench:
         its last walk's duration divided by WATCH_SHARE (a 0.5 s walk: at most every 10 s). A kernel can thus
         overshoot its cap for up to that long before it is stopped; filesystem images have no such gap."""
         now = time.monotonic()
-        records = self.store.list()
+        records = self._own_sessions()
         for gone in self._next_walk.keys() - {record.session_id for record in records}:
             self._next_walk.pop(gone, None)
         for record in records:
@@ -491,7 +514,7 @@ class Workbench:
             self._reaper.join(timeout=30)  # it may be in the middle of a gc, using the store
         self.store.close()
 
-    def _limits(self, limits: Limits | dict | None) -> Limits:
+    def _limits(self, limits: Limits | dict[str, Any] | None) -> Limits:
         if limits is None:
             return self.limits
         given = limits if isinstance(limits, Limits) else Limits.model_validate(limits)
@@ -534,7 +557,7 @@ class Workbench:
         now = time.time()
         record = SessionRecord(session_id=secrets.token_hex(6), user_id=source.user_id, status="open",
                                config=source.config, config_version=1, created_at=now, last_used_at=now,
-                               paused=state)
+                               paused=state, replica=self.replica)
         disk = self._disk(record.session_id, source.config.limits.workspace_size)
         try:
             disk.ensure()

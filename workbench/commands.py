@@ -1,13 +1,14 @@
 """Shell commands in a session's sandbox: `session.commands.run(cmd)`, like E2B's `sandbox.commands.run`.
 
-A command runs in the container of the session's kernel through the Engine API's exec (so the container's limits
-apply: its cgroup, network none, no capabilities, no-new-privileges, read-only root), as the sandbox uid, in
-/workspace, with stdin closed. It does not go through the kernel, so it runs while a cell runs.
+A command runs in the sandbox of the session's kernel through the backend's `Sandbox.exec` (for Docker, the Engine
+API's exec, so the container's limits apply: its cgroup, network none, no capabilities, no-new-privileges, read-only
+root), as the sandbox uid, in /workspace, with stdin closed. It does not go through the kernel, so it runs while a
+cell runs.
 
 Every process of a command carries a group id of its own: the exec runs with a random gid that no other process
 has, and no process in the sandbox can change its gid (no capabilities; no-new-privileges stops setgid programs).
 Whatever a command starts keeps it: setsid, a double fork, nohup, a cleared environment. Past the timeout, a killer
-started in the container (a second exec, as the sandbox uid with the command's gid, leaving itself out) stops and
+started in the sandbox (a second exec, as the sandbox uid with the command's gid, leaving itself out) stops and
 kills every process with that gid until none is left; the kernel and its children have the sandbox's gid and are
 never touched. When the command's main process exits, the processes it left that still hold its stdout or stderr
 (`sleep 1000 &`) are killed the same way, so `run` returns; ones that let go of them (`nohup job > log 2>&1 &`)
@@ -24,31 +25,22 @@ import codecs
 import grp
 import logging
 import math
-import os
 import posixpath
 import re
 import secrets
-import selectors
-import signal
-import socket
-import struct
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from docker.errors import APIError, DockerException, NotFound
-from requests import RequestException
-
-from .errors import DockerUnavailableError, PathOutsideWorkspaceError, SessionError
+from .backends import Sandbox, SandboxGone, SandboxProcess
+from .errors import BackendUnavailableError, PathOutsideWorkspaceError, SessionError
 from .execution import Capped
 from .files import OUTPUTS
 from .results import CommandResult
 from .sandbox import SANDBOX_UID, WORKSPACE
 
 if TYPE_CHECKING:
-    from docker import APIClient
-
     from .files import Files
     from .store import Store
 
@@ -68,8 +60,6 @@ MAX_ENV_BYTES = 512 * 1024  # bytes of them all
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,255}")  # always fullmatch
 _COMMAND_IN_LOG = 10_000  # characters of a command kept in its log entry
 SHELL = "/bin/bash"
-_READ = 1 << 20  # bytes asked of the socket at a time
-_SLICE = 0.05  # seconds of reading between two looks at the clock
 _FIRST_POLL, _MAX_POLL = 0.1, 1.0  # seconds between looks at whether the main process exited (doubling)
 _EOF_AFTER_EXIT = 0.2  # seconds the output's end may lag the main process's exit before leftovers are looked for
 _CLOSE_GRACE = 3.0  # seconds given to the output's end after a kill (the engine ends it 2 s after the exit anyway)
@@ -155,21 +145,21 @@ class Commands:
         self,
         session_id: str,
         *,
-        api: APIClient,
         store: Store,
         files: Files,
-        container: Callable[[float], str],
+        sandbox: Callable[[str], Sandbox],
+        start_kernel: Callable[[float], str],
         check_open: Callable[[], None],
         log_entry: LogEntryWriter,
         output_limit: int,
         idle_timeout: float | None,
     ) -> None:
-        """What a session gives its commands: the Engine API, its store, files and log, `container(timeout)` to
-        get its kernel's container when the store names none running (started as an execution would), and
-        `check_open` (raises SessionClosedError)."""
+        """What a session gives its commands: its store, files and log, `sandbox(id)` (the backend's handle on a
+        sandbox), `start_kernel(timeout)` to get its kernel's sandbox id when the store names none running (started
+        as an execution would), and `check_open` (raises SessionClosedError)."""
         self.session_id = session_id
-        self._api, self._store, self._files = api, store, files
-        self._container, self._check_open, self._log_entry = container, check_open, log_entry
+        self._sandbox, self._store, self._files = sandbox, store, files
+        self._start_kernel, self._check_open, self._log_entry = start_kernel, check_open, log_entry
         self._output_limit, self._idle_timeout = output_limit, idle_timeout
         self._logger = logging.LoggerAdapter(log, {"session_id": session_id})
 
@@ -183,10 +173,10 @@ class Commands:
         on_stdout: Callable[[str], Any] | None = None,
         on_stderr: Callable[[str], Any] | None = None,
     ) -> CommandResult:
-        """Run `cmd` with bash in the session's container and return its exit code and output.
+        """Run `cmd` with bash in the session's sandbox and return its exit code and output.
 
         It runs as the sandbox user in /workspace (or `cwd`, relative to it or an absolute path under it), with
-        the container's environment plus `env`, and stdin closed; output streams to `on_stdout` / `on_stderr` as
+        the sandbox's environment plus `env`, and stdin closed; output streams to `on_stdout` / `on_stderr` as
         it comes and is kept up to the workbench's `output_limit` per stream (the whole stream goes to
         `.outputs/` in the workspace past it). Past `timeout` seconds the command and every process it started
         are killed (`timed_out`, no exit code); the kernel is never touched and may run a cell meanwhile. When
@@ -212,36 +202,36 @@ class Commands:
 
     def _run(self, cmd: str, timeout: float, workdir: str | None, variables: list[str] | None,
              on_stdout: Callable[[str], Any] | None, on_stderr: Callable[[str], Any] | None) -> CommandResult:
-        api = self._api
         record = self._store.get(self.session_id)
         if record.status == "open" and record.kernel is not None:
-            container = record.kernel.sandbox_id  # running, as far as the store knows: no lock to wait for
+            sandbox_id = record.kernel.sandbox_id  # running, as far as the store knows: no lock to wait for
         else:
-            container = self._container(timeout)  # closed (raises), or no kernel: start one
+            sandbox_id = self._start_kernel(timeout)  # closed (raises), or no kernel: start one
         gid = _marker_gid()
         argv = [SHELL, "-c", cmd] if workdir is None else [
             SHELL, "-c", 'cd -- "$1" && exec "$0" -c "$2"', SHELL, workdir, cmd]
         self._store.touch(self.session_id)
         try:
-            execution = _Exec(api, container, argv, user=f"{SANDBOX_UID}:{gid}", env=variables)
-        except _Gone:  # the store's kernel is gone (removed, stopped): get one as an execution would
-            container = self._container(timeout)
+            sandbox = self._sandbox(sandbox_id)
+            execution = sandbox.exec(argv, uid=SANDBOX_UID, gid=gid, workdir=WORKSPACE, env=variables)
+        except SandboxGone:  # the store's kernel is gone (removed, stopped): get one as an execution would
             try:
-                execution = _Exec(api, container, argv, user=f"{SANDBOX_UID}:{gid}", env=variables)
-            except _Gone as exc:
-                raise SessionError(f"session {self.session_id}: its container is not running: {exc}") from None
+                sandbox = self._sandbox(self._start_kernel(timeout))
+                execution = sandbox.exec(argv, uid=SANDBOX_UID, gid=gid, workdir=WORKSPACE, env=variables)
+            except SandboxGone as exc:
+                raise SessionError(f"session {self.session_id}: its sandbox is not running: {exc}") from None
         stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
         streams = {name: _Stream(Capped(self._output_limit, _spill_opener(
             self._files, f"{OUTPUTS}/{stamp}.cmd.{name}.txt")), callback)
             for name, callback in (("stdout", on_stdout), ("stderr", on_stderr))}
         result = CommandResult()
         try:
-            self._follow(execution, container, gid, timeout, streams, result)
+            self._follow(execution, sandbox, gid, timeout, streams, result)
         except BaseException:  # e.g. a callback raised, or this thread was interrupted
             for stream in streams.values():
                 stream.callback = None  # (it may be what raised)
             execution.close()  # first: the engine must not wait on output nobody reads (see _follow)
-            _kill(api, container, gid, "all")
+            _kill(sandbox, gid, "all")
             raise
         finally:
             execution.close()
@@ -256,8 +246,8 @@ class Commands:
         result.duration = time.monotonic() - execution.started
         return result
 
-    def _follow(self, execution: _Exec, container: str, gid: int, timeout: float, streams: dict[str, _Stream],
-                result: CommandResult) -> None:
+    def _follow(self, execution: SandboxProcess, sandbox: Sandbox, gid: int, timeout: float,
+                streams: dict[str, _Stream], result: CommandResult) -> None:
         """Read the command's output until it ends, its timeout, or (once its main process exited) the leftovers
         holding it were killed; set the exit code, or `timed_out`. A kill runs on a thread of its own while the
         output is still read: the engine handles a container's exits one at a time, and one whose output is not
@@ -287,10 +277,10 @@ class Commands:
                 if exited_at is None and not result.timed_out:
                     if now >= deadline:
                         result.timed_out = True
-                        killing = _killing(execution.api, container, gid, "all")
+                        killing = _killing(sandbox, gid, "all")
                         continue
                     if now >= next_poll or execution.eof:
-                        running, code, gone = execution.inspect()
+                        running, code, gone = execution.poll()
                         poll = min(poll * 2, _MAX_POLL) if not execution.eof else 0.01  # its exit is near
                         next_poll = time.monotonic() + poll
                         if gone is not None:
@@ -300,7 +290,7 @@ class Commands:
                             exited_at, result.exit_code = now, code
                             continue
                 elif exited_at is not None and killing is None and now >= exited_at + _EOF_AFTER_EXIT:
-                    killing = _killing(execution.api, container, gid, "holders")  # they still hold its output
+                    killing = _killing(sandbox, gid, "holders")  # they still hold its output
                     continue
                 if now >= next_beat:
                     store.touch(self.session_id)
@@ -348,151 +338,6 @@ class Commands:
         self._logger.info("command %s in %.3fs", status, duration)
 
 
-class _Gone(Exception):
-    """The container is not there, or not running."""
-
-
-def _docker(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """An Engine API call, its errors as ours: `_Gone` for a container that is gone or stopped."""
-    try:
-        return call(*args, **kwargs)
-    except NotFound as exc:
-        raise _Gone(exc.explanation or str(exc)) from None
-    except APIError as exc:
-        if exc.status_code == 409:  # not running, or paused
-            raise _Gone(exc.explanation or str(exc)) from None
-        raise DockerUnavailableError(f"the Docker engine refused a command's exec: {exc.explanation or exc}") from exc
-    except (DockerException, RequestException, OSError) as exc:
-        raise DockerUnavailableError(f"lost the Docker engine while running a command: {exc}") from exc
-
-
-class _Exec:
-    """One exec in a container, its multiplexed output read from the engine's socket without blocking."""
-
-    def __init__(self, api: APIClient, container: str, argv: list[str], *, user: str, workdir: str = WORKSPACE,
-                 env: list[str] | None = None) -> None:
-        self.api = api
-        self.id = _docker(api.exec_create, container, argv, stdout=True, stderr=True, stdin=False, tty=False,
-                          user=user, workdir=workdir, environment=env)["Id"]
-        raw = _docker(api.exec_start, self.id, socket=True)
-        self.started = time.monotonic()
-        self._response = getattr(raw, "_response", None)
-        self._sock: socket.socket = getattr(raw, "_sock", raw)  # socket.SocketIO over the engine's unix socket
-        self.eof = False
-        self._closed = False
-        self._frames = _Frames()
-        self._early = b""
-        self._selector = selectors.DefaultSelector()
-        try:
-            self._sock.setblocking(False)
-            self._selector.register(self._sock, selectors.EVENT_READ)
-            if self._response is not None:  # what the HTTP layer read past the upgrade's headers, if anything
-                self._early = self._response.raw._fp.fp.read1(_READ) or b""
-        except (OSError, AttributeError, ValueError) as exc:
-            self.close()
-            raise DockerUnavailableError(f"the Docker engine's exec stream cannot be read: {exc}") from exc
-
-    def pump(self, wait: float, sinks: Mapping[int, Callable[[bytes], Any]]) -> None:
-        """Wait up to `wait` seconds for output, then hand what comes in `_SLICE` seconds to the sinks (by
-        stream: 1 stdout, 2 stderr)."""
-        if self._early:
-            data, self._early = self._early, b""
-        elif not self._selector.select(wait):
-            return
-        else:
-            data = b""
-        end = time.monotonic() + _SLICE
-        while True:
-            if not data:
-                try:
-                    data = self._sock.recv(_READ)
-                except (BlockingIOError, InterruptedError):
-                    return
-                except OSError:
-                    data = b""
-                if not data:
-                    self.eof = True
-                    return
-            for stream, payload in self._frames.feed(data):
-                sinks.get(stream, sinks[2])(payload)
-            data = b""
-            if time.monotonic() >= end:
-                return
-
-    def inspect(self) -> tuple[bool, int | None, str | None]:
-        """Whether the exec's main process runs, its exit code, and why it cannot be known (container gone)."""
-        try:
-            state = _docker(self.api.exec_inspect, self.id)
-        except _Gone as exc:
-            return False, None, f"the session's container stopped during the command ({exc})"
-        code = state.get("ExitCode")
-        return bool(state.get("Running")), code if type(code) is int else None, None
-
-    def collect(self, deadline: float, limit: int = 4096) -> tuple[bytes, int | None]:
-        """Everything it prints (at most `limit` bytes kept) until it ends or the deadline; its exit code."""
-        kept = bytearray()
-
-        def keep(data: bytes) -> None:
-            kept.extend(data[: limit - len(kept)])
-
-        while not self.eof and time.monotonic() < deadline:
-            self.pump(min(deadline - time.monotonic(), 0.5), {1: keep, 2: keep})
-        for _ in range(50):  # the exit is recorded a moment after the output ends
-            running, code, gone = self.inspect()
-            if not running or gone or time.monotonic() >= deadline:
-                return bytes(kept), code
-            time.sleep(0.01)
-        return bytes(kept), None
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._selector.close()
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        try:
-            self._sock.close()
-            if self._response is not None:
-                self._response.close()
-        except Exception as exc:  # closing must not hide what happened
-            log.debug("closing an exec stream: %s", exc)
-
-
-class _Frames:
-    """Docker's multiplexed stream: each payload follows an 8-byte header (stream, 0, 0, 0, size big-endian)."""
-
-    def __init__(self) -> None:
-        self._head = b""
-        self._stream = 0
-        self._left = 0
-
-    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
-        """The payloads in `data` (a frame may span reads), consecutive ones of a stream joined."""
-        groups: list[tuple[int, list[memoryview]]] = []
-        view = memoryview(data)
-        at, size = 0, len(data)
-        while at < size:
-            if not self._left:
-                take = min(8 - len(self._head), size - at)
-                self._head += view[at:at + take].tobytes()
-                at += take
-                if len(self._head) == 8:
-                    self._stream, self._left = struct.unpack(">BxxxL", self._head)
-                    self._head = b""
-                continue
-            take = min(self._left, size - at)
-            if groups and groups[-1][0] == self._stream:
-                groups[-1][1].append(view[at:at + take])
-            else:
-                groups.append((self._stream, [view[at:at + take]]))
-            at += take
-            self._left -= take
-        return [(stream, b"".join(parts)) for stream, parts in groups]
-
-
 class _Stream:
     """One output stream: decoded as UTF-8 across chunk boundaries, kept within the limit, handed to a callback."""
 
@@ -513,16 +358,17 @@ def _spill_opener(files: Files, path: str) -> Callable[[], Any]:
     return lambda: files.writer(path)
 
 
-def _kill(api: APIClient, container: str, gid: int, mode: str) -> None:
+def _kill(sandbox: Sandbox, gid: int, mode: str) -> None:
     """Kill every process of the command ("all") or those holding its output ("holders"), with a killer started in
-    the container; for "all", when that fails (the command fought the killer, or holds every pid the container may
-    have so that it cannot start), from the host as well. Tried again until _KILL_TIMEOUT; what fails is logged."""
+    the sandbox; for "all", when that fails (the command fought the killer, or holds every pid the sandbox may have
+    so that it cannot start), from outside as well (`Sandbox.kill_processes`). Tried again until _KILL_TIMEOUT; what
+    fails is logged."""
     assert gid != SANDBOX_UID  # the kernel's gid: never
     deadline = time.monotonic() + _KILL_TIMEOUT
     pause = 0.05
     while True:
-        done, said = _run_killer(api, container, gid, mode, deadline)
-        if done or (mode == "all" and _kill_from_host(api, container, gid)):
+        done, said = _run_killer(sandbox, gid, mode, deadline)
+        if done or (mode == "all" and sandbox.kill_processes(gid)):
             return
         if time.monotonic() + pause >= deadline:
             log.warning("could not kill a command's processes (%s): %s", mode, said)
@@ -531,11 +377,11 @@ def _kill(api: APIClient, container: str, gid: int, mode: str) -> None:
         pause = min(pause * 2, 1.0)
 
 
-def _killing(api: APIClient, container: str, gid: int, mode: str) -> threading.Thread:
+def _killing(sandbox: Sandbox, gid: int, mode: str) -> threading.Thread:
     """`_kill` started on a thread of its own."""
     def kill() -> None:
         try:
-            _kill(api, container, gid, mode)
+            _kill(sandbox, gid, mode)
         except Exception:  # logged; the command's result is still returned
             log.exception("killing a command's processes failed")
 
@@ -544,79 +390,24 @@ def _killing(api: APIClient, container: str, gid: int, mode: str) -> threading.T
     return thread
 
 
-def _run_killer(api: APIClient, container: str, gid: int, mode: str, deadline: float) -> tuple[bool, str]:
+def _run_killer(sandbox: Sandbox, gid: int, mode: str, deadline: float) -> tuple[bool, str]:
     """Run the killer once: whether it left none of its targets, and what it said."""
     try:
-        killer = _Exec(api, container, ["python3", "-I", "-S", "-c", _KILLER, str(gid), mode],
-                       user=f"{SANDBOX_UID}:{gid}", workdir="/")
-    except _Gone:
-        return True, "the container is gone"  # and the command's processes with it
-    except DockerUnavailableError as exc:
+        killer = sandbox.exec(["python3", "-I", "-S", "-c", _KILLER, str(gid), mode], uid=SANDBOX_UID, gid=gid,
+                              workdir="/")
+    except SandboxGone:
+        return True, "the sandbox is gone"  # and the command's processes with it
+    except BackendUnavailableError as exc:
         return False, str(exc)
     try:
         said, code = killer.collect(deadline)
-    except DockerUnavailableError as exc:
+    except BackendUnavailableError as exc:
         return False, str(exc)
     finally:
         killer.close()
     match = _KILLED.search(said)
     text = said[:300].decode(errors="replace").strip()
     return code == 0 and match is not None and match.group(2) == b"0", f"exit code {code}: {text}"
-
-
-def _kill_from_host(api: APIClient, container: str, gid: int) -> bool:
-    """Kill the command's processes from the host, which the sandbox cannot stop: the engine lists the container's
-    processes (host pids, real gids), and each one with the command's gid, as this host sees it too, is stopped
-    then killed (through a pidfd: a pid reused meanwhile is never hit), until the engine lists none. False when
-    that cannot be done here (the engine's pids are not this process's, it has no `ps`, or they outlast it)."""
-    for _ in range(20):
-        try:
-            listed = _docker(api.top, container, ps_args="-eo pid,rgid,stat")
-        except _Gone:
-            return True
-        except DockerUnavailableError:
-            return False
-        titles = listed.get("Titles") or []
-        if not {"PID", "RGID", "STAT"} <= set(titles):
-            return False
-        at = [titles.index(title) for title in ("PID", "RGID", "STAT")]
-        marked = [row[at[0]] for row in listed.get("Processes") or []
-                  if len(row) == len(titles) and row[at[1]] == str(gid) and not row[at[2]].startswith("Z")]
-        if not marked:
-            return True
-        handles = []
-        for pid in marked:
-            try:
-                handle = os.pidfd_open(int(pid))
-            except (OSError, ValueError):
-                continue  # gone already
-            if _real_gid(pid) == gid:  # read after the pidfd was opened: the same process, or a dead one
-                handles.append(handle)
-            else:
-                os.close(handle)
-        if not handles:
-            return False  # listed by the engine, but not seen here: another pid namespace
-        for sig in (signal.SIGSTOP, signal.SIGKILL):
-            for handle in handles:
-                try:
-                    signal.pidfd_send_signal(handle, sig)
-                except OSError:
-                    pass
-        for handle in handles:
-            os.close(handle)
-        time.sleep(0.01)
-    return False
-
-
-def _real_gid(pid: str) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith("Gid:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 def _marker_gid() -> int:

@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 import zmq
-from jupyter_client import BlockingKernelClient
+from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.connect import channel_socket_types
 
 from .execution import DROPPED, Callbacks, Outcome, Spill, receive, run_cell
@@ -33,11 +33,11 @@ MAX_SHELL_MESSAGE = 1024**2  # shell and control
 RECEIVE_QUEUE = 4
 _SMALL_PART = 1 << 20
 MAX_CONTAINERS = 100_000  # lists and objects in one large message part (an output of JSON data)
-_context: zmq.Context | None = None
+_context: zmq.Context[zmq.Socket[bytes]] | None = None
 _context_lock = threading.Lock()
 
 
-def zmq_context() -> zmq.Context:
+def zmq_context() -> zmq.Context[zmq.Socket[bytes]]:
     """The process's one ZMQ context, for kernel clients and tool bridges: reconnecting fast (sockets appear while
     a kernel starts) and never terminated, so a socket left open in some thread cannot hang the exit."""
     global _context
@@ -62,8 +62,8 @@ def _raise_open_files_limit() -> None:
 class _Client(BlockingKernelClient):
     """A kernel client whose sockets bound what the kernel can queue in this process (set before connecting)."""
 
-    def _create_connected_socket(self, channel: str, identity: bytes | None = None) -> zmq.Socket:
-        sock = self.context.socket(channel_socket_types[channel])
+    def _create_connected_socket(self, channel: str, identity: bytes | None = None) -> zmq.Socket[bytes]:
+        sock: zmq.Socket[bytes] = self.context.socket(channel_socket_types[channel])
         sock.linger = 0
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_IOPUB_MESSAGE if channel == "iopub" else MAX_SHELL_MESSAGE)
         sock.setsockopt(zmq.RCVHWM, RECEIVE_QUEUE)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from typing import Any
 
 from rich.console import Console
 from rich.panel import Panel
@@ -21,13 +22,13 @@ def demo_workbench() -> Workbench:
     wb = Workbench(pool_size=0)
 
     @wb.tool(slug="WEATHER_HISTORY", toolkit="weather")
-    def history(city: str, days: int = 3650) -> list[dict]:
+    def history(city: str, days: int = 3650) -> list[dict[str, Any]]:
         """Daily temperatures of a city over the past `days` days."""
         return [{"day": d, "city": city, "temp_c": round(12 + 10 * ((d * 37) % 100) / 100 - 5, 1)}
                 for d in range(days)]
 
     @wb.tool(slug="WEATHER_NOW", toolkit="weather")
-    def now(city: str) -> dict:
+    def now(city: str) -> dict[str, Any]:
         """The current temperature of a city."""
         return {"city": city, "temp_c": round((sum(map(ord, city)) % 35) - 5.0, 1)}
 
@@ -56,7 +57,7 @@ def run_demo(session: Session) -> None:
         out.print(str(result) or "(no output)", markup=False)
         out.print(f"[dim]{result.duration * 1000:.1f} ms[/dim]")
 
-    def model_call(title: str, name: str, arguments: dict) -> str:
+    def model_call(title: str, name: str, arguments: dict[str, Any]) -> str:
         out.rule(title)
         out.print(Panel(f"{name}({json.dumps(arguments)})", title="a model calls", title_align="left",
                         border_style="dim"), markup=False)

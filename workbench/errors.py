@@ -50,6 +50,10 @@ class SessionClosedError(SessionError):
     """The session was closed."""
 
 
+class ReplicaUnavailableError(SessionError):
+    """The session runs on another replica of the cluster, which cannot be reached now (or not from here)."""
+
+
 class ConflictError(SessionError):
     """The session's config changed since it was read (optimistic concurrency on config_version)."""
 

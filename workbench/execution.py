@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
-from jupyter_client import BlockingKernelClient
+from jupyter_client.blocking.client import BlockingKernelClient
 
 from .errors import WorkbenchError
 from .results import ExecutionError, ExecutionResult, Output
@@ -107,7 +107,8 @@ class Capped:
             self.spill.close()
         except (WorkbenchError, OSError):  # the workspace filled up or changed under it: no spill file
             return None
-        return self.spill.path
+        path: str = self.spill.path
+        return path
 
     def value(self, spilled: str | None = None) -> str:
         head = "".join(self.head)

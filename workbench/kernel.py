@@ -7,8 +7,9 @@ import os
 import secrets
 import stat
 from pathlib import Path
+from typing import Any
 
-from jupyter_client import BlockingKernelClient
+from jupyter_client.blocking.client import BlockingKernelClient
 
 from .backends import Backend, Sandbox, SandboxSpec
 from .config import Limits
@@ -67,7 +68,7 @@ class Kernel:
         self.lineage = self.kernel_id  # whose variables it holds: its own, or those of a paused kernel it restored
         self.sandbox: Sandbox | None = None
         self.link: KernelConnection | None = None  # this process's channels to the kernel, while connected
-        self.connection: dict | None = None  # the kernel's connection info as stored (its in-sandbox socket path)
+        self.connection: dict[str, Any] | None = None  # its connection info as stored (the in-sandbox socket path)
         self._sockets: int | None = None  # a descriptor of the kernel's socket folder, reached through /proc
 
     @property
@@ -185,7 +186,7 @@ class Kernel:
         return KernelRecord(kernel_id=self.kernel_id, sandbox_id=self.sandbox.id, connection=self.connection,
                             lineage=self.lineage)
 
-    def _connect(self, info: dict, timeout: float | None) -> None:
+    def _connect(self, info: dict[str, Any], timeout: float | None) -> None:
         assert self._sockets is not None
         self.link = KernelConnection(info, ipc_path=f"/proc/self/fd/{self._sockets}/k")
         self.connection = info

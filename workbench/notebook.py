@@ -67,7 +67,8 @@ def notebook_of(entries: list[LogEntry], session_id: str, spec: KernelSpec = PYT
         cell.outputs = _valid_outputs(entry.detail.get("outputs"))
         notebook.cells.append(cell)
     nbformat.validate(notebook)
-    return nbformat.writes(notebook)
+    text: str = nbformat.writes(notebook)
+    return text
 
 
 def _valid_outputs(outputs: Any) -> list[Any]:

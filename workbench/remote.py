@@ -82,7 +82,7 @@ def _plain_response(response: Any) -> dict[str, Any]:
     return data
 
 
-def _update_body(toolkits: list[str] | None, tools: list[str] | None, limits: Limits | dict | None,
+def _update_body(toolkits: list[str] | None, tools: list[str] | None, limits: Limits | dict[str, Any] | None,
                  offload_threshold: int | None, metadata: dict[str, str] | None, restart_if_needed: bool,
                  config_version: int | None) -> dict[str, Any]:
     if isinstance(limits, Limits):
@@ -91,8 +91,8 @@ def _update_body(toolkits: list[str] | None, tools: list[str] | None, limits: Li
             "metadata": metadata, "restart_if_needed": restart_if_needed, "config_version": config_version}
 
 
-def _create_body(user_id: str, toolkits: list[str] | None, tools: list[str] | None, limits: Limits | dict | None,
-                 offload_threshold: int | None, metadata: dict[str, str] | None,
+def _create_body(user_id: str, toolkits: list[str] | None, tools: list[str] | None,
+                 limits: Limits | dict[str, Any] | None, offload_threshold: int | None, metadata: dict[str, str] | None,
                  allow_default_user: bool) -> dict[str, Any]:
     if isinstance(limits, Limits):
         limits = limits.model_dump(exclude_unset=True)
@@ -327,7 +327,7 @@ class RemoteWorkbench:
         return self._channel.request(method, path, **kwargs)
 
     def create(self, user_id: str, *, toolkits: list[str] | None = None, tools: list[str] | None = None,
-               limits: Limits | dict | None = None, offload_threshold: int | None = None,
+               limits: Limits | dict[str, Any] | None = None, offload_threshold: int | None = None,
                metadata: dict[str, str] | None = None, allow_default_user: bool = False,
                from_session: str | None = None) -> RemoteSession:
         """Open a new session on the server, or fork one (see `Workbench.create`)."""
@@ -449,7 +449,7 @@ class RemoteSession(_SessionState):
             self._channel.request("POST", "/execute", json=body, timeout=_timeout(timeout)).content)
 
     def update(self, *, toolkits: list[str] | None = None, tools: list[str] | None = None,
-               limits: Limits | dict | None = None, offload_threshold: int | None = None,
+               limits: Limits | dict[str, Any] | None = None, offload_threshold: int | None = None,
                metadata: dict[str, str] | None = None, restart_if_needed: bool = False,
                config_version: int | None = None) -> int:
         """Change the session's config (see `Session.update`): ConflictError when it changed since this object
@@ -664,7 +664,7 @@ class AsyncRemoteWorkbench:
         return await self._channel.request(method, path, **kwargs)
 
     async def create(self, user_id: str, *, toolkits: list[str] | None = None, tools: list[str] | None = None,
-                     limits: Limits | dict | None = None, offload_threshold: int | None = None,
+                     limits: Limits | dict[str, Any] | None = None, offload_threshold: int | None = None,
                      metadata: dict[str, str] | None = None, allow_default_user: bool = False,
                      from_session: str | None = None) -> AsyncRemoteSession:
         """Open a new session on the server, or fork one (see `Workbench.create`)."""
@@ -738,7 +738,7 @@ class AsyncRemoteSession(_SessionState):
         return ExecutionResult.model_validate_json(response.content)
 
     async def update(self, *, toolkits: list[str] | None = None, tools: list[str] | None = None,
-                     limits: Limits | dict | None = None, offload_threshold: int | None = None,
+                     limits: Limits | dict[str, Any] | None = None, offload_threshold: int | None = None,
                      metadata: dict[str, str] | None = None, restart_if_needed: bool = False,
                      config_version: int | None = None) -> int:
         """Change the session's config (see `RemoteSession.update`)."""

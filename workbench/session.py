@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .agent import Answer, Format, MetaTools, answer_calls, render
-from .backends.docker import DockerBackend
+from .backends import Backend
 from .commands import Commands
 from .config import Limits
 from .errors import (
@@ -119,13 +119,13 @@ class SessionServices:
     store: Store
     pipeline: ToolPipeline
     bridge: BridgeServer
-    backend: DockerBackend  # where the kernels run; shell commands use its Engine API's exec
+    backend: Backend  # where the kernels run, and shell commands beside them
     execute_timeout: float
     tool_timeout: float
     answer_limit: int
     output_limit: int
     idle_timeout: float | None
-    limits: Callable[[Limits | dict | None], Limits]  # limits as given -> complete, on the workbench's defaults
+    limits: Callable[[Limits | dict[str, Any] | None], Limits]  # limits as given -> complete, on the defaults
     remove_sandboxes: Callable[[str], None]  # remove every container of a session, whichever process made it
     release_runtime_dir: Callable[[str], None]  # release every runtime dir of a session
     forget: Callable[[str], None]  # the workbench stops handing out this session object (it was closed)
@@ -155,8 +155,8 @@ class Session:
         """The workspace's files, read and written on the host: `write`, `read`, `open`, `list`, `exists`,
         `remove`."""
         self.commands = Commands(
-            self.session_id, api=services.backend.client.api, store=services.store, files=self.files,
-            container=self._kernel_container, check_open=self._check_open, log_entry=self._log,
+            self.session_id, store=services.store, files=self.files, sandbox=services.backend.sandbox,
+            start_kernel=self._kernel_sandbox, check_open=self._check_open, log_entry=self._log,
             output_limit=services.output_limit, idle_timeout=services.idle_timeout)
         """Shell commands in the session's sandbox, beside the kernel: `run`."""
         self._tools = services.pipeline
@@ -266,7 +266,7 @@ class Session:
         *,
         toolkits: list[str] | None = None,
         tools: list[str] | None = None,
-        limits: Limits | dict | None = None,
+        limits: Limits | dict[str, Any] | None = None,
         offload_threshold: int | None = None,
         metadata: dict[str, str] | None = None,
         restart_if_needed: bool = False,
@@ -710,9 +710,9 @@ class Session:
         target.write_text(self.notebook(), encoding="utf-8")
         return target
 
-    def _kernel_container(self, timeout: float) -> str:
-        """The container of the session's kernel, for a shell command that found none running (stopped when idle,
-        its container gone, or another process's kernel not yet attached): got as an execution gets one, under the
+    def _kernel_sandbox(self, timeout: float) -> str:
+        """The sandbox id of the session's kernel, for a shell command that found none running (stopped when idle,
+        its sandbox gone, or another process's kernel not yet attached): got as an execution gets one, under the
         session's locks, reattached or started anew (which loses variables). Waits at most `timeout` seconds for
         another process's cell."""
         with self._lock:
@@ -722,8 +722,8 @@ class Session:
                     raise SessionError(f"session {self.session_id}: another process held it for all of the "
                                        f"command's timeout ({timeout:g}s) while it had no running kernel")
                 self._sync(restore=True)
-                if self._kernel.exit_reason() is not None:  # the store's kernel, but its container is gone
-                    self.log.info("starting a new kernel: its container is gone")
+                if self._kernel.exit_reason() is not None:  # the store's kernel, but its sandbox is gone
+                    self.log.info("starting a new kernel: its sandbox is gone")
                     self._kernel.restart()
                     self._services.store.set_kernel(self.session_id, self._kernel.record())
                     self._state_lost = True

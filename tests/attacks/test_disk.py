@@ -262,11 +262,12 @@ def test_the_reaper_leaves_no_runtime_dir_and_no_mount(wb: Workbench, tmp_path: 
         runtime = s._kernel.runtime_dir
         assert is_mount(runtime)
         deadline = time.monotonic() + 20  # the reaper's thread pauses the session once idle past one second
-        while os.path.lexists(runtime) and time.monotonic() < deadline:
+        # a paused session holds no mount either (the workspace goes last, after the kernel's container): the next
+        # use mounts it again, before the kernel
+        while (os.path.lexists(runtime) or is_mount(s.workspace)) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert reaper.store.get(s.session_id).kernel is None
         assert not os.path.lexists(runtime) and f" {runtime} " not in _mounts()
-        # a paused session holds no mount either: the next use mounts the workspace again, before the kernel
         assert not is_mount(s.workspace)
         result = s.execute("open('kept.txt').read(), x")
         assert result.text == "('kept', 1)" and result.state_restored

@@ -191,9 +191,10 @@ def clean_schema(schema: dict[str, Any]) -> dict[str, Any]:
         return cleaned
 
     try:
-        return resolve(schema, (), True)
+        resolved: dict[str, Any] = resolve(schema, (), True)
     except RecursionError:
-        return resolve(schema, (), False)
+        resolved = resolve(schema, (), False)
+    return resolved
 
 
 def _schema(model: type[BaseModel]) -> dict[str, Any]:

@@ -53,8 +53,9 @@ def _words(text: str) -> str:
 def _tokens(texts: list[str]) -> list[list[str]]:
     import bm25s
 
-    return bm25s.tokenize([_words(t) for t in texts], stopwords="en", stemmer=_stemmer().stemWords,
-                          return_ids=False, show_progress=False)
+    tokens: list[list[str]] = bm25s.tokenize([_words(t) for t in texts], stopwords="en",
+                                             stemmer=_stemmer().stemWords, return_ids=False, show_progress=False)
+    return tokens
 
 
 def _document(tool: Tool) -> str:

@@ -6,11 +6,12 @@ from importlib.metadata import entry_points
 from typing import Any
 
 from ..errors import WorkbenchError
-from .base import Backend, ManagedSandbox, Sandbox, SandboxSpec
+from .base import Backend, ManagedSandbox, Sandbox, SandboxGone, SandboxProcess, SandboxSpec
 
 ENTRY_POINTS = "workbench.backends"
 
-__all__ = ["ENTRY_POINTS", "Backend", "ManagedSandbox", "Sandbox", "SandboxSpec", "load_backend"]
+__all__ = ["ENTRY_POINTS", "Backend", "ManagedSandbox", "Sandbox", "SandboxGone", "SandboxProcess", "SandboxSpec",
+           "load_backend"]
 
 
 def load_backend(name: str, **options: Any) -> Backend:

@@ -41,6 +41,7 @@ from ..results import CommandResult, ExecutionError, ExecutionResult, Output, To
 from ..session import Session
 from ..store import ApiKeyRecord, LogEntry, PausedState, SessionRecord
 from .auth import authenticate, bearer
+from .cluster import ClusterRouter, ClusterSettings, Membership, cluster_token_secret
 from .errors import INTERNAL, clean_text, error_body, status_and_code
 from .models import (
     CreateSession,
@@ -224,26 +225,32 @@ def create_app(
     secret: bytes | None = None,
     mounts: dict[str, ASGIApp] | None = None,
     lifespans: list[Callable[[], contextlib.AbstractAsyncContextManager[Any]]] | None = None,
+    cluster: ClusterSettings | None = None,
 ) -> FastAPI:
     """The ASGI app serving `workbench`. `mounts` are more ASGI apps by path prefix (the MCP endpoint at "/mcp"),
-    `lifespans` async context managers entered while the app runs (the MCP endpoint's `lifespan`). Stopping the
-    app closes nothing of the sessions: their kernels and the store outlive it."""
+    `lifespans` async context managers entered while the app runs (the MCP endpoint's `lifespan`); `cluster`
+    makes it one replica of a cluster (see `cluster.py`). Stopping the app closes nothing of the sessions: their
+    kernels and the store outlive it."""
     settings = settings or ServerSettings()
     secret = secret if secret is not None else load_secret(workbench.home)
     threads = ThreadPoolExecutor(settings.threads, thread_name_prefix="workbench-serve")
     slots = _Slots(settings.max_executions_per_key)
     starting = threading.Semaphore(settings.max_starting)
+    membership = Membership(workbench, cluster) if cluster is not None else None
+    lifespans = [*(lifespans or []), *([membership.running] if membership is not None else [])]
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
-            for each in lifespans or []:
+            for each in lifespans:
                 await stack.enter_async_context(each())
             yield
         threads.shutdown(wait=False)
 
     app = FastAPI(title="workbench", version="1", lifespan=lifespan, responses=_ERRORS,
                   description="Sandboxed Jupyter kernels for AI agents: sessions, executions, files, tools.")
+    if membership is not None:
+        app.add_middleware(ClusterRouter, membership=membership)  # inside the key check: it runs after it
     app.add_middleware(_Guard, workbench=workbench, settings=settings)
     for prefix, mounted in (mounts or {}).items():
         app.mount(prefix, mounted)
@@ -673,13 +680,16 @@ def create_app(
     return app
 
 
-def build_app(workbench: Workbench, settings: ServerSettings | None = None) -> FastAPI:
-    """The app `workbench serve` runs: the HTTP API, and the per-session MCP endpoints at /mcp."""
+def build_app(workbench: Workbench, settings: ServerSettings | None = None,
+              cluster: ClusterSettings | None = None) -> FastAPI:
+    """The app `workbench serve` runs: the HTTP API, and the per-session MCP endpoints at /mcp; with `cluster`,
+    as one replica of a cluster (its MCP tokens are then made with a key every replica derives alike)."""
     from .mcp import McpEndpoint
 
-    secret = load_secret(workbench.home)
+    secret = load_secret(workbench.home) if cluster is None else cluster_token_secret(cluster)
     endpoint = McpEndpoint(workbench, secret)
     mounts: dict[str, ASGIApp] = {"/mcp": endpoint}
     lifespans: list[Callable[[], contextlib.AbstractAsyncContextManager[Any]]] = [endpoint.lifespan]
-    return create_app(workbench, settings=settings, secret=secret, mounts=mounts, lifespans=lifespans)
+    return create_app(workbench, settings=settings, secret=secret, mounts=mounts, lifespans=lifespans,
+                      cluster=cluster)
 

@@ -27,7 +27,7 @@ import posixpath
 import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import anyio
@@ -60,6 +60,7 @@ MAX_BODY = 16 << 20  # bytes of one HTTP request (a meta tool's arguments may be
 RESOURCE_NOT_FOUND = -32002  # as the MCP spec has it for resources/read
 _SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _SCOPE_KEY = "workbench.session"  # where the endpoint leaves the authenticated Session in the ASGI scope
+_T = TypeVar("_T")
 _TEXT_TYPES = ("application/json", "application/xml", "application/javascript", "application/x-ndjson")
 
 
@@ -218,7 +219,7 @@ def _templates() -> types.ListResourceTemplatesResult:
 def build_server(session_of: Callable[[ServerRequestContext[Any, Any]], Session]) -> Server[Any]:
     """The MCP server of the meta tools and workspace files; `session_of(ctx)` is the session a request is for.
     The session's (synchronous) calls run in worker threads, never on the event loop."""
-    async def run(function: Callable[..., Any], *args: Any) -> Any:
+    async def run(function: Callable[..., _T], *args: Any) -> _T:
         return await anyio.to_thread.run_sync(function, *args, limiter=_limiter())
 
     async def on_list_tools(ctx: ServerRequestContext[Any, Any],

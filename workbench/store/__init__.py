@@ -12,6 +12,7 @@ from .base import (
     KernelRecord,
     LogEntry,
     PausedState,
+    ReplicaRecord,
     SessionConfig,
     SessionRecord,
     Store,
@@ -19,7 +20,7 @@ from .base import (
 from .sqlite import JOURNAL_ROTATE, LOG_BATCH, LOG_DELAY, SQLiteStore
 
 __all__ = ["JOURNAL_ROTATE", "LOG_BATCH", "LOG_DELAY", "LOG_KEEP", "ApiKeyRecord", "KernelRecord", "LogEntry",
-           "PausedState", "SQLiteStore", "SessionConfig", "SessionRecord", "Store", "open_store"]
+           "PausedState", "ReplicaRecord", "SQLiteStore", "SessionConfig", "SessionRecord", "Store", "open_store"]
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 

@@ -83,6 +83,17 @@ class SessionRecord(BaseModel):
     last_used_at: float
     busy_until: float = 0.0  # while a cell runs: when it must have ended; the idle reaper leaves it alone until then
     paused: PausedState | None = None
+    replica: str | None = None  # in a cluster, the replica whose host runs the session's kernel and workspace
+
+
+class ReplicaRecord(BaseModel):
+    """One `workbench serve` replica of a cluster, as its last heartbeat left it."""
+
+    replica_id: str
+    url: str = Field(description="where the other replicas reach it")
+    memory: int = Field(description="bytes of memory its host has for sessions")
+    started_at: float
+    seen_at: float
 
 
 class LogEntry(BaseModel):
@@ -200,6 +211,14 @@ class Store(ABC):
 
     @abstractmethod
     def owner(self, session_id: str) -> str | None: ...
+
+    @abstractmethod
+    def heartbeat(self, replica: ReplicaRecord) -> None:
+        """Record that a cluster replica is alive, as of `replica.seen_at`."""
+
+    @abstractmethod
+    def replicas(self) -> builtins.list[ReplicaRecord]:
+        """Every replica that ever beat, with when it was last seen."""
 
     @abstractmethod
     def close(self) -> None:

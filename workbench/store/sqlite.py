@@ -27,6 +27,7 @@ from .base import (
     KernelRecord,
     LogEntry,
     PausedState,
+    ReplicaRecord,
     SessionConfig,
     SessionRecord,
     Store,
@@ -53,7 +54,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     created_at     REAL NOT NULL,
     last_used_at   REAL NOT NULL,
     busy_until     REAL NOT NULL DEFAULT 0,
-    paused         TEXT  -- a PausedState while the session sleeps: its kernel stopped, its namespace saved
+    paused         TEXT,  -- a PausedState while the session sleeps: its kernel stopped, its namespace saved
+    replica        TEXT   -- in a cluster: the replica whose host runs it
 );
 CREATE INDEX IF NOT EXISTS sessions_user ON sessions (user_id, status);
 CREATE TABLE IF NOT EXISTS logs (
@@ -79,6 +81,13 @@ CREATE TABLE IF NOT EXISTS session_owners (  -- the API key that created a sessi
     key_id     TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS session_owners_key ON session_owners (key_id);
+CREATE TABLE IF NOT EXISTS replicas (  -- a cluster's `workbench serve` replicas, by heartbeat
+    replica_id TEXT PRIMARY KEY,
+    url        TEXT NOT NULL,
+    memory     INTEGER NOT NULL,
+    started_at REAL NOT NULL,
+    seen_at    REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS journal_marks (  -- how far each tool-call journal has been copied into logs
     name   TEXT PRIMARY KEY,
     offset INTEGER NOT NULL
@@ -119,7 +128,7 @@ class SQLiteStore(Store):
         self._reader: sqlite3.Connection | None = None  # for API key checks (see api_key_by_hash)
         self._reader_lock = threading.Lock()
         self._queue = threading.Lock()  # the entries waiting for a commit
-        self._pending: list[tuple] = []
+        self._pending: list[tuple[Any, ...]] = []
         self._added: dict[str, int] = {}  # log entries per session since its last pruning (see _prune)
         self._touched: dict[str, float] = {}  # session -> when an execution last used it, with the pending entries
         self._queued = 0  # sequence number of the last entry queued
@@ -146,6 +155,8 @@ class SQLiteStore(Store):
                     self._db.execute("ALTER TABLE sessions ADD COLUMN busy_until REAL NOT NULL DEFAULT 0")
                 if "paused" not in columns:
                     self._db.execute("ALTER TABLE sessions ADD COLUMN paused TEXT")
+                if "replica" not in columns:
+                    self._db.execute("ALTER TABLE sessions ADD COLUMN replica TEXT")
             path.chmod(0o600)  # it holds the kernels' connection keys
             self._recover()
         except (sqlite3.Error, OSError, ValueError) as exc:
@@ -174,7 +185,7 @@ class SQLiteStore(Store):
         return self._db
 
     @_guarded
-    def _exec(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
+    def _exec(self, sql: str, args: tuple[Any, ...] = ()) -> sqlite3.Cursor:
         with self._lock:
             return self._connection().execute(sql, args)
 
@@ -182,10 +193,11 @@ class SQLiteStore(Store):
     def add(self, record: SessionRecord) -> None:
         self._exec(
             "INSERT INTO sessions (session_id, user_id, status, config, config_version, kernel, created_at, "
-            "last_used_at, paused) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "last_used_at, paused, replica) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (record.session_id, record.user_id, record.status, record.config.model_dump_json(),
              record.config_version, record.kernel.model_dump_json() if record.kernel else None,
-             record.created_at, record.last_used_at, record.paused.model_dump_json() if record.paused else None),
+             record.created_at, record.last_used_at, record.paused.model_dump_json() if record.paused else None,
+             record.replica),
         )
 
     @_guarded
@@ -254,7 +266,7 @@ class SQLiteStore(Store):
         """
         sql = ("UPDATE sessions SET kernel = NULL WHERE session_id = ? AND status = 'open' "
                "AND json_extract(kernel, '$.kernel_id') = ?")
-        args: tuple = (session_id, kernel_id)
+        args: tuple[Any, ...] = (session_id, kernel_id)
         if idle_before is not None:
             sql += " AND last_used_at < ? AND busy_until < ?"
             args += (idle_before, time.time())
@@ -266,7 +278,7 @@ class SQLiteStore(Store):
         `kernel_id` (and, given `idle_before`, unused since then): True means the caller owns the kernel's removal."""
         sql = ("UPDATE sessions SET kernel = NULL, paused = ? WHERE session_id = ? AND status = 'open' "
                "AND json_extract(kernel, '$.kernel_id') = ?")
-        args: tuple = (paused.model_dump_json(), session_id, kernel_id)
+        args: tuple[Any, ...] = (paused.model_dump_json(), session_id, kernel_id)
         if idle_before is not None:
             sql += " AND last_used_at < ? AND busy_until < ?"
             args += (idle_before, time.time())
@@ -330,9 +342,21 @@ class SQLiteStore(Store):
         return row[0] if row is not None else None
 
     @_guarded
+    def heartbeat(self, replica: ReplicaRecord) -> None:
+        self._exec("INSERT INTO replicas (replica_id, url, memory, started_at, seen_at) VALUES (?, ?, ?, ?, ?) "
+                   "ON CONFLICT (replica_id) DO UPDATE SET url = excluded.url, memory = excluded.memory, "
+                   "started_at = excluded.started_at, seen_at = excluded.seen_at",
+                   (replica.replica_id, replica.url, replica.memory, replica.started_at, replica.seen_at))
+
+    @_guarded
+    def replicas(self) -> builtins.list[ReplicaRecord]:
+        return [ReplicaRecord(**dict(row)) for row in
+                self._exec("SELECT * FROM replicas ORDER BY replica_id").fetchall()]
+
+    @_guarded
     def data_version(self) -> int:
         """Changes whenever another connection (another process) commits: nothing to re-read while it stays."""
-        return self._exec("PRAGMA data_version").fetchone()[0]
+        return int(self._exec("PRAGMA data_version").fetchone()[0])
 
     @_guarded
     def log(self, session_id: str, kind: str, status: str, duration: float, detail: dict[str, Any],
@@ -463,7 +487,7 @@ class SQLiteStore(Store):
                 db.execute("DELETE FROM journal_marks WHERE name = ?", (retire[1],))
                 os.close(retire[0])
 
-    def _prune(self, db: sqlite3.Connection, batch: builtins.list[tuple]) -> None:
+    def _prune(self, db: sqlite3.Connection, batch: builtins.list[tuple[Any, ...]]) -> None:
         """Delete a session's oldest log entries beyond LOG_KEEP, every _PRUNE_EVERY entries it adds."""
         for entry in batch:
             self._added[entry[0]] = self._added.get(entry[0], 0) + 1

@@ -72,7 +72,7 @@ class Tool:
             if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
                 raise WorkbenchError(f"tool {slug}: *args and **kwargs cannot be described by a schema")
             fields[name] = (hint, ... if param.default is param.empty else param.default)
-        self.arguments: type[BaseModel] = create_model(  # type: ignore[call-overload]
+        self.arguments: type[BaseModel] = create_model(
             f"{slug}_arguments", __config__=ConfigDict(extra="forbid"), **fields)
 
     @property

@@ -18,25 +18,39 @@ from requests import RequestException
 from ...config import Limits
 from ...errors import DockerUnavailableError
 from ...sandbox import RUNTIME
-from ..base import Backend, ManagedSandbox, Sandbox, SandboxSpec
+from ..base import Backend, ManagedSandbox, Sandbox, SandboxGone, SandboxSpec
 from . import image as images
 from .container import exit_reason, remove_container, run_sandbox
 from .engine import connect, security_options
+from .process import DockerProcess, kill_processes
 
 __all__ = ["DockerBackend", "DockerSandbox"]
 
 
 class DockerSandbox(Sandbox):
-    """A sandbox container."""
+    """A sandbox container: its exec calls go by id through the low-level API, the rest through its model (looked
+    up on first need when the handle was made from an id)."""
 
-    def __init__(self, container: Container) -> None:
-        self.container = container
-        self.id = str(container.id)
+    def __init__(self, client: docker.DockerClient, sandbox_id: str, container: Container | None = None) -> None:
+        self._client = client
+        self._container = container
+        self.id = sandbox_id
+
+    @property
+    def container(self) -> Container:
+        if self._container is None:
+            try:
+                self._container = self._client.containers.get(self.id)
+            except NotFound:
+                raise SandboxGone(f"container {self.id[:12]} is gone") from None
+            except (APIError, RequestException) as exc:
+                raise DockerUnavailableError(f"cannot reach the Docker engine to find a container: {exc}") from exc
+        return self._container
 
     def exit_reason(self) -> str | None:
         try:
             return exit_reason(self.container)
-        except NotFound:
+        except (NotFound, SandboxGone):
             return "its container was removed"
         except (APIError, RequestException) as exc:
             raise DockerUnavailableError(f"lost the Docker engine while watching the kernel: {exc}") from exc
@@ -44,7 +58,7 @@ class DockerSandbox(Sandbox):
     def interrupt(self) -> None:
         try:
             self.container.kill(signal="SIGINT")  # through the container's init, to the kernel
-        except (APIError, NotFound):
+        except (APIError, NotFound, SandboxGone):
             pass  # already gone; whoever waits on it sees that
 
     def update_limits(self, limits: Limits) -> None:
@@ -54,11 +68,20 @@ class DockerSandbox(Sandbox):
         except (APIError, RequestException) as exc:
             raise DockerUnavailableError(f"the Docker engine refused the new limits: {exc}") from exc
 
+    def exec(self, argv: list[str], *, uid: int, gid: int, workdir: str, env: list[str] | None = None
+             ) -> DockerProcess:
+        return DockerProcess(self._client.api, self.id, argv, user=f"{uid}:{gid}", workdir=workdir, env=env)
+
+    def kill_processes(self, gid: int) -> bool:
+        return kill_processes(self._client.api, self.id, gid)
+
     def destroy(self) -> bool:
         try:
             return remove_container(self.container)
+        except SandboxGone:
+            return False
         except (APIError, RequestException) as exc:
-            raise DockerUnavailableError(f"could not remove container {self.container.short_id}: {exc}") from exc
+            raise DockerUnavailableError(f"could not remove container {self.id[:12]}: {exc}") from exc
 
     def logs(self, tail: int = 20) -> str:
         try:
@@ -77,17 +100,22 @@ class DockerBackend(Backend):
         self.security = security_options(self.client)  # what the engine enforces (seccomp); a warning if little
 
     def launch(self, spec: SandboxSpec) -> DockerSandbox:
-        return DockerSandbox(run_sandbox(
+        container = run_sandbox(
             self.client, image=spec.image, name=spec.name, workspace=spec.workspace, runtime_dir=spec.runtime_dir,
-            limits=spec.limits, labels=spec.labels, command=spec.command, read_only_mounts=spec.read_only_mounts))
+            limits=spec.limits, labels=spec.labels, command=spec.command, read_only_mounts=spec.read_only_mounts)
+        return DockerSandbox(self.client, str(container.id), container)
 
     def attach(self, sandbox_id: str) -> DockerSandbox | None:
         try:
-            return DockerSandbox(self.client.containers.get(sandbox_id))
+            container = self.client.containers.get(sandbox_id)
+            return DockerSandbox(self.client, str(container.id), container)
         except NotFound:
             return None
         except (APIError, RequestException) as exc:
             raise DockerUnavailableError(f"cannot reach the Docker engine to find a kernel's container: {exc}") from exc
+
+    def sandbox(self, sandbox_id: str) -> DockerSandbox:
+        return DockerSandbox(self.client, sandbox_id)  # exec by id needs no look-up first
 
     def list_managed(self, labels: dict[str, str]) -> list[ManagedSandbox]:
         try:

@@ -161,7 +161,7 @@ def _copy_python(client: docker.DockerClient, tag: str, progress: Progress) -> N
         assert tar.stdin is not None
         try:
             for chunk in container.export(chunk_size=1 << 20):
-                tar.stdin.write(chunk)  # type: ignore[call-overload]  # docker-py yields bytes
+                tar.stdin.write(chunk)  # docker-py yields bytes
         finally:
             tar.stdin.close()
             error = tar.stderr.read().decode(errors="replace") if tar.stderr else ""
@@ -227,7 +227,7 @@ def _import_runtime(client: docker.DockerClient, tag: str, staged: Path, work: P
     try:
         with open(tarball, "wb") as out:
             for chunk in container.export(chunk_size=1 << 20):
-                out.write(chunk)  # type: ignore[arg-type]  # docker-py yields bytes
+                out.write(chunk)  # docker-py yields bytes
     finally:
         container.remove(force=True)
     # Only the site dir's entries are appended: the export already holds its parent folders.
