@@ -21,6 +21,7 @@ from workbench.errors import ConflictError, SessionNotFoundError, StoreError
 from workbench.store import (
     KernelRecord,
     PausedState,
+    ReplicaRecord,
     SessionConfig,
     SessionRecord,
     SQLiteStore,
@@ -85,7 +86,7 @@ def kernel(kernel_id: str = "k1") -> KernelRecord:
 # sessions ---------------------------------------------------------------------------------------------------------
 
 def test_a_session_comes_back_as_it_was_added(store: Store) -> None:
-    added = record(kernel=kernel(), paused=PausedState(paused_at=1.0, names=["x"], bytes=3),
+    added = record(kernel=kernel(), replica="r1", paused=PausedState(paused_at=1.0, names=["x"], bytes=3),
                    config=SessionConfig(toolkits=["github"], metadata={"trace": "t-1"}))
     store.add(added)
     assert store.get("s1") == added
@@ -305,6 +306,17 @@ def test_a_session_has_one_owner_for_good(store: Store) -> None:
     with pytest.raises(StoreError):
         store.set_owner("s1", "k2")
     assert store.owner("s1") == "k1"
+
+
+def test_replicas_are_kept_by_their_latest_heartbeat(store: Store) -> None:
+    assert store.replicas() == []
+    first = ReplicaRecord(replica_id="r2", url="http://h2:8642", memory=2**33, started_at=1.0, seen_at=2.0)
+    store.heartbeat(first)
+    store.heartbeat(ReplicaRecord(replica_id="r1", url="http://h1:8642", memory=2**34, started_at=1.0, seen_at=3.0))
+    again = first.model_copy(update={"seen_at": 9.0, "memory": 2**32})
+    store.heartbeat(again)
+    assert store.replicas() == [ReplicaRecord(replica_id="r1", url="http://h1:8642", memory=2**34, started_at=1.0,
+                                              seen_at=3.0), again]
 
 
 def test_a_closed_store_refuses_every_call(store: Store) -> None:

@@ -32,6 +32,7 @@ from .base import (
     KernelRecord,
     LogEntry,
     PausedState,
+    ReplicaRecord,
     SessionConfig,
     SessionRecord,
     Store,
@@ -42,7 +43,7 @@ SCHEMA_VERSION = 1
 _SCHEMA_LOCK = 0x776F726B62656E63  # advisory lock key ("workbenc") held while one process creates the schema
 _PRUNE_EVERY = 10_000  # entries a session may add (through one Store) before its oldest beyond LOG_KEEP are deleted
 _SESSION_COLUMNS = ("session_id, user_id, status, config::text, config_version, kernel::text, created_at, "
-                    "last_used_at, busy_until, paused::text")
+                    "last_used_at, busy_until, paused::text, replica")
 _LOG_BATCH = ("SELECT workbench_log_batch(%s::text[], %s::text[], %s::text[], %s::float8[], %s::text[], "
               "%s::float8[], %s::text[], %s::float8[])")
 
@@ -57,7 +58,8 @@ _SCHEMA = [
         created_at     double precision NOT NULL,
         last_used_at   double precision NOT NULL,
         busy_until     double precision NOT NULL DEFAULT 0,
-        paused         json
+        paused         json,  -- a PausedState while the session sleeps: its kernel stopped, its namespace saved
+        replica        text   -- in a cluster: the replica whose host runs it
     )""",
     "CREATE INDEX IF NOT EXISTS workbench_sessions_user ON workbench_sessions (user_id, status)",
     """CREATE TABLE IF NOT EXISTS workbench_logs (
@@ -82,6 +84,13 @@ _SCHEMA = [
         key_id     text NOT NULL
     )""",
     "CREATE INDEX IF NOT EXISTS workbench_session_owners_key ON workbench_session_owners (key_id)",
+    """CREATE TABLE IF NOT EXISTS workbench_replicas (
+        replica_id text PRIMARY KEY,
+        url        text NOT NULL,
+        memory     bigint NOT NULL,
+        started_at double precision NOT NULL,
+        seen_at    double precision NOT NULL
+    )""",
     # A batch of log entries in one statement (one round trip, one transaction in autocommit). It holds the
     # advisory locks of its sessions (taken in one order: no deadlock) until it commits, and numbers its entries
     # in their order: a session's entries get their ids in commit order, from every process, so a reader never
@@ -210,16 +219,16 @@ class PostgresStore(Store):
         with self._pool.connection() as conn:
             yield conn
 
-    def _exec(self, sql: str, args: tuple = ()) -> int:
+    def _exec(self, sql: str, args: tuple[Any, ...] = ()) -> int:
         """Run one statement; the number of rows it changed."""
         with self._connection() as conn:
             return conn.execute(sql, args).rowcount
 
-    def _one(self, sql: str, args: tuple = ()) -> tuple | None:
+    def _one(self, sql: str, args: tuple[Any, ...] = ()) -> tuple[Any, ...] | None:
         with self._connection() as conn:
             return conn.execute(sql, args).fetchone()
 
-    def _all(self, sql: str, args: tuple = ()) -> builtins.list[tuple]:
+    def _all(self, sql: str, args: tuple[Any, ...] = ()) -> builtins.list[tuple[Any, ...]]:
         with self._connection() as conn:
             return conn.execute(sql, args).fetchall()
 
@@ -229,11 +238,12 @@ class PostgresStore(Store):
     def add(self, record: SessionRecord) -> None:
         self._exec(
             "INSERT INTO workbench_sessions (session_id, user_id, status, config, config_version, kernel, "
-            "created_at, last_used_at, busy_until, paused) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            "created_at, last_used_at, busy_until, paused, replica) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
             (record.session_id, record.user_id, record.status, record.config.model_dump_json(),
              record.config_version, record.kernel.model_dump_json() if record.kernel else None,
              record.created_at, record.last_used_at, record.busy_until,
-             record.paused.model_dump_json() if record.paused else None))
+             record.paused.model_dump_json() if record.paused else None, record.replica))
 
     @_guarded
     def get(self, session_id: str) -> SessionRecord:
@@ -305,7 +315,7 @@ class PostgresStore(Store):
         return self._release("kernel = NULL, paused = %s", (paused.model_dump_json(),), session_id, kernel_id,
                              idle_before)
 
-    def _release(self, assignments: str, values: tuple, session_id: str, kernel_id: str,
+    def _release(self, assignments: str, values: tuple[Any, ...], session_id: str, kernel_id: str,
                  idle_before: float | None) -> bool:
         sql = (f"UPDATE workbench_sessions SET {assignments} WHERE session_id = %s AND status = 'open' "
                "AND kernel ->> 'kernel_id' = %s")
@@ -461,6 +471,23 @@ class PostgresStore(Store):
         row = self._one("SELECT key_id FROM workbench_session_owners WHERE session_id = %s", (session_id,))
         return row[0] if row is not None else None
 
+    # cluster replicas -----------------------------------------------------------------------------------------
+
+    @_guarded
+    def heartbeat(self, replica: ReplicaRecord) -> None:
+        """Record that a cluster replica is alive, as of `replica.seen_at`."""
+        self._exec("INSERT INTO workbench_replicas (replica_id, url, memory, started_at, seen_at) "
+                   "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (replica_id) DO UPDATE SET url = excluded.url, "
+                   "memory = excluded.memory, started_at = excluded.started_at, seen_at = excluded.seen_at",
+                   (replica.replica_id, replica.url, replica.memory, replica.started_at, replica.seen_at))
+
+    @_guarded
+    def replicas(self) -> builtins.list[ReplicaRecord]:
+        """Every replica that ever beat, with when it was last seen."""
+        return [ReplicaRecord(replica_id=row[0], url=row[1], memory=row[2], started_at=row[3], seen_at=row[4])
+                for row in self._all("SELECT replica_id, url, memory, started_at, seen_at FROM workbench_replicas "
+                                     "ORDER BY replica_id")]
+
     def close(self) -> None:
         """Wait for a log batch being committed, then close the pool; later calls raise StoreError. Closing twice
         is fine."""
@@ -507,15 +534,15 @@ def _schema_version(conn: psycopg.Connection) -> int | None:
     return row[0] if row is not None else None
 
 
-def _record(row: tuple) -> SessionRecord:
+def _record(row: tuple[Any, ...]) -> SessionRecord:
     return SessionRecord(
         session_id=row[0], user_id=row[1], status=row[2], config=SessionConfig.model_validate_json(row[3]),
         config_version=row[4], kernel=KernelRecord.model_validate_json(row[5]) if row[5] else None,
         created_at=row[6], last_used_at=row[7], busy_until=row[8],
-        paused=PausedState.model_validate_json(row[9]) if row[9] else None)
+        paused=PausedState.model_validate_json(row[9]) if row[9] else None, replica=row[10])
 
 
-def _api_key(row: tuple) -> ApiKeyRecord:
+def _api_key(row: tuple[Any, ...]) -> ApiKeyRecord:
     return ApiKeyRecord(key_id=row[0], name=row[1], created_at=row[2], revoked_at=row[3])
 
 
