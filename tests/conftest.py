@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from postgres import PostgresServer, Unavailable
 from served import Server
 
 os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")  # Ryuk's image cannot be pulled here
@@ -199,3 +200,24 @@ def served(wb: Workbench, home: Path) -> Iterator[Server]:
 @pytest.fixture(scope="session")
 def api_key(served: Server) -> str:
     return served.key("tests")
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A PostgreSQL server of the tests' own (see postgres.py); skips when none can be had (not installed, not root)."""
+    try:
+        import psycopg  # noqa: F401
+        import psycopg_pool  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(f"psycopg is not installed ({exc}): pip install 'workbench[postgres]'")
+    try:
+        server = PostgresServer()
+    except Unavailable as exc:
+        pytest.skip(f"no PostgreSQL server: {exc}")
+    try:
+        server.start()
+    except BaseException:
+        server.stop()
+        raise
+    yield server
+    server.stop()

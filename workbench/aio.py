@@ -65,7 +65,7 @@ class AsyncWorkbench(_Threads):
         pool_size: int = 2,
         answer_limit: int = DEFAULT_LIMIT,
         backend: str | Backend = "docker",
-        store: Store | None = None,
+        store: Store | str | None = None,
         docker_client: docker.DockerClient | None = None,
         replica: str | None = None,
     ) -> None:

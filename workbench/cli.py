@@ -515,11 +515,11 @@ def keys() -> None:
 def _store() -> Store:
     from .config import default_home
     from .sandbox import private_dir
-    from .store import SQLiteStore
+    from .store import open_store
 
     home = default_home()
     private_dir(home)
-    return SQLiteStore(home / "workbench.db")
+    return open_store(None, home)
 
 
 @keys.command("create")

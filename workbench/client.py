@@ -35,7 +35,7 @@ from .kernelspec import KernelSpec, kernel_spec
 from .pool import LABEL_POOL, WarmPool, discard_kernel, owner_alive
 from .sandbox import check_sandbox_uid, hand_over, private_dir
 from .session import Session, SessionServices
-from .store import PausedState, SessionConfig, SessionRecord, SQLiteStore, Store
+from .store import PausedState, SessionConfig, SessionRecord, Store, open_store
 from .tools import ToolRegistry
 from .tools.bridge import BridgeServer
 from .tools.pipeline import ToolPipeline
@@ -89,7 +89,7 @@ class Workbench:
         pool_size: int = 2,
         answer_limit: int = DEFAULT_LIMIT,
         backend: str | Backend = "docker",
-        store: Store | None = None,
+        store: Store | str | None = None,
         docker_client: DockerClient | None = None,
         replica: str | None = None,
     ) -> None:
@@ -104,8 +104,9 @@ class Workbench:
         written to the workspace and the answer says where.
         `backend`: where sandboxes run, by name (from the `workbench.backends` entry points) or as a `Backend`;
         `docker_client` is the Docker backend's engine client (default: DOCKER_HOST, or the local socket).
-        `store`: where sessions, configs and logs are kept (default: SQLite, `workbench.db` under the home); the
-        workbench closes it when it closes.
+        `store`: where sessions, configs and logs are kept: a Store, or a `postgresql://` DSN (default:
+        WORKBENCH_STORE's DSN when set, else SQLite, `workbench.db` under the home); the workbench closes it when it
+        closes.
         `replica` (default: WORKBENCH_REPLICA, else none): this workbench's name as one replica of a cluster that
         shares the store; it keeps to the sessions placed on it (each replica runs its sessions on its own host)."""
         if not isinstance(answer_limit, int) or answer_limit < MIN_LIMIT:
@@ -130,7 +131,7 @@ class Workbench:
         self.disk_quota = quota_support(self.home / "disks")[0]  # warns once when workspaces are plain folders
         # Containers are labelled with their home so that two workbenches on one engine never touch each other's.
         self.home_label = hashlib.sha256(str(self.home.resolve()).encode()).hexdigest()[:16]
-        self.store = store if store is not None else SQLiteStore(self.home / "workbench.db")
+        self.store = open_store(store, self.home)
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
         self._image_checked = False

@@ -75,7 +75,8 @@ class WorkspaceFullError(FileError):
 
 
 class StoreError(WorkbenchError):
-    """The session store (the SQLite file under the home) cannot be read or written: damaged, locked or gone."""
+    """The session store (the SQLite file under the home, or a PostgreSQL server) cannot be read or written: damaged,
+    locked, unreachable or gone."""
 
 
 class ServerError(WorkbenchError):

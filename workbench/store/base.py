@@ -1,5 +1,5 @@
 """What a session store keeps and does: the records (pydantic models) and the `Store` interface. The embedded
-store is SQLite (`sqlite.py`); a shared one (Postgres, planned) implements the same interface.
+store is SQLite (`sqlite.py`); the shared one, PostgreSQL (`postgres.py`), implements the same interface.
 
 Every method that changes a record is atomic on its own: compare-and-set where two processes may race (a config
 version, a kernel id, an idle mark), so that the store, not a process lock, decides who won.
