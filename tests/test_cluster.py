@@ -1,6 +1,7 @@
 """`workbench serve` as a cluster of replicas on one shared store: placement, forwarding to the replica that runs
 a session, a replica that dies and comes back. Three real servers on this host, each with its own home (its own
-"host"), over real HTTP."""
+"host"), over real HTTP, on a real PostgreSQL and on a shared SQLite file. (tests/cluster/ runs the same on a
+Docker Swarm of three engines.)"""
 from __future__ import annotations
 
 import secrets
@@ -16,25 +17,28 @@ from served import Server
 from workbench import RemoteWorkbench, ReplicaUnavailableError
 from workbench.server.auth import create_key
 from workbench.server.cluster import FORWARDED, signature
-from workbench.store import SQLiteStore
+from workbench.store import SQLiteStore, Store, open_store
 
 SECRET = secrets.token_hex(32)
 
 
 class Cluster:
-    def __init__(self, root: Path, size: int = 3) -> None:
+    def __init__(self, root: Path, dsn: str | None, size: int = 3) -> None:
+        """On the Postgres `dsn`, or on a SQLite file under `root`."""
+        self.dsn = dsn
         self.store_path = root / "shared" / "workbench.db"
         self.store_path.parent.mkdir(parents=True)
+        store_env = {"WORKBENCH_STORE": dsn} if dsn else {"WORKBENCH_TEST_STORE": str(self.store_path)}
         self.replicas = {f"r{i}": Server(root / f"host{i}", app="cluster_app:make", env={
-            "WORKBENCH_REPLICA": f"r{i}", "WORKBENCH_CLUSTER_SECRET": SECRET, "WORKBENCH_TEST_STORE": str(
-                self.store_path), "WORKBENCH_RUNTIME_DIR": f"/tmp/wbc-{secrets.token_hex(3)}",
+            "WORKBENCH_REPLICA": f"r{i}", "WORKBENCH_CLUSTER_SECRET": SECRET, **store_env,
+            "WORKBENCH_RUNTIME_DIR": f"/tmp/wbc-{secrets.token_hex(3)}",
             "WORKBENCH_CLUSTER_HEARTBEAT": "0.5", "WORKBENCH_CLUSTER_TTL": "3"}) for i in range(1, size + 1)}
         for server in self.replicas.values():
             server.home.mkdir(parents=True)
         self.key = self.new_key("cluster-test")
 
-    def store(self) -> SQLiteStore:
-        return SQLiteStore(self.store_path)
+    def store(self) -> Store:
+        return open_store(self.dsn, self.store_path.parent) if self.dsn else SQLiteStore(self.store_path)
 
     def new_key(self, name: str) -> str:
         store = self.store()
@@ -44,9 +48,11 @@ class Cluster:
             store.close()
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory, wb: object) -> Iterator[Cluster]:
-    built = Cluster(tmp_path_factory.mktemp("cluster"))
+@pytest.fixture(scope="module", params=["postgres", "sqlite"])
+def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, wb: object
+            ) -> Iterator[Cluster]:
+    dsn = request.getfixturevalue("postgres_server").database() if request.param == "postgres" else None
+    built = Cluster(tmp_path_factory.mktemp("cluster"), dsn)
     for server in built.replicas.values():
         server.start()
     yield built

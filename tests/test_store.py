@@ -608,3 +608,20 @@ def test_the_command_line_keeps_api_keys_in_the_store_workbench_store_names(post
         assert not (tmp_path / "home" / "workbench.db").exists()
     finally:
         postgres_server.drop(dsn)
+
+
+def test_the_password_may_come_from_a_file(postgres_server: PostgresServer, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """As a Swarm secret gives it: WORKBENCH_STORE_PASSWORD_FILE, for a DSN that holds none."""
+    secret = tmp_path / "db_password"
+    secret.write_text(AUTH_PASSWORD + "\n")
+    monkeypatch.setenv("WORKBENCH_STORE", postgres_server.dsn("postgres", AUTH_USER))
+    monkeypatch.setenv("WORKBENCH_STORE_PASSWORD_FILE", str(secret))
+    open_store(None, tmp_path).close()
+    secret.write_text("not-" + AUTH_PASSWORD)
+    with pytest.raises(StoreError, match="password authentication failed") as caught:
+        open_store(None, tmp_path)
+    assert AUTH_PASSWORD not in str(caught.value)
+    monkeypatch.setenv("WORKBENCH_STORE_PASSWORD_FILE", str(tmp_path / "missing"))
+    with pytest.raises(StoreError, match="WORKBENCH_STORE_PASSWORD_FILE"):
+        open_store(None, tmp_path)

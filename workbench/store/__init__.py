@@ -27,7 +27,8 @@ POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 def open_store(spec: Store | str | None, home: Path) -> Store:
     """The store a Workbench uses: `spec` itself when it is a Store; a PostgresStore for a `postgresql://` DSN;
-    with no spec, the one WORKBENCH_STORE names (a DSN), else SQLite's `workbench.db` under `home`."""
+    with no spec, the one WORKBENCH_STORE names (a DSN), else SQLite's `workbench.db` under `home`. A DSN without
+    a password takes the one in the file WORKBENCH_STORE_PASSWORD_FILE names (e.g. a Swarm secret), if set."""
     if isinstance(spec, Store):
         return spec
     if spec is None:
@@ -45,4 +46,16 @@ def open_store(spec: Store | str | None, home: Path) -> Store:
     except ImportError as exc:
         raise StoreError(f"the PostgreSQL store needs psycopg and psycopg-pool ({exc}): "
                          "pip install 'workbench[postgres]'") from exc
+    password_file = os.environ.get("WORKBENCH_STORE_PASSWORD_FILE")
+    if password_file:
+        from psycopg import Error
+        from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+        try:
+            if not conninfo_to_dict(spec).get("password"):
+                spec = make_conninfo(spec, password=Path(password_file).read_text().strip())
+        except (OSError, UnicodeDecodeError) as exc:
+            raise StoreError(f"WORKBENCH_STORE_PASSWORD_FILE {password_file}: {exc}") from None
+        except Error:
+            pass  # a malformed DSN: PostgresStore says what is wrong with it
     return PostgresStore(spec)
