@@ -31,6 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 
@@ -482,7 +483,7 @@ class Cluster:
             if managers:
                 self._remove_services(managers[0])
         self._parallel(self._remove_containers, live)  # so that leaving stops no task gracefully
-        self._parallel(lambda n: self._quietly(n, lambda c: c.swarm.leave(force=True)), live)
+        self._parallel(self._leave, live)
         self._parallel(self._stop, self.nodes)
         netns = [n.netns_id for n in self.nodes if n.netns_id]
         _teardown(self.token, self.root, netns, self.size)
@@ -696,17 +697,23 @@ class Cluster:
             service.remove()
         for network in client.networks.list(filters={"driver": "overlay"}):
             if network.name != "ingress":
-                self._quietly(node, lambda _c, n=network: n.remove())
+                self._quietly(node, network.remove)
         for config in client.configs.list():
-            self._quietly(node, lambda _c, c=config: c.remove())
+            self._quietly(node, config.remove)
         for secret in client.secrets.list():
-            self._quietly(node, lambda _c, s=secret: s.remove())
+            self._quietly(node, secret.remove)
 
     def _remove_containers(self, node: Node) -> None:
         """Force-remove every container of node's engine (SIGKILL: faster than dockerd stopping them)."""
-        containers = self._quietly(node, lambda c: c.containers.list(all=True))
+        if node.client is None:
+            return
+        containers = self._quietly(node, partial(node.client.containers.list, all=True))
         for container in containers if isinstance(containers, list) else []:
-            self._quietly(node, lambda _c, k=container: k.remove(force=True))
+            self._quietly(node, partial(container.remove, force=True))
+
+    def _leave(self, node: Node) -> None:
+        if node.client is not None:
+            self._quietly(node, partial(node.client.swarm.leave, force=True))
 
     def _stop(self, node: Node) -> None:
         """Stop node's engine: its containers removed first, then SIGTERM, then anything left of the node killed."""
@@ -748,15 +755,16 @@ class Cluster:
             node.client.close()
             node.client = None
 
-    def _quietly(self, node: Node, action: Callable[[DockerClient], object]) -> object:
+    def _quietly(self, node: Node, action: Callable[[], object]) -> object:
+        """Do `action` on node's engine; a failure is reported and ignored (for a cleanup that goes on)."""
         try:
-            return action(node.client) if node.client is not None else None
+            return action()
         except Exception as exc:
             self.progress(f"node {node.index}: {type(exc).__name__}: {exc}")
             return None
 
     @staticmethod
-    def _parallel(action: Callable[[Node], None], nodes: Iterable[Node]) -> None:
+    def _parallel(action: Callable[[Node], object], nodes: Iterable[Node]) -> None:
         errors: list[BaseException] = []
 
         def run(node: Node) -> None:

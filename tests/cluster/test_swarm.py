@@ -212,7 +212,17 @@ def test_close_leaves_nothing(swarm_cluster: Cluster, tmp_path: Path) -> None:
     small = "workbench-base:bookworm" if "workbench-base:bookworm" in images else swarm_cluster.images[0]
     cluster = Cluster(2, tmp_path / "closing", progress=say)
     with cluster:
-        cluster.load_images([small])
+        missing = "unix:///nonexistent/docker.sock"
+        copy = subprocess.run(  # deploy/images.py, with one target that is not there
+            [sys.executable, str(REPO / "deploy" / "images.py"), *(f"--to={n.url}" for n in cluster.nodes),
+             f"--to={missing}", small], capture_output=True, text=True, timeout=600,
+        )
+        say(copy.stdout + copy.stderr)
+        assert copy.returncode == 1
+        assert f"error: {missing}: {small}: cannot reach the engine" in copy.stderr
+        assert "2 of 3 copies done" in copy.stdout
+        for client in cluster.clients:
+            assert client.images.get(small).id == host.images.get(small).id
         for client in cluster.clients:  # a container per engine: overlay mounts, a shim, cgroups, a netns
             client.containers.run(small, ["sleep", "600"], detach=True, volumes={MOUNT_POINT: {"bind": MOUNT_POINT}})
         cluster.client(1).services.create(small, ["sleep", "600"], name="sleeper", mode=ServiceMode("replicated", 2))
