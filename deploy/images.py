@@ -3,7 +3,7 @@
 goes straight into each target's `docker load` through the Engine API (docker-py), one read fanned out to every
 target at once, no temporary file.
 
-    python3 deploy/images.py --to unix:///srv/a/docker.sock --to ssh://root@host2 workbench-kernel:latest
+    python3 deploy/images.py --to unix:///srv/a/docker.sock --to unix:///srv/b/docker.sock workbench-kernel:latest
 
 Exit status 0 when every image reached every target, 1 otherwise (one `error:` line per failed target).
 """

@@ -423,6 +423,7 @@ class Cluster:
         if size < 1:
             raise ValueError("a cluster has at least one node")
         self.token = secrets.token_hex(4)
+        self._own_root = root is None  # made here, so removed at close
         self.root = (root or Path("/tmp") / f"{PREFIX}{self.token}").resolve()
         self.size = size
         self.managers = size if managers is None else max(1, min(managers, size))
@@ -491,6 +492,9 @@ class Cluster:
             if node.client is not None:
                 node.client.close()
                 node.client = None
+        if self._own_root:
+            with contextlib.suppress(OSError):
+                self.root.rmdir()
         self.timings["close"] = time.monotonic() - started
         self.progress(f"swarm {self.token}: removed in {self.timings['close']:.1f} s")
 
