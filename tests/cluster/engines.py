@@ -257,10 +257,15 @@ def _unmount_under(root: Path) -> None:
 
 
 def _remove_tree(path: Path) -> None:
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.exists():
-        shutil.rmtree(path)
+    for _ in range(3):
+        try:
+            if path.is_symlink() or path.is_file():
+                path.unlink(missing_ok=True)
+            elif path.exists():
+                shutil.rmtree(path)
+            return
+        except FileNotFoundError:
+            continue  # another cleanup is removing it too
 
 
 def _teardown(token: str, root: Path | None, netns: Iterable[tuple[int, int]] = (), size: int = 0) -> None:
@@ -284,6 +289,14 @@ def _teardown(token: str, root: Path | None, netns: Iterable[tuple[int, int]] = 
         (REGISTRY / f"{token}.json").unlink()
 
 
+def _record(token: str) -> dict[str, object] | None:
+    try:
+        value = json.loads((REGISTRY / f"{token}.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def _owner_alive(record: dict[str, object]) -> bool:
     pid = record.get("owner")
     return isinstance(pid, int) and _start_time(pid) == record.get("owner_start")
@@ -292,18 +305,14 @@ def _owner_alive(record: dict[str, object]) -> bool:
 def cleanup_stale(progress: Callable[[str], None] = print) -> list[str]:
     """Remove what earlier runs that died half-way left (by the `wbs-` prefix); a cluster whose owner process is
     alive is left alone. Returns the tokens removed."""
-    records: dict[str, dict[str, object]] = {}
-    with contextlib.suppress(OSError):
-        for path in REGISTRY.glob("*.json"):
-            with contextlib.suppress(OSError, ValueError):
-                records[path.stem] = json.loads(path.read_text())
-    tokens = set(records)
     pattern = re.compile(rf"^{PREFIX}([0-9a-f]{{8}})")
-    tokens |= {m.group(1) for n in _netns_names() + _host_links() if (m := pattern.match(n))}
+    tokens = {m.group(1) for n in _netns_names() + _host_links() if (m := pattern.match(n))}
     tokens |= {m.group(1) for d in _cgroup_dirs() if (m := pattern.match(d.name))}
+    with contextlib.suppress(OSError):
+        tokens |= {path.stem for path in REGISTRY.glob("*.json")}
     removed = []
     for token in sorted(tokens):
-        record = records.get(token, {})
+        record = _record(token) or {}  # read now: a cluster records itself before it makes anything
         if _owner_alive(record):
             continue
         root = Path(str(record["root"])) if record.get("root") else None
@@ -480,14 +489,16 @@ class Cluster:
         started = time.monotonic()
         live = [n for n in self.nodes if n.running and n.client is not None]
         managers = [n for n in live if n.index <= self.managers]
-        with contextlib.suppress(Exception):
+        try:
             if managers:
                 self._remove_services(managers[0])
-        self._parallel(self._remove_containers, live)  # so that leaving stops no task gracefully
-        self._parallel(self._leave, live)
-        self._parallel(self._stop, self.nodes)
-        netns = [n.netns_id for n in self.nodes if n.netns_id]
-        _teardown(self.token, self.root, netns, self.size)
+            self._parallel(self._remove_containers, live)  # so that leaving stops no task gracefully
+            self._parallel(self._leave, live)
+            self._parallel(self._stop, self.nodes)
+        except Exception as exc:  # what is left is killed and removed below
+            self.progress(f"swarm {self.token}: stopping gracefully failed: {type(exc).__name__}: {exc}")
+        finally:
+            _teardown(self.token, self.root, [n.netns_id for n in self.nodes if n.netns_id], self.size)
         for node in self.nodes:
             if node.client is not None:
                 node.client.close()
@@ -548,11 +559,10 @@ class Cluster:
                 nodes = manager.client.nodes.list()
             except docker.errors.APIError:
                 return False
-            states = {n.attrs["Status"]["Addr"]: n.attrs for n in nodes}
-            return len(states) >= self.size and all(
-                a["Status"]["State"] == "ready"
-                and a.get("ManagerStatus", {"Reachability": "reachable"})["Reachability"] == "reachable"
-                for a in states.values()
+            return len(nodes) == self.size and all(  # a node that came back as a new member would show twice
+                n.attrs["Status"]["State"] == "ready"
+                and n.attrs.get("ManagerStatus", {"Reachability": "reachable"})["Reachability"] == "reachable"
+                for n in nodes
             )
 
         _wait("every node to be Ready", ready, timeout or self.timeout, every=0.5)
@@ -566,7 +576,11 @@ class Cluster:
         host = source or docker.from_env(timeout=600)
         started = time.monotonic()
         targets = {f"node{n.index}": self.client(n.index) for n in self.nodes}
-        transfers = copy_images(host, targets, tags, progress=self.progress)
+        try:
+            transfers = copy_images(host, targets, tags, progress=self.progress)
+        finally:
+            if source is None:
+                host.close()
         failed = [f"{t.target}: {t.tag}: {t.error}" for t in transfers if not t.ok]
         if failed:
             raise ClusterError("image copy failed: " + "; ".join(failed))
