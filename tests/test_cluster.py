@@ -5,6 +5,7 @@ Docker Swarm of three engines.)"""
 from __future__ import annotations
 
 import secrets
+import signal
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -157,3 +158,29 @@ def test_a_dead_replicas_sessions_are_unavailable_until_it_is_back(cluster: Clus
             store.close()
         cluster.replicas["r3"].start()
         assert remote.use(session.session_id).execute("kept").text == "'still here'"
+
+
+def test_a_replica_that_hangs_mid_request_gives_503_not_a_stall(cluster: Cluster, key: str) -> None:
+    """A frozen replica accepts connections and answers nothing (as a host whose network went silent): the
+    replica forwarding to it watches its heartbeat and ends the request with replica_unavailable."""
+    with RemoteWorkbench(cluster.replicas["r1"].url, key, timeout=60) as remote:
+        session = next(s for s in (remote.create(user_id="frozen") for _ in range(3)) if s.replica == "r2")
+        session.execute("y = 7")
+        frozen = cluster.replicas["r2"].proc
+        assert frozen is not None
+        frozen.send_signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(ReplicaUnavailableError, match="r2"):
+                remote.use(session.session_id).execute("y")
+            assert time.monotonic() - started < 20  # the ttl is 3 s here: a few beats, not the client's timeout
+        finally:
+            frozen.send_signal(signal.SIGCONT)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                assert remote.use(session.session_id).execute("y").text == "7"
+                break
+            except ReplicaUnavailableError:
+                assert time.monotonic() < deadline
+                time.sleep(0.5)

@@ -411,6 +411,8 @@ class _SessionState:
         self.config: SessionConfig = info.config
         self.config_version = info.config_version
         self.mcp: McpConfig | None = info.mcp
+        self.replica: str | None = info.replica
+        """In a cluster, the replica whose host runs the session (None on a lone server)."""
         self._paused = info.paused is not None
         """The session's MCP endpoint: `mcp.url` and the `mcp.headers` to send (its bearer token)."""
 

@@ -198,8 +198,8 @@ class ClusterRouter:
         if replica not in live:
             seen = {r.replica_id: r.seen_at for r in await anyio.to_thread.run_sync(self.store.replicas)}
             when = f"last seen {time.time() - seen[replica]:.0f}s ago" if replica in seen else "never seen"
-            raise ReplicaUnavailableError(f"session {session_id} runs on replica {replica}, which is down ({when}); "
-                                          "it serves again when that replica is back")
+            raise ReplicaUnavailableError(f"this session ({session_id}) runs on replica {replica}, which is down "
+                                          f"({when}); it serves again when that replica is back")
         return live[replica]
 
     async def _replica_of(self, session_id: str) -> str | None:
@@ -225,6 +225,9 @@ class ClusterRouter:
         return fresh and hmac.compare_digest(expected.encode(), given.encode("utf-8", "replace"))
 
     async def _forward(self, owner: ReplicaRecord, scope: Scope, receive: Receive, send: Send) -> None:
+        """Relay the request to `owner` and its answer back, both streamed. While it runs, the owner's heartbeat is
+        watched: a replica that dies mid-request (its host gone, its connections silent) ends the relay with 503
+        rather than leaving it waiting."""
         client = self.membership.client
         if client is None:
             await _error(send, 503, "replica_unavailable", "this replica is stopping: it forwards nothing more")
@@ -234,14 +237,11 @@ class ClusterRouter:
         headers = [(k, v) for k, v in scope["headers"] if k.lower() not in _HOP or k.lower() == b"host"]
         headers.append((FORWARDED.encode(), ";".join((self.settings.replica, stamp, signature(
             self.settings.secret, self.settings.replica, stamp, scope["method"], target))).encode()))
-        disconnected = False
 
         async def body() -> AsyncIterator[bytes]:
-            nonlocal disconnected
             while True:
                 message: Message = await receive()
                 if message["type"] == "http.disconnect":
-                    disconnected = True
                     return
                 if message.get("body"):
                     yield message["body"]
@@ -249,23 +249,53 @@ class ClusterRouter:
                     return
 
         request = client.build_request(scope["method"], owner.url + target, headers=headers,
-                                             content=body() if scope["method"] in ("POST", "PUT", "PATCH") else None)
-        try:
-            response = await client.send(request, stream=True)
-        except httpx.HTTPError as exc:
-            await _error(send, 503, "replica_unavailable",
-                         f"replica {owner.replica_id}, which runs this session, cannot be reached: {exc}")
-            return
-        try:
-            await send({"type": "http.response.start", "status": response.status_code,
-                        "headers": [(k, v) for k, v in response.headers.raw if k.lower() not in _HOP]})
-            async for chunk in response.aiter_raw():
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except (httpx.HTTPError, OSError) as exc:  # the replica went away mid-answer: the client sees a cut stream
-            log.warning("forwarding to replica %s broke off: %s", owner.replica_id, exc)
-        finally:
-            await response.aclose()
+                                       content=body() if scope["method"] in ("POST", "PUT", "PATCH") else None)
+        answered = gone = False
+
+        async def relay() -> None:
+            nonlocal answered
+            try:
+                response = await client.send(request, stream=True)
+            except httpx.HTTPError as exc:
+                await _error(send, 503, "replica_unavailable", _unreachable(owner.replica_id, exc))
+                answered = True
+                return
+            try:
+                answered = True
+                await send({"type": "http.response.start", "status": response.status_code,
+                            "headers": [(k, v) for k, v in response.headers.raw if k.lower() not in _HOP]})
+                async for chunk in response.aiter_raw():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            except (httpx.HTTPError, OSError) as exc:  # the replica went away mid-answer: the client sees it cut
+                log.warning("forwarding to replica %s broke off: %s", owner.replica_id, exc)
+            finally:
+                await response.aclose()
+
+        async with anyio.create_task_group() as group:
+            async def watch() -> None:
+                nonlocal gone
+                while True:
+                    await anyio.sleep(self.settings.ttl / 2)
+                    if owner.replica_id not in await anyio.to_thread.run_sync(self.membership.live):
+                        gone = True
+                        group.cancel_scope.cancel()
+                        return
+
+            async def relay_then_stop() -> None:
+                await relay()
+                group.cancel_scope.cancel()
+
+            group.start_soon(watch)
+            group.start_soon(relay_then_stop)
+        if gone and not answered:
+            await _error(send, 503, "replica_unavailable", _unreachable(owner.replica_id, "it stopped beating"))
+
+
+def _unreachable(replica: str, why: object) -> str:
+    reason = f"{type(why).__name__}: {why}".rstrip(": ") if isinstance(why, BaseException) else str(why)
+    return (f"this session runs on replica {replica}, which cannot be reached ({reason}); it serves again when that "
+            "replica is back")
 
 
 def _target(scope: Scope) -> str:
