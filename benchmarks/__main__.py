@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from benchmarks import agent, bridge, mcp, offload, server, sessions, state
+from benchmarks import agent, bridge, cluster, mcp, offload, server, sessions, state
 from benchmarks.kernel import (
     bare_ipykernel_roundtrips,
     bare_ipykernel_starts,
@@ -36,9 +36,11 @@ from workbench import Workbench
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"  # the full run's figures, committed
 QUICK_RESULTS = RESULTS.with_name("quick.json")  # a smoke run's: never over the full run's
 FULL = {"starts": 20, "creates": 20, "roundtrips": 300, "offload_mb": 100, "offload_runs": 3, "calls": 5000,
-        "idle": 3, "live": 300, "pairs": 300, "state_runs": 5, "paused": 1000, "clients": 50, "load_seconds": 10.0}
+        "idle": 3, "live": 300, "pairs": 300, "state_runs": 5, "paused": 1000, "clients": 50, "load_seconds": 10.0,
+        "swarm_sessions": 60}
 QUICK = {"starts": 3, "creates": 3, "roundtrips": 50, "offload_mb": 10, "offload_runs": 1, "calls": 500,
-         "idle": 1, "live": 10, "pairs": 30, "state_runs": 1, "paused": 5, "clients": 5, "load_seconds": 2.0}
+         "idle": 1, "live": 10, "pairs": 30, "state_runs": 1, "paused": 5, "clients": 5, "load_seconds": 2.0,
+         "swarm_sessions": 0}
 
 
 def machine(wb: Workbench) -> dict[str, Any]:
@@ -89,6 +91,11 @@ def run(quick: bool, say: Any) -> dict[str, Any]:
             figures["mcp_execute"] = mcp.measure(wb, sizes["pairs"])
             say(f"workbench serve: REST against in-process, {sizes['clients']} concurrent clients")
             figures["server"] = server.measure(wb, sizes["pairs"], sizes["clients"], sizes["load_seconds"])
+            say("cluster: an execution forwarded by another replica, against the one that runs the session")
+            figures["cluster"] = cluster.measure(sizes["pairs"])
+            if sizes["swarm_sessions"]:  # (not in a quick run: two swarms and their images take minutes)
+                say(f"cluster: {sizes['swarm_sessions']} sessions created on a swarm of three engines and of one")
+                figures["cluster"]["swarm"] = cluster.measure_swarm(sizes["swarm_sessions"], clients=6, say=say)
             figures["server"]["mcp_p50_ms"] = figures["mcp_execute"]["mcp_p50_ms"]
             figures["server"]["mcp_ratio"] = figures["mcp_execute"]["ratio"]
             say(f"pause and resume; {sizes['paused']} paused sessions")
@@ -138,6 +145,17 @@ def table(figures: dict[str, Any]) -> Table:
                   f"+{srv['rest_added_ms']:.2f} ms (<= +2 ms)")
         t.add_row(f"executions/s, {srv['clients']} concurrent REST clients", f"{srv['rest_per_s']:,.0f}", "",
                   f"{srv['in_process_per_s']:,.0f} in-process", f"{srv['throughput_ratio']:.2f}", ">= 0.7")
+    cl = figures.get("cluster")
+    if cl:  # (results written before cluster replicas have none)
+        t.add_row("trivial execute forwarded by another replica", f"{cl['forwarded_p50_ms']:.2f} ms", "",
+                  f"{cl['direct_p50_ms']:.2f} ms through its own", f"{cl['ratio']:.2f}",
+                  f"+{cl['forward_added_ms']:.2f} ms")
+        swarm = cl.get("swarm")
+        if swarm:
+            three, one = swarm["hosts_3"], swarm["hosts_1"]
+            t.add_row(f"sessions/s created through a swarm of 3 ({swarm['sessions']}, {swarm['clients']} clients)",
+                      f"{three['per_s']:.2f}", "", f"{one['per_s']:.2f} on a swarm of 1", f"{swarm['rate_ratio']:.2f}",
+                      f"{three['live']} and {one['live']} live")
     if "pause_resume" in figures:  # (results written before pause and resume have none)
         pr = figures["pause_resume"]
         t.add_row("pause + resume, 1M-row DataFrame", sec(pr["pause_resume_p50"]), "",

@@ -3,10 +3,9 @@ service and Postgres), the images brought to every node without a registry, sess
 replica reaching any session, a replica killed and restarted by Swarm, a whole host killed and brought back."""
 from __future__ import annotations
 
-import os
-import secrets
 import shutil
 import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -23,9 +22,14 @@ from workbench.backends.docker.cluster_images import ensure_postgres_image, ensu
 from .conftest import say
 from .engines import Cluster
 
+try:
+    from deploy.swarm import deploy
+except ImportError:  # the repository root is not on sys.path (pytest puts tests/ there)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from deploy.swarm import deploy
+
 pytestmark = pytest.mark.timeout(1500)
 
-REPO = Path(__file__).resolve().parents[2]
 STACK = "wb"
 PORT = 8642
 
@@ -68,28 +72,13 @@ def deployed(swarm_cluster: Cluster) -> Iterator[Deployed]:
     server_image = ensure_server_image(host, say)
     postgres_image = ensure_postgres_image(host, say)
     swarm_cluster.load_images([server_image, postgres_image])
-    first = swarm_cluster.client(1)
-    first.secrets.create(name="workbench_db_password", data=secrets.token_urlsafe(24).encode())
-    first.secrets.create(name="workbench_cluster_secret", data=secrets.token_urlsafe(48).encode())
-    node = next(n for n in first.nodes.list() if n.attrs["Description"]["Hostname"] == "node1")
-    spec = node.attrs["Spec"]
-    node.update({**spec, "Labels": {**spec.get("Labels", {}), "workbench.postgres": "true"}})
-    started = time.monotonic()
-    deploy = subprocess.run(["docker", "--host", swarm_cluster.node(1).url, "stack", "deploy", "--resolve-image",
-                             "never", "-c", str(REPO / "deploy" / "stack.yml"), STACK], capture_output=True, text=True,
-                            env={**os.environ, "WORKBENCH_SERVER_IMAGE": server_image,
-                                 "WORKBENCH_DOCKER_SOCKET": "/srv/workbench/docker.sock"}, timeout=120)
-    assert deploy.returncode == 0, deploy.stdout + deploy.stderr
-    for address in swarm_cluster.addresses:
-        wait_for(f"the replica at {address}", lambda address=address: healthy(address), timeout=300)
-    say(f"stack up in {time.monotonic() - started:.1f}s")
-    made = first.containers.list(filters={"label": f"com.docker.swarm.service.name={STACK}_serve"})[0].exec_run(
-        ["python3", "-m", "workbench", "keys", "create", "stack-test"])
-    assert made.exit_code == 0, made.output
-    key = next(line for line in made.output.decode().split() if line.startswith("wbk_"))
-    yield Deployed(swarm_cluster, key)
-    subprocess.run(["docker", "--host", swarm_cluster.node(1).url, "stack", "rm", STACK], capture_output=True,
-                   timeout=120)
+    manager = swarm_cluster.node(1)
+    done = deploy(swarm_cluster.client(1), manager.url, server_image, stack=STACK, postgres_node="node1",
+                  key_name="stack-test", docker_socket="/srv/workbench/docker.sock", progress=say,
+                  addresses={f"node{n.index}": n.address for n in swarm_cluster.nodes})
+    assert done.key is not None
+    yield Deployed(swarm_cluster, done.key)
+    subprocess.run(["docker", "--host", manager.url, "stack", "rm", STACK], capture_output=True, timeout=120)
 
 
 def test_sessions_made_through_one_replica_spread_over_the_hosts(deployed: Deployed) -> None:
