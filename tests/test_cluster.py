@@ -123,10 +123,11 @@ def test_a_forged_or_stale_forward_is_refused(cluster: Cluster, key: str) -> Non
     url = cluster.replicas["r2"].url
     path = "/v1/sessions"
     stamp = f"{time.time():.3f}"
-    forged = f"r1;{stamp};{signature(b'x' * 32, 'r1', stamp, 'POST', path)}"
+    forged = f"r1;{stamp};{signature(b'x' * 32, 'r1', stamp, 'POST', path, 'r2')}"
     old = f"{time.time() - 3600:.3f}"
-    stale = f"r1;{old};{signature(SECRET.encode(), 'r1', old, 'POST', path)}"
-    for mark in (forged, stale, "nonsense"):
+    stale = f"r1;{old};{signature(SECRET.encode(), 'r1', old, 'POST', path, 'r2')}"
+    elsewhere = f"r1;{stamp};{signature(SECRET.encode(), 'r1', stamp, 'POST', path, 'r3')}"  # signed for r3
+    for mark in (forged, stale, elsewhere, "nonsense"):
         answer = httpx.post(url + path, json={"user_id": "forged"},
                             headers={"Authorization": f"Bearer {key}", FORWARDED: mark})
         assert answer.status_code == 401, answer.text
@@ -184,3 +185,24 @@ def test_a_replica_that_hangs_mid_request_gives_503_not_a_stall(cluster: Cluster
             except ReplicaUnavailableError:
                 assert time.monotonic() < deadline
                 time.sleep(0.5)
+
+
+def test_odd_paths_and_bad_mcp_tokens_are_answered_at_the_first_replica(cluster: Cluster, key: str) -> None:
+    with RemoteWorkbench(cluster.replicas["r1"].url, key) as remote:
+        session = next(s for s in (remote.create(user_id="odd") for _ in range(3)) if s.replica == "r2")
+        assert session.mcp is not None
+        headers = {"Authorization": f"Bearer {key}"}
+        r1 = cluster.replicas["r1"].url
+        # the MCP endpoint of a session on r2, through r1: a wrong token never leaves r1
+        for token in ("wbs_wrong", "wbs_" + "A" * 43, session.mcp.headers["Authorization"].split()[-1] + "x"):
+            answer = httpx.post(f"{r1}/mcp/{session.session_id}", json={}, headers={"Authorization": f"Bearer {token}"})
+            assert answer.status_code == 401, answer.text
+        # empty path segments route as the endpoints read them
+        answer = httpx.get(f"{r1}/v1//sessions//{session.session_id}", headers=headers)
+        assert answer.status_code in (200, 404), answer.text  # as a lone server answers it, never a 500
+        answer = httpx.post(f"{r1}/mcp//{session.session_id}", json={}, headers={"Authorization": "Bearer x"})
+        assert answer.status_code == 401, answer.text
+        # a body on a method that usually has none is forwarded with it, not left hanging
+        answer = httpx.request("DELETE", f"{r1}/v1/sessions/{session.session_id}", content=b"hello",
+                               headers=headers, timeout=30)
+        assert answer.status_code in (204, 400, 422), answer.text

@@ -508,9 +508,13 @@ def test_a_store_that_cannot_connect_says_why_without_the_password(postgres_serv
         assert AUTH_PASSWORD not in str(caught.value) and "refused" in str(caught.value)
 
     garbled = f"postgresql://{AUTH_USER}:{AUTH_PASSWORD}@127.0.0.1/db?no_such_option=1"
-    with pytest.raises(StoreError, match="not a PostgreSQL DSN") as caught:
+    with pytest.raises(StoreError, match="does not parse") as caught:
         open_store(garbled, Path("/nonexistent"))
     assert AUTH_PASSWORD not in str(caught.value)
+    for spaced in (f"postgresql://{AUTH_USER}:correct horse@127.0.0.1/db", f"postgresql://{AUTH_USER}:pw%zzsecret@h/db"):
+        with pytest.raises(StoreError, match="does not parse") as caught:  # psycopg's own message quotes it
+            open_store(spaced, Path("/nonexistent"))
+        assert "horse" not in str(caught.value) and "secret" not in str(caught.value)
 
 
 class socket_closed:

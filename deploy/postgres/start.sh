@@ -9,9 +9,9 @@ if [ ! -s "$PGDATA/PG_VERSION" ]; then
         -D "$PGDATA" >/dev/null
     echo "host all all 0.0.0.0/0 scram-sha-256" >> "$PGDATA/pg_hba.conf"
     pg_ctl -D "$PGDATA" -o "-c listen_addresses=''" -w start >/dev/null
-    password=$(cat "$POSTGRES_PASSWORD_FILE")
-    psql -v ON_ERROR_STOP=1 -q -d postgres --set=user="$POSTGRES_USER" --set=db="$POSTGRES_DB" \
-        --set=password="$password" <<'SQL'
+    # the password is read by psql itself: never on a command line that `ps` shows
+    psql -v ON_ERROR_STOP=1 -q -d postgres --set=user="$POSTGRES_USER" --set=db="$POSTGRES_DB" <<'SQL'
+\set password `cat "$POSTGRES_PASSWORD_FILE"`
 CREATE ROLE :"user" LOGIN PASSWORD :'password';
 CREATE DATABASE :"db" OWNER :"user";
 SQL

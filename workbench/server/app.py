@@ -250,7 +250,8 @@ def create_app(
     app = FastAPI(title="workbench", version="1", lifespan=lifespan, responses=_ERRORS,
                   description="Sandboxed Jupyter kernels for AI agents: sessions, executions, files, tools.")
     if membership is not None:
-        app.add_middleware(ClusterRouter, membership=membership)  # inside the key check: it runs after it
+        app.add_middleware(ClusterRouter, membership=membership,  # inside the key check: it runs after it
+                           per_key=settings.max_executions_per_key)
     app.add_middleware(_Guard, workbench=workbench, settings=settings)
     for prefix, mounted in (mounts or {}).items():
         app.mount(prefix, mounted)

@@ -32,12 +32,17 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ..client import Workbench
 from ..errors import ReplicaUnavailableError, SessionNotFoundError, WorkbenchError
 from ..store import ReplicaRecord
+from .auth import bearer
 from .errors import error_body
+from .tokens import check_session_token
 
 log = logging.getLogger(__name__)
 
 FORWARDED = "x-workbench-forwarded"  # replica;timestamp;signature of a request one replica sent another
-_SKEW = 300.0  # seconds a forwarded request's timestamp may differ from this replica's clock
+_SKEW = 30.0  # seconds a forwarded request's timestamp may differ from this replica's clock
+_FORWARDS = 512  # requests one replica forwards at once (its connections to the others); past it: 503 at once
+_BODY_IDLE = 60.0  # seconds a forwarded request's body may go without a byte before the forward is dropped
+_LIVE_CACHE = 0.5  # seconds the live replicas, as read from the store, are reused
 _HOP = {b"host", b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer", b"upgrade",
         b"proxy-authorization", b"proxy-connection", FORWARDED.encode()}
 _CACHE = 100_000  # sessions whose replica is remembered (a session never moves)
@@ -69,6 +74,9 @@ class ClusterSettings(BaseModel):
             raise WorkbenchError("a cluster replica needs WORKBENCH_CLUSTER_SECRET (or WORKBENCH_CLUSTER_SECRET_FILE):"
                                  " at least 32 bytes, the same on every replica")
         url = os.environ.get("WORKBENCH_REPLICA_URL") or f"http://{socket.gethostbyname(socket.gethostname())}:{port}"
+        parsed = httpx.URL(url)
+        if parsed.scheme not in ("http", "https") or not parsed.host or parsed.path not in ("", "/"):
+            raise WorkbenchError(f"WORKBENCH_REPLICA_URL must be http(s)://host:port, not {url!r}")
         timing = {name: float(os.environ[f"WORKBENCH_CLUSTER_{name.upper()}"]) for name in ("heartbeat", "ttl")
                   if os.environ.get(f"WORKBENCH_CLUSTER_{name.upper()}")}
         return cls(replica=replica, url=url.rstrip("/"), secret=secret, **timing)
@@ -79,8 +87,9 @@ def cluster_token_secret(settings: ClusterSettings) -> bytes:
     return hmac.new(settings.secret, b"workbench mcp session tokens", hashlib.sha256).digest()
 
 
-def signature(secret: bytes, replica: str, stamp: str, method: str, target: str) -> str:
-    message = "\n".join((replica, stamp, method, target)).encode()
+def signature(secret: bytes, replica: str, stamp: str, method: str, target: str, to: str) -> str:
+    """The HMAC of a forward: from `replica`, at `stamp`, of `method` `target`, to the replica `to`."""
+    message = "\n".join((replica, stamp, method, target, to)).encode()
     return base64.urlsafe_b64encode(hmac.new(secret, message, hashlib.sha256).digest()).rstrip(b"=").decode()
 
 
@@ -97,15 +106,20 @@ class Membership:
         self.client: httpx.AsyncClient | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._live: tuple[float, dict[str, ReplicaRecord]] = (0.0, {})
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
-        """Beat (first before anything is served), and keep a client for forwarding, until the app stops."""
+        """Beat (first before anything is served), and keep a client for forwarding, until the app stops. Refuses
+        to start while another live replica has this one's name at another address."""
+        await anyio.to_thread.run_sync(self._check_name)
         await anyio.to_thread.run_sync(self.beat)
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="workbench-heartbeat", daemon=True)
         self._thread.start()
-        self.client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0), follow_redirects=False)
+        self.client = httpx.AsyncClient(
+            timeout=httpx.Timeout(None, connect=5.0, pool=5.0), follow_redirects=False, trust_env=False,
+            limits=httpx.Limits(max_connections=_FORWARDS, max_keepalive_connections=64))
         try:
             yield
         finally:
@@ -126,9 +140,22 @@ class Membership:
         self.workbench.store.heartbeat(ReplicaRecord(replica_id=self.settings.replica, url=self.settings.url,
                                                      memory=memory, started_at=self.started_at, seen_at=time.time()))
 
+    def _check_name(self) -> None:
+        for other in self.workbench.store.replicas():
+            if (other.replica_id == self.settings.replica and other.url != self.settings.url
+                    and time.time() - other.seen_at <= self.settings.ttl):
+                raise WorkbenchError(f"another live replica is named {other.replica_id!r} (at {other.url}): each "
+                                     "replica needs a name of its own (WORKBENCH_REPLICA)")
+
     def live(self) -> dict[str, ReplicaRecord]:
-        now = time.time()
-        return {r.replica_id: r for r in self.workbench.store.replicas() if now - r.seen_at <= self.settings.ttl}
+        """The replicas seen within `ttl` (re-read from the store at most every half second)."""
+        read_at, live = self._live
+        now = time.monotonic()
+        if now - read_at > _LIVE_CACHE:
+            wall = time.time()
+            live = {r.replica_id: r for r in self.workbench.store.replicas() if wall - r.seen_at <= self.settings.ttl}
+            self._live = (now, live)
+        return live
 
     def place(self) -> ReplicaRecord:
         """The live replica a new session goes to: the one with the most memory not promised to its open sessions'
@@ -149,13 +176,17 @@ class Membership:
 class ClusterRouter:
     """ASGI middleware: a request for a session runs here when the session is this replica's, and is forwarded to
     its replica otherwise; a new session is created on the replica `Membership.place` picks. It sits behind the
-    API-key check; a forwarded request carries the client's credentials, which its replica checks again."""
+    API-key check (an MCP request's session token is checked here too); a forwarded request carries the client's
+    credentials, which its replica checks again. An API key (or a session's MCP token) has at most `per_key`
+    forwards at once."""
 
-    def __init__(self, app: ASGIApp, membership: Membership) -> None:
-        self.app, self.membership = app, membership
+    def __init__(self, app: ASGIApp, membership: Membership, per_key: int) -> None:
+        self.app, self.membership, self.per_key = app, membership, per_key
         self.settings = membership.settings
         self.store = membership.workbench.store
         self._replicas: OrderedDict[str, str | None] = OrderedDict()
+        self._forwarding: dict[str, int] = {}  # forwards running per API key (or MCP session), on the event loop
+        self._tokens = cluster_token_secret(membership.settings)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -169,25 +200,42 @@ class ClusterRouter:
                 return
             await self.app(scope, receive, send)  # sent here by a replica: it runs here
             return
-        path: str = scope["path"]
+        parts = [part for part in scope["path"].split("/") if part]  # as the routes read it: empty parts dropped
         try:
-            owner = await self._owner(path, scope["method"])
+            owner = await self._owner(parts, scope["method"])
         except ReplicaUnavailableError as exc:
             await _error(send, 503, "replica_unavailable", str(exc))
             return
         if owner is None or owner.replica_id == self.settings.replica:
             await self.app(scope, receive, send)
+            return
+        if parts[0] == "mcp":  # not through the API-key check: its token is checked before anything is forwarded
+            token = bearer(headers.get(b"authorization", b"").decode("latin-1"))
+            if token is None or not check_session_token(self._tokens, parts[1], token):
+                await _error(send, 401, "unauthorized", "no valid session token for this session's MCP endpoint")
+                return
+            caller = f"mcp:{parts[1]}"
         else:
+            caller = scope["state"]["api_key"].key_id
+        if self._forwarding.get(caller, 0) >= self.per_key:
+            await _error(send, 429, "too_many_executions", f"this API key has {self.per_key} requests forwarded to "
+                         "other replicas at once, the most this replica allows; retry when one has ended")
+            return
+        self._forwarding[caller] = self._forwarding.get(caller, 0) + 1
+        try:
             await self._forward(owner, scope, receive, send)
+        finally:
+            left = self._forwarding.pop(caller) - 1
+            if left:
+                self._forwarding[caller] = left
 
-    async def _owner(self, path: str, method: str) -> ReplicaRecord | None:
+    async def _owner(self, parts: list[str], method: str) -> ReplicaRecord | None:
         """The replica a request goes to (None: this one, or one the app answers anyway, e.g. with a 404)."""
-        parts = path.strip("/").split("/")
-        if parts[:2] == ["v1", "sessions"] and len(parts) == 2 and method == "POST":
+        if parts == ["v1", "sessions"] and method == "POST":
             return await anyio.to_thread.run_sync(self.membership.place)
         if parts[:2] == ["v1", "sessions"] and len(parts) >= 3:
             session_id = parts[2]
-        elif parts[0] == "mcp" and len(parts) >= 2:
+        elif parts[:1] == ["mcp"] and len(parts) >= 2:
             session_id = parts[1]
         else:
             return None
@@ -221,7 +269,8 @@ class ClusterRouter:
             fresh = abs(time.time() - float(stamp)) <= _SKEW
         except ValueError:
             return False
-        expected = signature(self.settings.secret, replica, stamp, scope["method"], _target(scope))
+        expected = signature(self.settings.secret, replica, stamp, scope["method"], _target(scope),
+                             self.settings.replica)
         return fresh and hmac.compare_digest(expected.encode(), given.encode("utf-8", "replace"))
 
     async def _forward(self, owner: ReplicaRecord, scope: Scope, receive: Receive, send: Send) -> None:
@@ -234,13 +283,18 @@ class ClusterRouter:
             return
         stamp = f"{time.time():.3f}"
         target = _target(scope)
+        raw = dict(scope["headers"])
+        has_body = raw.get(b"content-length", b"0") != b"0" or b"transfer-encoding" in raw
         headers = [(k, v) for k, v in scope["headers"] if k.lower() not in _HOP or k.lower() == b"host"]
+        if not has_body:
+            headers = [(k, v) for k, v in headers if k.lower() != b"content-length"]
         headers.append((FORWARDED.encode(), ";".join((self.settings.replica, stamp, signature(
-            self.settings.secret, self.settings.replica, stamp, scope["method"], target))).encode()))
+            self.settings.secret, self.settings.replica, stamp, scope["method"], target, owner.replica_id))).encode()))
 
         async def body() -> AsyncIterator[bytes]:
             while True:
-                message: Message = await receive()
+                with anyio.fail_after(_BODY_IDLE):  # a body trickled byte by byte holds no forward for long
+                    message: Message = await receive()
                 if message["type"] == "http.disconnect":
                     return
                 if message.get("body"):
@@ -249,16 +303,24 @@ class ClusterRouter:
                     return
 
         request = client.build_request(scope["method"], owner.url + target, headers=headers,
-                                       content=body() if scope["method"] in ("POST", "PUT", "PATCH") else None)
+                                       content=body() if has_body else None)
+        if request.url.raw_path.decode("latin-1") != target:  # httpx would send another path than the one signed
+            await _error(send, 400, "invalid_request", "a request path that cannot be forwarded as it is (dot "
+                         "segments, or characters a URL must escape): send it in its plain form")
+            return
         answered = gone = False
 
         async def relay() -> None:
             nonlocal answered
             try:
                 response = await client.send(request, stream=True)
-            except httpx.HTTPError as exc:
-                await _error(send, 503, "replica_unavailable", _unreachable(owner.replica_id, exc))
-                answered = True
+            except Exception as exc:  # the replica, or the client's body (cut off, too large, too slow)
+                if not answered:
+                    if isinstance(exc, TimeoutError):
+                        await _error(send, 400, "invalid_request", f"the request's body stalled for {_BODY_IDLE:.0f}s")
+                    else:
+                        await _error(send, 503, "replica_unavailable", _unreachable(owner.replica_id, exc))
+                    answered = True
                 return
             try:
                 answered = True
@@ -267,7 +329,7 @@ class ClusterRouter:
                 async for chunk in response.aiter_raw():
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
-            except (httpx.HTTPError, OSError) as exc:  # the replica went away mid-answer: the client sees it cut
+            except Exception as exc:  # either side went away mid-answer: the client sees it cut
                 log.warning("forwarding to replica %s broke off: %s", owner.replica_id, exc)
             finally:
                 await response.aclose()

@@ -43,7 +43,13 @@ from starlette.types import Receive, Scope, Send
 
 from ..agent.meta import meta_input_schema
 from ..client import Workbench
-from ..errors import SessionClosedError, SessionNotFoundError, WorkbenchError, WorkspaceFileNotFoundError
+from ..errors import (
+    ReplicaUnavailableError,
+    SessionClosedError,
+    SessionNotFoundError,
+    WorkbenchError,
+    WorkspaceFileNotFoundError,
+)
 from ..files import OUTPUTS, FileInfo
 from ..session import Session
 from ..tools.offload import RESPONSES
@@ -340,6 +346,9 @@ class McpEndpoint:
             return
         except SessionClosedError:
             await _error(send, 404, "session_closed", f"session {session_id} is closed: its token is void")
+            return
+        except ReplicaUnavailableError as exc:  # a cluster's session that this replica does not run
+            await _error(send, 503, "replica_unavailable", str(exc))
             return
         if self._manager is None:
             await _error(send, 503, "unavailable", "the MCP endpoint is not running (its lifespan was not entered)")

@@ -121,7 +121,7 @@ def _describe(dsn: str) -> str:
     try:
         parts = conninfo_to_dict(dsn)
     except psycopg.Error:
-        return _scrub(dsn)
+        return "postgresql://(a DSN that does not parse)"  # no part of it: where the password ends is unknown
     user = f"{parts['user']}@" if parts.get("user") else ""
     port = f":{parts['port']}" if parts.get("port") else ""
     return f"postgresql://{user}{parts.get('host') or 'localhost'}{port}/{parts.get('dbname') or ''}"
@@ -177,8 +177,9 @@ class PostgresStore(Store):
         try:
             given = conninfo_to_dict(dsn)
         except psycopg.Error as exc:
-            raise StoreError(f"{self.name} is not a PostgreSQL DSN ({_scrub(str(exc))}): write it as "
-                             "postgresql://user:password@host:port/dbname") from exc
+            raise StoreError(f"{self.name}: the store's DSN does not parse (psycopg's reason is not shown: it may "
+                             "quote the password); write it as postgresql://user:password@host:port/dbname, with "
+                             "reserved characters in the password percent-encoded") from None
         try:
             defaults = {"connect_timeout": str(max(1, round(timeout))), "application_name": "workbench"}
             conninfo = make_conninfo(dsn, **{k: v for k, v in defaults.items() if k not in given})
