@@ -176,7 +176,7 @@ class PostgresStore(Store):
         self._data_version = 0
         try:
             given = conninfo_to_dict(dsn)
-        except psycopg.Error as exc:
+        except psycopg.Error:
             raise StoreError(f"{self.name}: the store's DSN does not parse (psycopg's reason is not shown: it may "
                              "quote the password); write it as postgresql://user:password@host:port/dbname, with "
                              "reserved characters in the password percent-encoded") from None

@@ -144,19 +144,19 @@ class SQLiteStore(Store):
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
             self._db.row_factory = sqlite3.Row
-            with self._lock:
-                self._db.execute("PRAGMA journal_mode=WAL")
-                self._db.execute("PRAGMA synchronous=NORMAL")  # durable against process death; fsync at checkpoints
-                # each log entry is its own commit: checkpoint (and fsync) every 10,000 pages rather than 1,000
-                self._db.execute("PRAGMA wal_autocheckpoint=10000")
-                self._db.executescript(_SCHEMA)
-                columns = {row["name"] for row in self._db.execute("PRAGMA table_info(sessions)")}
-                if "busy_until" not in columns:  # a store written by an earlier version
-                    self._db.execute("ALTER TABLE sessions ADD COLUMN busy_until REAL NOT NULL DEFAULT 0")
-                if "paused" not in columns:
-                    self._db.execute("ALTER TABLE sessions ADD COLUMN paused TEXT")
-                if "replica" not in columns:
-                    self._db.execute("ALTER TABLE sessions ADD COLUMN replica TEXT")
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    self._prepare(self._db)
+                    break
+                except sqlite3.OperationalError as exc:
+                    # several processes opening a new file at once: switching it to WAL takes it whole and does
+                    # not wait for the others (no busy handler), and two may add the same column
+                    text = str(exc)
+                    if not ("locked" in text or "busy" in text or "duplicate column" in text) or \
+                            time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.02 + secrets.randbelow(50) / 1000)
             path.chmod(0o600)  # it holds the kernels' connection keys
             self._recover()
         except (sqlite3.Error, OSError, ValueError) as exc:
@@ -164,6 +164,22 @@ class SQLiteStore(Store):
                 self._db.close()
                 self._db = None
             raise self._error(exc) from exc
+
+    def _prepare(self, db: sqlite3.Connection) -> None:
+        """The file's settings and schema (tables added, and columns an earlier version lacked)."""
+        with self._lock:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")  # durable against process death; fsync at checkpoints
+            # each log entry is its own commit: checkpoint (and fsync) every 10,000 pages rather than 1,000
+            db.execute("PRAGMA wal_autocheckpoint=10000")
+            db.executescript(_SCHEMA)
+            columns = {row["name"] for row in db.execute("PRAGMA table_info(sessions)")}
+            if "busy_until" not in columns:  # a store written by an earlier version
+                db.execute("ALTER TABLE sessions ADD COLUMN busy_until REAL NOT NULL DEFAULT 0")
+            if "paused" not in columns:
+                db.execute("ALTER TABLE sessions ADD COLUMN paused TEXT")
+            if "replica" not in columns:
+                db.execute("ALTER TABLE sessions ADD COLUMN replica TEXT")
 
     def _error(self, exc: BaseException) -> StoreError:
         if self._db is None and not isinstance(exc, (sqlite3.DatabaseError, OSError)):
