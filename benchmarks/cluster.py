@@ -167,7 +167,7 @@ def _create_load(url: str, key: str, sessions: int, clients: int) -> dict[str, A
         live = sum(1 for s in made if remote.use(s.session_id).execute(CELL).text == "1")
         placed = Counter(s.replica for s in made)
         for s in made:
-            s.close(delete_workspace=True)
+            remote.use(s.session_id).close(delete_workspace=True)
     return {"created": len(made), "seconds": took, "per_s": len(made) / took, "live": live,
             "per_host": dict(sorted(placed.items())), "failed": failed[:5]}
 
