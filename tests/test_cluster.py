@@ -151,6 +151,13 @@ def test_a_dead_replicas_sessions_are_unavailable_until_it_is_back(cluster: Clus
         time.sleep(4)  # past the ttl
         with pytest.raises(ReplicaUnavailableError, match="runs on replica r3, which is down"):
             remote.use(session.session_id).execute("kept")
+        # nobody else learns even that much: another key gets 404, a wrong MCP token 401
+        r1 = cluster.replicas["r1"].url
+        other_key = cluster.new_key("while-r3-is-down")
+        answer = httpx.get(f"{r1}/v1/sessions/{session.session_id}", headers={"Authorization": f"Bearer {other_key}"})
+        assert answer.status_code == 404, answer.text
+        answer = httpx.post(f"{r1}/mcp/{session.session_id}", json={}, headers={"Authorization": "Bearer wbs_x"})
+        assert answer.status_code == 401, answer.text
         other = remote.create(user_id="while-r3-is-down")  # placed on a live replica
         store = cluster.store()
         try:

@@ -184,7 +184,7 @@ class ClusterRouter:
         self.app, self.membership, self.per_key = app, membership, per_key
         self.settings = membership.settings
         self.store = membership.workbench.store
-        self._replicas: OrderedDict[str, str | None] = OrderedDict()
+        self._replicas: OrderedDict[str, tuple[str | None, str | None]] = OrderedDict()  # session -> replica, key
         self._forwarding: dict[str, int] = {}  # forwards running per API key (or MCP session), on the event loop
         self._tokens = cluster_token_secret(membership.settings)
 
@@ -201,22 +201,24 @@ class ClusterRouter:
             await self.app(scope, receive, send)  # sent here by a replica: it runs here
             return
         parts = [part for part in scope["path"].split("/") if part]  # as the routes read it: empty parts dropped
-        try:
-            owner = await self._owner(parts, scope["method"])
-        except ReplicaUnavailableError as exc:
-            await _error(send, 503, "replica_unavailable", str(exc))
-            return
-        if owner is None or owner.replica_id == self.settings.replica:
-            await self.app(scope, receive, send)
-            return
-        if parts[0] == "mcp":  # not through the API-key check: its token is checked before anything is forwarded
+        if parts[:1] == ["mcp"] and len(parts) >= 2:
+            # not through the API-key check: its token is checked before anything (even where it runs) is told
             token = bearer(headers.get(b"authorization", b"").decode("latin-1"))
             if token is None or not check_session_token(self._tokens, parts[1], token):
                 await _error(send, 401, "unauthorized", "no valid session token for this session's MCP endpoint")
                 return
             caller = f"mcp:{parts[1]}"
         else:
-            caller = scope["state"]["api_key"].key_id
+            key = scope.get("state", {}).get("api_key")
+            caller = key.key_id if key is not None else ""
+        try:
+            owner = await self._owner(parts, scope["method"], caller)
+        except ReplicaUnavailableError as exc:
+            await _error(send, 503, "replica_unavailable", str(exc))
+            return
+        if owner is None or owner.replica_id == self.settings.replica:
+            await self.app(scope, receive, send)
+            return
         if self._forwarding.get(caller, 0) >= self.per_key:
             await _error(send, 429, "too_many_executions", f"this API key has {self.per_key} requests forwarded to "
                          "other replicas at once, the most this replica allows; retry when one has ended")
@@ -229,8 +231,9 @@ class ClusterRouter:
             if left:
                 self._forwarding[caller] = left
 
-    async def _owner(self, parts: list[str], method: str) -> ReplicaRecord | None:
-        """The replica a request goes to (None: this one, or one the app answers anyway, e.g. with a 404)."""
+    async def _owner(self, parts: list[str], method: str, caller: str) -> ReplicaRecord | None:
+        """The replica a request goes to (None: this one, or one the app answers anyway, e.g. with a 404: another
+        API key's session is not even said to be down)."""
         if parts == ["v1", "sessions"] and method == "POST":
             return await anyio.to_thread.run_sync(self.membership.place)
         if parts[:2] == ["v1", "sessions"] and len(parts) >= 3:
@@ -239,9 +242,11 @@ class ClusterRouter:
             session_id = parts[1]
         else:
             return None
-        replica = await self._replica_of(session_id)
+        replica, key_id = await self._replica_of(session_id)
         if replica is None or replica == self.settings.replica:
             return None
+        if not caller.startswith("mcp:") and key_id != caller:
+            return None  # the app answers as for any session of another key
         live = await anyio.to_thread.run_sync(self.membership.live)
         if replica not in live:
             seen = {r.replica_id: r.seen_at for r in await anyio.to_thread.run_sync(self.store.replicas)}
@@ -250,18 +255,22 @@ class ClusterRouter:
                                           f"({when}); it serves again when that replica is back")
         return live[replica]
 
-    async def _replica_of(self, session_id: str) -> str | None:
+    async def _replica_of(self, session_id: str) -> tuple[str | None, str | None]:
+        """The replica that runs a session and the API key that owns it (neither ever changes)."""
         if session_id in self._replicas:
             self._replicas.move_to_end(session_id)
             return self._replicas[session_id]
         try:
             record = await anyio.to_thread.run_sync(self.store.get, session_id)
         except SessionNotFoundError:
-            return None  # the app answers 404 (not remembered: it may be created meanwhile elsewhere)
-        self._replicas[session_id] = record.replica
+            return None, None  # the app answers 404 (not remembered: it may be created meanwhile elsewhere)
+        key_id = await anyio.to_thread.run_sync(self.store.owner, session_id)
+        if key_id is None:
+            return record.replica, None  # its owner is being recorded (a create in flight): not remembered yet
+        self._replicas[session_id] = (record.replica, key_id)
         if len(self._replicas) > _CACHE:
             self._replicas.popitem(last=False)
-        return record.replica
+        return record.replica, key_id
 
     def _check(self, mark: str, scope: Scope) -> bool:
         try:
