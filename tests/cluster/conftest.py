@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -12,6 +14,16 @@ from .engines import Cluster, missing_tools
 
 def say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
+
+
+def wait_for(what: str, predicate: Callable[[], Any], timeout: float = 120.0) -> Any:
+    """`predicate()`'s first true value, polled every half second; AssertionError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.5)
+    return value
 
 
 def cluster_unavailable() -> str | None:

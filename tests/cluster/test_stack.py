@@ -6,9 +6,8 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ import pytest
 from workbench import RemoteWorkbench, ReplicaUnavailableError
 from workbench.backends.docker.cluster_images import ensure_postgres_image, ensure_server_image
 
-from .conftest import say
+from .conftest import say, wait_for
 from .engines import Cluster
 
 try:
@@ -32,15 +31,6 @@ pytestmark = pytest.mark.timeout(1500)
 
 STACK = "wb"
 PORT = 8642
-
-
-def wait_for(what: str, predicate: Callable[[], Any], timeout: float = 180.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.5)
-    return value
 
 
 def healthy(address: str) -> bool:
@@ -139,9 +129,10 @@ def test_a_replica_killed_is_restarted_by_swarm_and_its_sessions_come_back(deplo
         old = deployed.replica_container(3)
         old.kill()
         new = wait_for("Swarm to start node3's replica again",
-                       lambda: (c := deployed.replica_container(3)) is not None and c.id != old.id and c)
+                       lambda: (c := deployed.replica_container(3)) is not None and c.id != old.id and c,
+                       timeout=180)
         assert new.id != old.id
-        wait_for("the new replica", lambda: healthy(deployed.cluster.node(3).address))
+        wait_for("the new replica", lambda: healthy(deployed.cluster.node(3).address), timeout=180)
         # the kernel outlived its replica: the variables are there
         assert remote.use(session.session_id).execute("kept").text == "'in the kernel'"
 
@@ -152,7 +143,8 @@ def test_a_host_that_dies_has_its_sessions_unavailable_until_it_is_back(deployed
         remote.use(session.session_id).files.write("kept.txt", b"on node2's disk")
         remote.use(session.session_id).execute("x = 1")
         deployed.cluster.kill_engine(2)
-        error = wait_for("node2's sessions to be reported unavailable", lambda: _unavailable(remote, session))
+        error = wait_for("node2's sessions to be reported unavailable", lambda: _unavailable(remote, session),
+                         timeout=180)
         assert "runs on replica node2" in str(error)
         other = remote.create(user_id="while-node2-is-down")  # placed on a live host meanwhile
         assert other.replica in {"node1", "node3"}

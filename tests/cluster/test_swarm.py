@@ -8,16 +8,15 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import docker
 import pytest
 from docker.models.services import Service
 from docker.types import EndpointSpec, Mount, Resources, RestartPolicy, ServiceMode
 
-from .conftest import say
+from .conftest import say, wait_for
 from .engines import MOUNT_POINT, NETNS_DIR, Cluster, _netns_id, cleanup_stale, leftovers
 
 pytestmark = pytest.mark.timeout(900)  # the session fixture copies a 640 MB image to three engines on two cores
@@ -39,15 +38,6 @@ while chunk := raw.recv(65536):
 info = json.loads(data.split(b"\\r\\n\\r\\n", 1)[1])
 print(info["Swarm"]["NodeID"], info["Name"])
 """
-
-
-def wait_for(what: str, predicate: Callable[[], Any], timeout: float = 120.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.5)
-    return value
 
 
 def fetch(address: str, path: str = "/whoami", timeout: float = 3.0) -> str | None:
