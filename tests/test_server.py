@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -180,6 +182,23 @@ def test_remote_workbench_has_the_same_api(served: Server, api_key: str) -> None
         RemoteWorkbench(served.url, api_key).use(s.session_id)
     with pytest.raises(SessionNotFoundError):
         RemoteWorkbench(served.url, api_key).use("0123456789ab")
+
+
+def test_a_large_remote_read_is_exact(served: Server, api_key: str) -> None:
+    """Tens of MB read back whole and piecewise (the reader once grew its buffer quadratically: 8.6 s for 32 MB)."""
+    data = os.urandom(40 << 20)
+
+    def digest(b: bytes) -> str:
+        return hashlib.sha256(b).hexdigest()
+
+    with RemoteWorkbench(served.url, api_key) as wb, wb.create(user_id="reader", limits={"memory": "256m"}) as s:
+        s.files.write("large.bin", data)
+        assert digest(s.files.read("large.bin")) == digest(data)
+        with s.files.open("large.bin") as handle:
+            pieces = [handle.read(100_001), handle.read(5 << 20), handle.read(1), handle.read()]
+            assert handle.read() == b"" and handle.read(7) == b""
+        assert [len(p) for p in pieces[:3]] == [100_001, 5 << 20, 1] and digest(b"".join(pieces)) == digest(data)
+        s.close(delete_workspace=True)
 
 
 def test_pause_resume_fork_and_notebook_through_the_server(served: Server, api_key: str, tmp_path: Path) -> None:

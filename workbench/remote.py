@@ -600,22 +600,24 @@ class RemoteFiles:
 
 
 class _Reader:
-    """A read-only binary file over an iterator of chunks."""
+    """A read-only binary file over an iterator of chunks; reading is linear in the bytes read."""
 
     def __init__(self, chunks: Iterator[bytes]) -> None:
         self._chunks = chunks
-        self._buffer = b""
+        self._buffer = bytearray()  # deleting its head is cheap: CPython moves its start
 
     def read(self, size: int = -1) -> bytes:
-        while size < 0 or len(self._buffer) < size:
+        if size < 0:
+            data = b"".join([bytes(self._buffer), *self._chunks])
+            self._buffer.clear()
+            return data
+        while len(self._buffer) < size:
             chunk = next(self._chunks, None)
             if chunk is None:
                 break
             self._buffer += chunk
-        if size < 0:
-            data, self._buffer = self._buffer, b""
-        else:
-            data, self._buffer = self._buffer[:size], self._buffer[size:]
+        data = bytes(self._buffer[:size])
+        del self._buffer[:size]
         return data
 
     def readable(self) -> bool:
