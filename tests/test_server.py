@@ -5,6 +5,7 @@ import asyncio
 import hashlib
 import json
 import os
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -262,6 +263,34 @@ def test_a_client_that_disconnects_mid_execution_leaves_the_session_usable(serve
                     break  # the first event: the cell runs; the client goes away
         assert s.execute("finished").text == "True"  # queued behind the cell, which ran to its end
         assert s.execute("1 + 1").text == "2"
+
+
+def test_aborted_downloads_leave_no_file_open(served: Server, api_key: str) -> None:
+    """Clients that go away before or during a download: the server closes the file at once, not at some GC."""
+    assert served.proc is not None
+    fds = Path(f"/proc/{served.proc.pid}/fd")
+
+    def held() -> int:
+        return sum(1 for fd in fds.iterdir() if os.path.realpath(fd).endswith("/aborted.bin"))
+
+    def abort(sid: str, read_first: bool) -> None:
+        with socket.create_connection(("127.0.0.1", served.port)) as raw:
+            raw.sendall(f"GET /v1/sessions/{sid}/files/content?path=aborted.bin HTTP/1.1\r\nHost: x\r\n"
+                        f"Authorization: Bearer {api_key}\r\n\r\n".encode())
+            if read_first:
+                assert raw.recv(12) == b"HTTP/1.1 200"  # the file is open and streaming
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, (1).to_bytes(4, "little") * 2)  # close: RST
+
+    with RemoteWorkbench(served.url, api_key) as wb, wb.create(user_id="aborter", limits={"memory": "256m"}) as s:
+        s.files.write("aborted.bin", iter([b"z" * (1 << 20)] * 64))  # more than the sockets' buffers hold
+        for i in range(40):
+            abort(s.session_id, read_first=i % 2 == 0)
+        assert len(s.files.read("aborted.bin")) == 64 << 20  # the server still serves it
+        deadline = time.monotonic() + 10
+        while held() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert held() == 0
+        s.close(delete_workspace=True)
 
 
 def test_request_size_and_workspace_caps(served: Server, api_key: str) -> None:

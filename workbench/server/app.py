@@ -14,9 +14,9 @@ import ipaddress
 import json
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import pydantic_core
 from fastapi import FastAPI, Query, Request
@@ -179,6 +179,21 @@ class _Guard:
                 await _error_response(too_large)(scope, receive, send)
 
         await self.app(scope, bounded, answer)
+
+
+class _FileStream(StreamingResponse):
+    """A file's bytes, read in the thread pool; the file is closed when the response ends, however it ends (a
+    client gone before the first chunk too), not whenever the garbage collector gets to it."""
+
+    def __init__(self, handle: BinaryIO, close: Callable[[], None]) -> None:
+        super().__init__(iter(functools.partial(handle.read, CHUNK), b""), media_type="application/octet-stream")
+        self._close = close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)  # returns once no read is under way, even if cancelled
+        finally:
+            self._close()
 
 
 class _Slots:
@@ -579,14 +594,7 @@ def create_app(
         def open_file() -> Any:
             return stack.enter_context(session_of(key, session_id).files.open(path))
 
-        handle = await run(open_file)
-
-        def chunks() -> Iterator[bytes]:
-            with stack:
-                while data := handle.read(CHUNK):
-                    yield data
-
-        return StreamingResponse(chunks(), media_type="application/octet-stream")
+        return _FileStream(await run(open_file), stack.close)
 
     @app.put("/v1/sessions/{session_id}/files/content", response_model=FileInfo, tags=["files"],
              openapi_extra={"requestBody": {"content": {"application/octet-stream": {}}, "required": True}})
