@@ -32,6 +32,7 @@ def test_quick_benchmark_suite_writes_its_figures(wb: Workbench, tmp_path: Path)
     assert over_mcp["pairs"] == 30
     server = figures["server"]
     assert server["bare_p50_ms"] > 0 and server["rest_p50_ms"] > 0 and server["pairs"] == 30
+    assert server["mcp_p50_ms"] > 0 and server["mcp_bare_p50_ms"] > 0 and server["mcp_ratio"] > 0
     assert server["rest_per_s"] > 0 and server["in_process_per_s"] > 0 and server["clients"] == 5
     paused = figures["pause_resume"]
     assert paused["pause_resume_p50"] > 0 and paused["paused"]["containers"] == 0 and paused["paused"]["sessions"] == 5
