@@ -1,6 +1,7 @@
-"""MCP with the official `mcp` client: over Streamable HTTP against a real uvicorn server, and over stdio against
-`python -m workbench mcp --session ID` as a subprocess. Lists and calls the meta tools, follows the resource links
-of offloaded responses and spilled outputs, reads slices; every way in without the session's token fails."""
+"""MCP with the official `mcp` client: over Streamable HTTP against a real uvicorn server (and once through a real
+`workbench serve`), and over stdio against `python -m workbench mcp --session ID` as a subprocess. Lists and calls
+the meta tools, follows the resource links of offloaded responses and spilled outputs, reads slices; every way in
+without the session's token fails."""
 from __future__ import annotations
 
 import base64
@@ -22,8 +23,9 @@ from mcp import Client, MCPError, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 from mcp_app import ROWS, register
 from mcp_server import mcp_app, serving
+from served import Server
 
-from workbench import Session, Workbench
+from workbench import RemoteWorkbench, Session, Workbench
 from workbench.agent import NAMES
 from workbench.server.mcp import READ_LIMIT, file_uri, parse_uri
 from workbench.server.tokens import load_secret, session_token
@@ -244,6 +246,36 @@ def test_http_a_long_cell_blocks_no_other_session(mcp_wb: Workbench, shop: Sessi
         anyio.run(main)
     finally:
         other.close(delete_workspace=True)
+
+
+# --- through workbench serve ---------------------------------------------------------------------------------------
+
+
+def test_http_through_workbench_serve(served: Server, api_key: str) -> None:
+    """A session made through a real `workbench serve`, reached with exactly the `mcp.url` and `mcp.headers` it
+    was given: tools listed and called, a spilled output's resource link read, the same kernel as over REST."""
+    with RemoteWorkbench(served.url, api_key) as wb, wb.create(user_id="mcp-served", limits={"memory": "256m"}) as s:
+        assert s.mcp is not None and s.mcp.url == f"{served.url}/mcp/{s.session_id}"
+        url, headers = s.mcp.url, s.mcp.headers
+
+        async def main() -> None:
+            async with (httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(120)) as http,
+                        Client(streamable_http_client(url, http_client=http), cache=None) as client):
+                assert [tool.name for tool in (await client.list_tools()).tools] == list(NAMES)
+                result = await client.call_tool("WORKBENCH_REMOTE_WORKBENCH",
+                                                {"code_to_execute": "over_mcp = 41\nover_mcp + 1"})
+                assert not result.is_error and "42" in text_of(result)
+                spilled = await client.call_tool("WORKBENCH_REMOTE_WORKBENCH",
+                                                 {"code_to_execute": "print('x' * 1_100_000)"})
+                stdout = next(link for link in links_of(spilled)
+                              if (link.title or "").startswith(".outputs/") and "/answers/" not in link.uri)
+                part = content_of(await client.read_resource(f"{stdout.uri}?offset=0&length=1000"))
+                assert isinstance(part, types.TextResourceContents) and part.text == "x" * 1000
+                assert s.files.read(stdout.title or "")[:1000] == b"x" * 1000
+
+        anyio.run(main)
+        assert s.execute("over_mcp").text == "41"  # the kernel REST drives
+        s.close(delete_workspace=True)
 
 
 # --- auth ----------------------------------------------------------------------------------------------------------
