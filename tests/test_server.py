@@ -1,6 +1,7 @@
 """`workbench serve` as clients see it: a real server in a subprocess, httpx and RemoteWorkbench against it."""
 from __future__ import annotations
 
+import ast
 import asyncio
 import hashlib
 import json
@@ -290,6 +291,39 @@ def test_aborted_downloads_leave_no_file_open(served: Server, api_key: str) -> N
         while held() and time.monotonic() < deadline:
             time.sleep(0.1)
         assert held() == 0
+        s.close(delete_workspace=True)
+
+
+def test_a_client_that_disconnects_from_a_plain_execute_leaves_the_session_usable(served: Server,
+                                                                                 api_key: str) -> None:
+    with RemoteWorkbench(served.url, api_key) as wb, wb.create(user_id="leaver", limits={"memory": "256m"}) as s:
+        with served.client(api_key) as http, pytest.raises(httpx.ReadTimeout):
+            http.post(f"/v1/sessions/{s.session_id}/execute", timeout=httpx.Timeout(30, read=0.5),
+                      json={"code": "import time\ntime.sleep(3)\nplain_finished = True"})
+        assert s.execute("plain_finished").text == "True"  # the cell ran to its end; this one waited for it
+        assert s.execute("2 + 2").text == "4"
+        assert httpx.get(f"{served.url}/healthz").json() == {"status": "ok"}
+        s.close(delete_workspace=True)
+
+
+def test_executions_on_one_session_from_many_clients_stay_in_order(served: Server, api_key: str) -> None:
+    """8 clients on the same session, each sending its 10 executions in order: each one's land in order."""
+    threads, steps = 8, 10
+    with RemoteWorkbench(served.url, api_key) as wb, wb.create(user_id="shared", limits={"memory": "256m"}) as s:
+        s.execute("seq = []")
+
+        def client(t: int) -> None:
+            with RemoteWorkbench(served.url, api_key) as own:
+                mine = own.use(s.session_id)
+                for i in range(steps):
+                    assert mine.execute(f"seq.append(({t}, {i}))").ok
+
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(client, range(threads)))
+        seq = ast.literal_eval(s.execute("seq").text or "None")
+        assert sorted(seq) == [(t, i) for t in range(threads) for i in range(steps)]  # all 80, once each
+        for t in range(threads):
+            assert [i for u, i in seq if u == t] == list(range(steps))
         s.close(delete_workspace=True)
 
 
