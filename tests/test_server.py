@@ -50,7 +50,19 @@ def test_openapi_is_valid_and_docs_are_served(served: Server, api_key: str) -> N
         validate(spec)
         assert "/v1/sessions/{session_id}/execute/stream" in spec["paths"]
         assert http.get("/docs").status_code == 200
+    # the API key is declared as a bearer scheme (the docs page can authorise) and applied to all but /healthz
+    schemes = spec["components"]["securitySchemes"]
+    (name,) = [n for n, scheme in schemes.items() if scheme["type"] == "http" and scheme["scheme"] == "bearer"]
+    assert spec["security"] == [{name: []}]
+    operations = {(path, method): op for path, item in spec["paths"].items() for method, op in item.items()}
+    assert operations[("/healthz", "get")]["security"] == []
+    assert all("security" not in op for (path, _), op in operations.items() if path != "/healthz")
+    assert len([path for path, _ in operations if path.startswith("/v1/")]) > 20
     assert httpx.get(f"{served.url}/healthz").json() == {"status": "ok"}
+    for private in ("/openapi.json", "/docs", "/v1/sessions"):  # the scheme is what the server does
+        assert httpx.get(f"{served.url}{private}").status_code == 401
+    with served.client(api_key) as http:
+        assert http.get("/v1/sessions").status_code == 200
 
 
 def test_rest_api_end_to_end(served: Server, api_key: str, home: Path) -> None:

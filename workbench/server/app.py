@@ -65,6 +65,7 @@ from .tokens import load_secret, session_token
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _PUBLIC = {"/healthz"}
+_SCHEME = "apiKey"  # the OpenAPI name of the bearer scheme
 _UPLOAD_SUFFIX = "/files/content"
 _STREAM_BACKLOG = 8 << 20  # characters of streamed output waiting for a slow client before more is dropped
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -224,6 +225,19 @@ class _Slots:
 _LINE_BREAKS = (("\u2028".encode(), b"\\u2028"), ("\u2029".encode(), b"\\u2029"), ("\x85".encode(), b"\\u0085"))
 
 
+def _declare_bearer(schema: dict[str, Any]) -> dict[str, Any]:
+    """`schema` (an OpenAPI document of this app) with the API key declared as an HTTP bearer scheme, required by
+    every operation but the public ones (the guard does the checking; this only tells clients and the docs page)."""
+    schema.setdefault("components", {}).setdefault("securitySchemes", {})[_SCHEME] = {
+        "type": "http", "scheme": "bearer", "bearerFormat": "wbk_...",
+        "description": "an API key of this server (`workbench keys create NAME`)"}
+    schema["security"] = [{_SCHEME: []}]
+    for path in _PUBLIC:
+        for operation in schema.get("paths", {}).get(path, {}).values():
+            operation["security"] = []
+    return schema
+
+
 def _event(name: str, data: Any) -> bytes:
     """One server-sent event. The JSON keeps to one line for every reader: the line breaks outside ASCII that
     some split lines on (U+2028, U+2029, U+0085) are escaped as well (JSON escapes those below U+0020)."""
@@ -268,6 +282,13 @@ def create_app(
         app.add_middleware(ClusterRouter, membership=membership,  # inside the key check: it runs after it
                            per_key=settings.max_executions_per_key)
     app.add_middleware(_Guard, workbench=workbench, settings=settings)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = _declare_bearer(FastAPI.openapi(app))
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     for prefix, mounted in (mounts or {}).items():
         app.mount(prefix, mounted)
 
