@@ -30,7 +30,7 @@ from .files import OUTPUTS, Files
 from .kernel import Kernel
 from .notebook import LOG_OUTPUTS, logged_outputs, notebook_of
 from .results import ExecutionError, ExecutionResult, Output, ToolResult
-from .state import StateReport, paused_state, remove_snapshot, run_state_cell
+from .state import StateReport, paused_state, remove_snapshot, run_state_cell, snapshot_size
 from .store import LOG_KEEP, LogEntry, PausedState, SessionConfig, SessionRecord, Store
 from .tools import Tool
 from .tools.bridge import BridgeServer
@@ -528,10 +528,7 @@ class Session:
         self._services.store.set_paused(self.session_id, None)
         if lost is None:
             self._state_restored = skipped
-            try:
-                remove_snapshot(self.files)  # restored: its room is the workspace's again
-            except (FileError, OSError) as exc:
-                self.log.warning("could not remove the restored snapshot: %s", exc)
+            self._drop_snapshot("the restored snapshot")  # restored: its room is the workspace's again
         else:
             self._state_lost = True
             self._state_lost_reason = f"the paused session's variables were not restored: {lost}"
@@ -621,7 +618,7 @@ class Session:
                                             f"was paused for being idle: {exc}")
                 if not self._services.store.pause(self.session_id, kernel.kernel_id, state, idle_before):
                     if state.error is None:
-                        remove_snapshot(self.files)
+                        self._drop_snapshot("the snapshot of a pause that did not happen")
                     if reaping:
                         return None  # used meanwhile (a shell command), or another process replaced the kernel
                     raise SessionError(f"session {self.session_id}: its kernel was replaced while pausing; try again")
@@ -641,13 +638,28 @@ class Session:
                 raise WorkspaceFullError(f"the kernel's variables do not fit in the workspace (its cap is "
                                          f"{self.files.capacity():,} bytes): {report.error}; the session keeps running")
             raise SessionError(f"could not save the kernel's variables: {report.error}; the session keeps running")
+        try:
+            snapshot_size(self.files)
+        except FileError as exc:  # e.g. the sandbox made .state a link: the snapshot would go with its container
+            raise SessionError(f"the kernel's variables were saved, but not into the workspace ({exc}): .state "
+                               "must be a folder of the workspace; the session keeps running") from None
         if self.files.disk is None or not self.files.disk.quota:  # a plain folder: no filesystem stopped it
             used, cap = self.files.usage(), self.files.capacity()
             if used > cap:
-                remove_snapshot(self.files)
+                self._drop_snapshot("a snapshot too large for the workspace")
                 raise WorkspaceFullError(f"the kernel's variables ({report.bytes:,} bytes) do not fit in the "
                                          f"workspace (its cap is {cap:,} bytes); the session keeps running")
         return paused_state(report, self._kernel.lineage)
+
+    def _drop_snapshot(self, what: str) -> str | None:
+        """Remove the snapshot files from `.state/`; when they cannot be (`.state` leads out of the workspace, or is
+        not a folder: never followed), say so in the log and return why."""
+        try:
+            remove_snapshot(self.files)
+            return None
+        except (WorkbenchError, OSError) as exc:
+            self.log.warning("could not remove %s: %s", what, exc)
+            return str(exc)
 
     def _stop_kernel(self) -> None:
         """Stop the kernel, its bridge and container; unmount the workspace (a paused session holds nothing)."""
@@ -694,10 +706,7 @@ class Session:
                     return fork
                 finally:
                     if checkpoint:
-                        try:
-                            remove_snapshot(self.files)
-                        except (FileError, OSError) as exc:
-                            self.log.warning("could not remove the fork's snapshot: %s", exc)
+                        self._drop_snapshot("the fork's snapshot")
 
     def notebook(self) -> str:
         """Every execution of the session (code and outputs, oldest first) as a Jupyter notebook: nbformat v4
@@ -732,15 +741,20 @@ class Session:
 
     def _new_kernel(self) -> None:
         """Replace the session's kernel, wherever it runs, with a new one of the current limits (a paused
-        session's saved variables are dropped: a restart means a fresh kernel)."""
-        if self._services.store.get(self.session_id).paused is not None:
-            self._services.store.set_paused(self.session_id, None)
-            remove_snapshot(self.files)
+        session's saved variables are dropped: a restart means a fresh kernel). Until the new kernel runs a paused
+        session stays paused, its snapshot kept; one that cannot be removed afterwards is told by the next result."""
+        paused = self._services.store.get(self.session_id).paused is not None
         self._services.remove_sandboxes(self.session_id)
         self._kernel.restart()
         self._services.store.set_kernel(self.session_id, self._kernel.record())
         self._attached = True
         self._state_lost = True
+        if paused:
+            self._services.store.set_paused(self.session_id, None)
+            left = self._drop_snapshot("the snapshot of a paused session that was restarted")
+            if left is not None:
+                self._state_lost_reason = (f"the kernel was restarted; the paused session's snapshot could not be "
+                                           f"removed from the workspace: {left}")
 
     def _check_open(self) -> None:
         if self.closed:

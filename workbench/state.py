@@ -6,6 +6,7 @@ validated and bounded here. The host never unpickles anything.
 """
 from __future__ import annotations
 
+import os
 import re
 import secrets
 import time
@@ -19,7 +20,8 @@ from .kernel import Kernel
 from .store import PausedState
 
 STATE_DIR = ".state"
-SNAPSHOT_FILES = ("namespace.pkl", "manifest.json")
+SNAPSHOT, MANIFEST = "namespace.pkl", "manifest.json"
+_LEFTOVERS = (SNAPSHOT, MANIFEST, f".{SNAPSHOT}.partial", f".{MANIFEST}.partial")  # what a save writes
 _LINE = re.compile(r"^WORKBENCH-STATE ([0-9a-f]{16}) (\{.*\})$", re.MULTILINE)
 _Name = Annotated[str, Field(max_length=256)]
 _Reason = Annotated[str, Field(max_length=1000)]
@@ -63,9 +65,18 @@ def paused_state(report: StateReport, lineage: str) -> PausedState:
                        bytes=report.bytes, lineage=lineage)
 
 
+def snapshot_size(files: Files) -> int:
+    """The size of the snapshot a save just wrote; raises FileError when it is not a file in the workspace (the
+    sandbox made `.state` a link out of it, or something else than a folder)."""
+    with files.open(f"{STATE_DIR}/{SNAPSHOT}") as handle:  # a regular file, reached without leaving the workspace
+        return os.fstat(handle.fileno()).st_size
+
+
 def remove_snapshot(files: Files) -> None:
-    """Remove the snapshot files from the workspace (after a restore, or a fork's checkpoint)."""
-    for name in SNAPSHOT_FILES:
+    """Remove the snapshot files from the workspace (after a restore, a restart, a fork's checkpoint, a failed
+    save). Raises FileError when they cannot be: `.state` leads out of the workspace (never followed there) or is
+    not a folder."""
+    for name in _LEFTOVERS:
         try:
             files.remove(f"{STATE_DIR}/{name}")
         except WorkspaceFileNotFoundError:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from workbench import Session, Workbench
-from workbench.errors import WorkspaceFullError
+from workbench.errors import SessionError, WorkspaceFullError
 
 
 def test_a_snapshot_too_large_for_the_workspace_is_refused_and_the_session_keeps_running(wb: Workbench) -> None:
@@ -104,3 +104,49 @@ open(d + '/leaf.txt', 'w').write('bottom')
         assert owner.text == "True"  # the copies belong to the sandbox user: the fork can change its files
     finally:
         fork.close(delete_workspace=True)
+
+
+def _swap_state_for_link(session: Session, target: str) -> None:
+    """What a sandbox's background thread can leave behind a paused session: its `.state` folder moved aside and a
+    link put in its place (done here from the host, to be certain it happened)."""
+    session.files.exists(".")  # mounts the paused session's workspace
+    root = session.workspace
+    os.rename(root / ".state", root / f".state-moved-{secrets.token_hex(4)}")
+    os.symlink(target, root / ".state")
+
+
+def test_a_state_folder_leading_out_of_the_workspace_is_never_followed(fresh: Session, tmp_path: Path) -> None:
+    outside = tmp_path / "host-state"
+    outside.mkdir()
+    for name in ("namespace.pkl", "manifest.json", ".namespace.pkl.partial", "failed.pkl"):
+        (outside / name).write_bytes(b"the host's own " + name.encode())
+    before = {p.name: p.read_bytes() for p in outside.iterdir()}
+
+    # the kernel points .state at the host's folder (made in its own container too): the pause is refused, clearly
+    assert fresh.execute(f"x = 1\nimport os\nos.makedirs({str(outside)!r}, exist_ok=True)\n"
+                         f"os.symlink({str(outside)!r}, '/workspace/.state')").ok
+    with pytest.raises(SessionError, match="not into the workspace"):
+        fresh.pause()
+    assert not fresh.paused and fresh.execute("x").text == "1"
+
+    # paused, then .state swapped for a link to the host's folder: a restart still restarts, and says what it left
+    assert fresh.execute("os.remove('/workspace/.state')").ok
+    fresh.pause()
+    _swap_state_for_link(fresh, str(outside))
+    fresh.restart()
+    assert not fresh.paused
+    result = fresh.execute("'x' in globals()")
+    assert result.text == "False" and result.state_lost
+    assert "could not be removed" in (result.state_lost_reason or "") and "leads out" in (result.state_lost_reason or "")
+
+    # paused, then .state swapped for a relative link out: the resume loses the variables and says why
+    assert fresh.execute("x = 2\nimport os\nos.remove('/workspace/.state')").ok
+    fresh.pause()
+    _swap_state_for_link(fresh, "../../../" + str(outside).lstrip("/"))
+    result = fresh.execute("'x' in globals()")
+    assert result.text == "False" and result.state_lost and not fresh.paused
+    assert "not restored" in (result.state_lost_reason or "")
+    assert fresh.execute("1 + 1").text == "2"  # usable
+
+    fresh.close(delete_workspace=True)
+    assert {p.name: p.read_bytes() for p in outside.iterdir()} == before
