@@ -30,7 +30,14 @@ from .files import OUTPUTS, Files
 from .kernel import Kernel
 from .notebook import LOG_OUTPUTS, logged_outputs, notebook_of
 from .results import ExecutionError, ExecutionResult, Output, ToolResult
-from .state import StateReport, paused_state, remove_snapshot, run_state_cell, snapshot_size
+from .state import (
+    StateReport,
+    keep_failed_snapshot,
+    paused_state,
+    remove_snapshot,
+    run_state_cell,
+    snapshot_size,
+)
 from .store import LOG_KEEP, LogEntry, PausedState, SessionConfig, SessionRecord, Store
 from .tools import Tool
 from .tools.bridge import BridgeServer
@@ -526,14 +533,31 @@ class Session:
             self._kernel.lineage = paused.lineage  # it holds the paused kernel's variables now
             self._services.store.set_kernel(self.session_id, self._kernel.record())
         self._services.store.set_paused(self.session_id, None)
+        kept: str | None = None
         if lost is None:
             self._state_restored = skipped
             self._drop_snapshot("the restored snapshot")  # restored: its room is the workspace's again
         else:
             self._state_lost = True
             self._state_lost_reason = f"the paused session's variables were not restored: {lost}"
+            if paused.error is None:  # a snapshot was made: it is set aside, never left in place unsaid
+                told, kept = self._keep_failed_snapshot()
+                self._state_lost_reason += told
         self._log("resume", "ok" if lost is None else "state_lost", time.perf_counter() - started,
-                  {"names": len(paused.names) + len(paused.modules), "skipped": skipped, "error": lost})
+                  {"names": len(paused.names) + len(paused.modules), "skipped": skipped, "error": lost, "kept": kept})
+
+    def _keep_failed_snapshot(self) -> tuple[str, str | None]:
+        """Set aside the snapshot a restore failed on (see `keep_failed_snapshot`): the words for the state_lost
+        reason, and the path it is kept at."""
+        try:
+            kept = keep_failed_snapshot(self.files)
+        except (WorkbenchError, OSError) as exc:
+            self.log.warning("could not set aside a snapshot that was not restored: %s", exc)
+            return f"; its snapshot could not be set aside: {exc}", None
+        if kept is None:
+            return "", None
+        return (f"; its snapshot ({kept.size:,} bytes) is kept as {kept.path} for diagnosis: remove it to free its "
+                "room"), kept.path
 
     def _state_cell(self, action: Literal["save", "restore"]) -> StateReport:
         """Run the sandbox's save or restore cell in the current kernel; a kernel that died meanwhile was replaced

@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, Field, ValidationError
 
 from .errors import SessionError, WorkspaceFileNotFoundError
-from .files import Files
+from .files import FileInfo, Files
 from .kernel import Kernel
 from .store import PausedState
 
@@ -81,3 +81,18 @@ def remove_snapshot(files: Files) -> None:
             files.remove(f"{STATE_DIR}/{name}")
         except WorkspaceFileNotFoundError:
             pass
+
+
+def keep_failed_snapshot(files: Files) -> FileInfo | None:
+    """Set aside a snapshot that could not be restored, as `.state/failed-<time>.pkl` (kept for diagnosis; its
+    manifest and any leftovers removed); None when there was no snapshot file. Raises FileError when it cannot be
+    (`.state` leads out of the workspace, never followed there, or is not a folder)."""
+    try:
+        kept: FileInfo | None = files._rename(f"{STATE_DIR}/{SNAPSHOT}", f"failed-{time.strftime('%Y%m%d-%H%M%S')}.pkl")
+    except WorkspaceFileNotFoundError:
+        kept = None
+    if kept is not None and kept.type != "file":  # a link or a folder the sandbox put there: nothing to diagnose
+        files.remove(kept.path)
+        kept = None
+    remove_snapshot(files)
+    return kept

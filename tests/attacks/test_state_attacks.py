@@ -34,12 +34,19 @@ def test_a_snapshot_too_large_for_the_workspace_is_refused_and_the_session_keeps
 def test_a_corrupt_snapshot_resumes_with_state_lost_and_says_why(fresh: Session) -> None:
     fresh.execute("x = 1")
     fresh.pause()
-    fresh.files.write(".state/namespace.pkl", b"\x80\x05garbage, not a pickle")
+    garbage = b"\x80\x05garbage, not a pickle"
+    fresh.files.write(".state/namespace.pkl", garbage)
     result = fresh.execute("'x' in globals()")
     assert result.text == "False" and result.state_lost and not result.state_restored
     assert "not restored" in (result.state_lost_reason or "") and "Unpickling" in (result.state_lost_reason or "")
     assert "not restored" in str(result)
     assert not fresh.paused
+    # nothing is kept silently: the snapshot is set aside under a name that says what it is, and the reason says so
+    kept = [entry for entry in fresh.files.list(".state")]
+    assert [entry.path.rsplit("/", 1)[1][:7] for entry in kept] == ["failed-"]
+    assert fresh.files.read(kept[0].path) == garbage
+    assert f"kept as {kept[0].path}" in (result.state_lost_reason or "")
+    assert f"({len(garbage)} bytes)" in (result.state_lost_reason or "")
     assert fresh.execute("1 + 1").text == "2"
     assert [e.status for e in fresh.logs() if e.kind == "resume"] == ["state_lost"]
 
@@ -50,7 +57,7 @@ def test_a_missing_snapshot_resumes_with_state_lost_and_says_why(fresh: Session)
     fresh.files.remove(".state")
     result = fresh.execute("'x' in globals()")
     assert result.text == "False" and result.state_lost
-    assert "FileNotFoundError" in (result.state_lost_reason or "")
+    assert "FileNotFoundError" in (result.state_lost_reason or "") and "kept" not in (result.state_lost_reason or "")
 
 
 def test_a_hostile_snapshot_runs_in_the_sandbox_never_on_the_host(fresh: Session, tmp_path: Path) -> None:
@@ -145,7 +152,7 @@ def test_a_state_folder_leading_out_of_the_workspace_is_never_followed(fresh: Se
     _swap_state_for_link(fresh, "../../../" + str(outside).lstrip("/"))
     result = fresh.execute("'x' in globals()")
     assert result.text == "False" and result.state_lost and not fresh.paused
-    assert "not restored" in (result.state_lost_reason or "")
+    assert "not restored" in (result.state_lost_reason or "") and "leads out" in (result.state_lost_reason or "")
     assert fresh.execute("1 + 1").text == "2"  # usable
 
     fresh.close(delete_workspace=True)
