@@ -12,6 +12,7 @@ import pytest
 
 from workbench import Session, Workbench
 from workbench.errors import SessionError, SessionNotFoundError
+from workbench.workspace import is_mount
 
 VARIABLES = """
 import pandas as pd
@@ -181,6 +182,28 @@ def test_a_paused_session_can_be_forked_through_create_and_closed(wb: Workbench)
         assert fork.execute("word.upper()").text == "'KEPT'"
     finally:
         fork.close(delete_workspace=True)
+
+
+def test_a_paused_session_and_its_unused_fork_hold_no_mount(wb: Workbench) -> None:
+    if not wb.disk_quota:
+        pytest.skip("workspaces are plain folders here: nothing is mounted")
+    source = wb.create(user_id="test-user")
+    try:
+        source.execute("word = 'kept'")
+        source.pause()
+        assert not is_mount(source.workspace)
+        fork = source.fork()
+        try:
+            assert source.paused and fork.paused
+            assert not is_mount(source.workspace)  # mounted for the copy, then let go again
+            assert not is_mount(fork.workspace)  # nor does a fork hold one before its first use
+            result = source.execute("word")
+            assert result.text == "'kept'" and result.state_restored
+            assert fork.execute("word + '!'").text == "'kept!'"
+        finally:
+            fork.close(delete_workspace=True)
+    finally:
+        source.close(delete_workspace=True)
 
 
 CELLS = [

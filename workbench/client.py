@@ -553,7 +553,7 @@ class Workbench:
 
     def _open_fork(self, source: SessionRecord, state: PausedState | None, workspace: Path) -> Session:
         """A new session copied from `source`: its workspace (from `workspace`, mounted) and its saved namespace
-        (`state`, restored on first use); no kernel runs until then."""
+        (`state`, restored on first use); no kernel runs, and its workspace is not mounted, until then."""
         now = time.time()
         record = SessionRecord(session_id=secrets.token_hex(6), user_id=source.user_id, status="open",
                                config=source.config, config_version=1, created_at=now, last_used_at=now,
@@ -578,6 +578,10 @@ class Workbench:
             if isinstance(exc, OSError):
                 raise SessionError(f"could not copy the workspace: {exc}") from exc
             raise
+        try:
+            disk.unmount()  # no kernel uses it before the fork's first use, which mounts it again
+        except (OSError, WorkbenchError) as exc:
+            log.warning("could not unmount the workspace of fork %s: %s", record.session_id, exc)
         log.info("forked session %s into %s (%d bytes of files)", source.session_id, record.session_id, copied,
                  extra={"session_id": record.session_id})
         return self._register(Session(self._services, record, self._kernel(record)))

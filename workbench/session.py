@@ -690,10 +690,15 @@ class Session:
         self._services.bridge.stop(self.session_id)
         self._kernel.shutdown()
         self._services.remove_sandboxes(self.session_id)
+        self._unmount_workspace()
+
+    def _unmount_workspace(self) -> None:
+        """Let go of the workspace's mount once no kernel uses it (a paused session holds nothing); the next use
+        mounts it again."""
         try:
             self._kernel.disk.unmount()
         except (OSError, WorkbenchError) as exc:
-            self.log.warning("could not unmount the workspace of a paused session: %s", exc)
+            self.log.warning("could not unmount the workspace of a session without a kernel: %s", exc)
 
     def resume(self) -> None:
         """Wake a paused session now rather than on its next use: start a kernel and restore the variables. The
@@ -731,6 +736,8 @@ class Session:
                 finally:
                     if checkpoint:
                         self._drop_snapshot("the fork's snapshot")
+                    if record.kernel is None:  # paused, or stopped: mounted for the copy only
+                        self._unmount_workspace()
 
     def notebook(self) -> str:
         """Every execution of the session (code and outputs, oldest first) as a Jupyter notebook: nbformat v4

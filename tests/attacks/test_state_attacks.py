@@ -99,6 +99,7 @@ open(d + '/leaf.txt', 'w').write('bottom')
 """)
     fork = fresh.fork()
     try:
+        assert fork.files.exists("link-to-host")  # (mounts the fork's workspace: an unused fork holds no mount)
         root = fork.workspace
         assert os.readlink(root / "link-to-host") == str(secret)  # a link, pointing where it pointed
         assert not (root / "a-fifo").exists()
