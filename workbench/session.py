@@ -559,15 +559,20 @@ class Session:
         return (f"; its snapshot ({kept.size:,} bytes) is kept as {kept.path} for diagnosis: remove it to free its "
                 "room"), kept.path
 
-    def _state_cell(self, action: Literal["save", "restore"]) -> StateReport:
-        """Run the sandbox's save or restore cell in the current kernel; a kernel that died meanwhile was replaced
-        (the store is told)."""
+    def _state_cell(self, action: Literal["save", "restore"], timeout: float | None = None) -> StateReport:
+        """Run the sandbox's save or restore cell in the current kernel (at most `timeout` seconds, by default the
+        workbench's execute_timeout); a kernel that died meanwhile was replaced: the store is told, and the next
+        result that its variables are gone."""
         kernel_id = self._kernel.kernel_id
         try:
-            return run_state_cell(self._kernel, action, self._services.execute_timeout)
+            return run_state_cell(self._kernel, action, self._services.execute_timeout if timeout is None else timeout)
         finally:
             if self._kernel.kernel_id != kernel_id:
                 self._services.store.set_kernel(self.session_id, self._kernel.record())
+                self._state_lost = True
+                what = "saving" if action == "save" else "restoring"
+                self._state_lost_reason = (f"the kernel was restarted while {what} its variables (it died, or did "
+                                           "not answer an interrupt)")
 
     def _attach(self, record: SessionRecord) -> bool:
         """Make sure this object talks to the session's current kernel, without starting one; False when the
@@ -600,13 +605,14 @@ class Session:
         assert paused is not None
         return paused
 
-    def pause_if_idle(self, idle_before: float) -> PausedState | None:
+    def pause_if_idle(self, idle_before: float, save_timeout: float | None = None) -> PausedState | None:
         """Pause the session if it has not been used since `idle_before` (a time.time()) and no other caller holds
-        it (the idle reaper's call); None when it was left running. When the variables cannot be saved, the kernel
-        is stopped all the same and the next result says why they were lost."""
-        return self._pause(idle_before=idle_before)
+        it (the idle reaper's call); None when it was left running. When the variables cannot be saved (within
+        `save_timeout` seconds, by default the workbench's execute_timeout), the kernel is stopped all the same and
+        the next result says why they were lost."""
+        return self._pause(idle_before=idle_before, save_timeout=save_timeout)
 
-    def _pause(self, idle_before: float | None) -> PausedState | None:
+    def _pause(self, idle_before: float | None, save_timeout: float | None = None) -> PausedState | None:
         reaping = idle_before is not None
         wait = 0.0 if reaping else self._services.execute_timeout
         with self._lock:
@@ -633,14 +639,16 @@ class Session:
                         return state
                 else:
                     try:
-                        state = self._save_snapshot()
+                        state = self._save_snapshot(save_timeout)
                     except WorkbenchError as exc:
                         if not reaping:
                             raise
                         self.log.warning("idle session: its variables could not be saved (%s); stopping it", exc)
                         state = PausedState(paused_at=time.time(), error=f"they could not be saved when the session "
                                             f"was paused for being idle: {exc}")
-                if not self._services.store.pause(self.session_id, kernel.kernel_id, state, idle_before):
+                # the kernel the save ran in: a new one when the save's kernel died and was replaced (the store
+                # already names it), which is stopped too, its variables gone (said above)
+                if not self._services.store.pause(self.session_id, self._kernel.kernel_id, state, idle_before):
                     if state.error is None:
                         self._drop_snapshot("the snapshot of a pause that did not happen")
                     if reaping:
@@ -654,10 +662,16 @@ class Session:
                               len(state.names) + len(state.modules), len(state.skipped))
                 return state
 
-    def _save_snapshot(self) -> PausedState:
-        """Save the current kernel's namespace into `.state/` (the kernel keeps running)."""
-        report = self._state_cell("save")
+    def _save_snapshot(self, timeout: float | None = None) -> PausedState:
+        """Save the current kernel's namespace into `.state/` (the kernel keeps running); what a failed save left
+        there is removed."""
+        try:
+            report = self._state_cell("save", timeout)
+        except SessionError:  # timed out, or the kernel died: maybe with a partial snapshot left behind
+            self._drop_snapshot("what a failed save left")
+            raise
         if not report.ok:
+            self._drop_snapshot("what a failed save left")
             if report.full:
                 raise WorkspaceFullError(f"the kernel's variables do not fit in the workspace (its cap is "
                                          f"{self.files.capacity():,} bytes): {report.error}; the session keeps running")
