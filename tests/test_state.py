@@ -12,6 +12,7 @@ import pytest
 
 from workbench import Session, Workbench
 from workbench.errors import SessionError, SessionNotFoundError
+from workbench.workspace import is_mount
 
 VARIABLES = """
 import pandas as pd
@@ -139,6 +140,56 @@ def test_the_idle_reaper_pauses_and_the_next_use_resumes(tmp_path: Path, wb: Wor
         idle.close()
 
 
+SLOW_TO_SAVE = """
+import time
+class Slow:
+    def __reduce__(self):  # run by the save: a hostile object holds it as long as it likes
+        until = time.monotonic() + 60
+        while time.monotonic() < until:
+            try:
+                time.sleep(until - time.monotonic())
+            except KeyboardInterrupt:
+                if not STUBBORN:
+                    raise
+        return (int, ())
+slow = Slow()
+"""
+
+
+def test_a_slow_save_holds_back_no_other_idle_session(tmp_path: Path, wb: Workbench) -> None:
+    idle = Workbench(home=tmp_path, idle_timeout=1.0, idle_save_timeout=10.0, docker_client=wb.docker, pool_size=0)
+    sessions: list[Session] = []
+    try:
+        # the older ones, which the reaper comes to first: one gives way to the interrupt, one ignores it
+        sleepy, stubborn = idle.create(user_id="test-user"), idle.create(user_id="test-user")
+        other = idle.create(user_id="test-user")
+        sessions += [sleepy, stubborn, other]
+        assert sleepy.execute("STUBBORN = False\n" + SLOW_TO_SAVE).ok
+        assert stubborn.execute("STUBBORN = True\n" + SLOW_TO_SAVE).ok
+        assert other.execute("kept = 7").ok
+        used = time.monotonic()
+        while time.monotonic() - used < 30 and not other.paused:
+            time.sleep(0.2)
+        # idle for 1 s, a reaper pass every 0.5 s, a pause of a second or two: not 10 s behind a hostile save
+        assert other.paused and time.monotonic() - used < 8, "the other idle session was held back"
+        hostile = [sleepy.session_id, stubborn.session_id]
+        assert all(idle.store.get(each).kernel is not None for each in hostile)  # still saving, for at most 10 s
+        while time.monotonic() - used < 45 and any(idle.store.get(each).kernel is not None for each in hostile):
+            time.sleep(0.2)
+        for session, why in ((sleepy, "took longer than 10s"), (stubborn, "did not respond to the interrupt")):
+            assert idle.store.get(session.session_id).kernel is None, "a slow save was not cut short"
+            assert _containers(wb, session) == []  # stopped without its variables, not left running
+            assert not session.files.exists(".state/.namespace.pkl.partial")
+            result = session.execute("'slow' in globals()")
+            assert result.text == "False" and result.state_lost and why in (result.state_lost_reason or ""), result
+        result = other.execute("kept")
+        assert result.text == "7" and result.state_restored
+    finally:
+        for session in sessions:
+            session.close(delete_workspace=True)
+        idle.close()
+
+
 def test_fork_copies_config_workspace_and_variables_then_both_are_independent(wb: Workbench) -> None:
     source = wb.create(user_id="test-user", toolkits=["demo"], metadata={"ticket": "T-1"})
     try:
@@ -181,6 +232,28 @@ def test_a_paused_session_can_be_forked_through_create_and_closed(wb: Workbench)
         assert fork.execute("word.upper()").text == "'KEPT'"
     finally:
         fork.close(delete_workspace=True)
+
+
+def test_a_paused_session_and_its_unused_fork_hold_no_mount(wb: Workbench) -> None:
+    if not wb.disk_quota:
+        pytest.skip("workspaces are plain folders here: nothing is mounted")
+    source = wb.create(user_id="test-user")
+    try:
+        source.execute("word = 'kept'")
+        source.pause()
+        assert not is_mount(source.workspace)
+        fork = source.fork()
+        try:
+            assert source.paused and fork.paused
+            assert not is_mount(source.workspace)  # mounted for the copy, then let go again
+            assert not is_mount(fork.workspace)  # nor does a fork hold one before its first use
+            result = source.execute("word")
+            assert result.text == "'kept'" and result.state_restored
+            assert fork.execute("word + '!'").text == "'kept!'"
+        finally:
+            fork.close(delete_workspace=True)
+    finally:
+        source.close(delete_workspace=True)
 
 
 CELLS = [

@@ -68,6 +68,7 @@ class AsyncWorkbench(_Threads):
         store: Store | str | None = None,
         docker_client: docker.DockerClient | None = None,
         replica: str | None = None,
+        idle_save_timeout: float = 60.0,
     ) -> None:
         """`max_threads` run the blocking calls; the rest is `Workbench`'s."""
         super().__init__(ThreadPoolExecutor(max_threads, thread_name_prefix="workbench"))
@@ -75,7 +76,7 @@ class AsyncWorkbench(_Threads):
             home=home, kernel=kernel, image=image, limits=limits, execute_timeout=execute_timeout,
             output_limit=output_limit, idle_timeout=idle_timeout, offload_threshold=offload_threshold,
             tool_timeout=tool_timeout, pool_size=pool_size, answer_limit=answer_limit, backend=backend,
-            store=store, docker_client=docker_client, replica=replica)
+            store=store, docker_client=docker_client, replica=replica, idle_save_timeout=idle_save_timeout)
 
     async def create(
         self,

@@ -11,6 +11,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -47,6 +48,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 _USER_ID = re.compile(r"[A-Za-z0-9_.@:-]{1,128}")  # always fullmatch: `$` would let a trailing newline in
 _START_GRACE = 120.0  # a container younger than this may be a kernel another process is still starting
 WATCH_INTERVAL = 10.0  # seconds between passes of the plain-folder watchdog (see _watch_plain_workspaces)
+IDLE_WORKERS = 4  # idle sessions paused at once: a slow save holds one of them, never the others
 WATCH_SHARE = 0.05  # at most this share of one core for its walks: a workspace is walked again only after
 # its last walk's duration divided by this (a walk of 0.5 s: at most every 10 s)
 
@@ -92,11 +94,16 @@ class Workbench:
         store: Store | str | None = None,
         docker_client: DockerClient | None = None,
         replica: str | None = None,
+        idle_save_timeout: float = 60.0,
     ) -> None:
         """`kernel`: the kernel language, by name or as a `KernelSpec` (Python, "python3", is the only one so far);
         `image`: the image its sandboxes run (default: the kernel spec's).
         `idle_timeout` (seconds; None turns it off): a session unused this long is paused (its variables saved,
         its kernel stopped) and resumed on its next use. Orphan containers are removed at start-up.
+        `idle_save_timeout` (seconds, at most `execute_timeout`): how long such a pause may take to save the variables;
+        one that takes longer (a huge namespace, an object that stalls its pickling) stops the kernel without them,
+        and the session's next result says why. Idle sessions are paused a few at a time: a slow one holds back no
+        other.
         `offload_threshold`: a session's default for tool responses (bytes of JSON) kept inline.
         `tool_timeout`: seconds a tool call may take before it is reported as timed out.
         `pool_size`: kernels kept ready per limits tier once a tier was asked for (0 turns the warm pool off).
@@ -143,6 +150,10 @@ class Workbench:
         """The one tool-call pipeline every session's calls go through."""
         self._bridge = BridgeServer(lambda: self.tool_timeout)
         self.idle_timeout = idle_timeout
+        self.idle_save_timeout = idle_save_timeout
+        self._idle_pool: ThreadPoolExecutor | None = None  # made on first need
+        self._pausing: set[str] = set()  # sessions an idle pause is under way for
+        self._pausing_lock = threading.Lock()
         self._stop = threading.Event()
         self._next_walk: dict[str, float] = {}  # session id -> when the watchdog may walk its workspace again
         self._services = SessionServices(
@@ -306,9 +317,15 @@ class Workbench:
     def gc(self) -> GcReport:
         """Remove containers the store says are done with (their session closed, or on another kernel now, or the
         kernel stopped), stopped containers of unknown sessions and warm kernels of workbenches that are gone, and
-        stop the kernels of sessions idle past `idle_timeout` (their workspaces are kept; the next use starts a new
-        kernel). A running kernel of a session the store does not know is left alone and listed in `unknown`: an
-        empty or restored store must not end kernels it never heard of."""
+        pause the sessions idle past `idle_timeout` (see `idle_save_timeout`; the next use resumes them). A running
+        kernel of a session the store does not know is left alone and listed in `unknown`: an empty or restored
+        store must not end kernels it never heard of. A session the idle reaper is pausing already is left to it
+        (not in the report)."""
+        return self._gc(wait=True)
+
+    def _gc(self, wait: bool) -> GcReport:
+        """`gc`; without `wait`, idle sessions' pauses are left under way (the reaper's passes: it never waits for a
+        slow one) and are not in the report."""
         report = GcReport()
         for container in self.backend.list_managed({"workbench.home": self.home_label}):
             session_id = container.labels.get("workbench.session", "")
@@ -349,21 +366,52 @@ class Workbench:
             self._release_workspace(session_id, record, pooled=LABEL_POOL in container.labels)
         if self.idle_timeout:
             idle_before = time.time() - self.idle_timeout
-            for record in self._own_sessions():
-                if record.kernel is None or max(record.last_used_at, record.busy_until) >= idle_before:
+            pausing = [(record.session_id, self._pause_idle_later(record, idle_before))
+                       for record in self._own_sessions()
+                       if record.kernel is not None and max(record.last_used_at, record.busy_until) < idle_before]
+            for session_id, future in pausing:
+                if not wait or future is None:
                     continue
                 try:
-                    paused = self.use(record.session_id).pause_if_idle(idle_before)
-                except WorkbenchError as exc:  # closed meanwhile, Docker gone: the next pass tries again
-                    log.warning("could not pause idle session %s: %s", record.session_id, exc)
+                    paused = future.result()
+                except CancelledError:  # the workbench is closing
                     continue
                 if paused is not None:
-                    (report.paused if paused.error is None else report.stopped).append(record.session_id)
-                    log.info("paused session %s, idle since %s", record.session_id, time.ctime(record.last_used_at),
-                             extra={"session_id": record.session_id})
+                    (report.paused if paused.error is None else report.stopped).append(session_id)
         self._unmount_closed_workspaces()
         self._watch_plain_workspaces(report, bounded=False)  # also a plain folder of a host with images (older)
         return report
+
+    def _pause_idle_later(self, record: SessionRecord, idle_before: float) -> Future[PausedState | None] | None:
+        """Pause an idle session on the idle pool's threads; None when a pause of it is under way already, or the
+        workbench is closing."""
+        with self._pausing_lock:
+            if record.session_id in self._pausing or self._stop.is_set():
+                return None
+            if self._idle_pool is None:
+                self._idle_pool = ThreadPoolExecutor(IDLE_WORKERS, thread_name_prefix="workbench-idle")
+            future = self._idle_pool.submit(self._pause_idle, record, idle_before)
+            self._pausing.add(record.session_id)
+            return future
+
+    def _pause_idle(self, record: SessionRecord, idle_before: float) -> PausedState | None:
+        """Pause one idle session, its save bounded by `idle_save_timeout` (a thread of the idle pool); never
+        raises: a failure is logged and the next pass tries again."""
+        session_id = record.session_id
+        try:
+            paused = self.use(session_id).pause_if_idle(
+                idle_before, save_timeout=min(self.idle_save_timeout, self.execute_timeout))
+        except Exception as exc:  # closed meanwhile, Docker gone, the store failing
+            log.warning("could not pause idle session %s: %s", session_id, exc, extra={"session_id": session_id})
+            return None
+        finally:
+            with self._pausing_lock:
+                self._pausing.discard(session_id)
+        if paused is not None:
+            log.info("paused session %s, idle since %s%s", session_id, time.ctime(record.last_used_at),
+                     "" if paused.error is None else f" (without its variables: {paused.error})",
+                     extra={"session_id": session_id})
+        return paused
 
     def _own_sessions(self) -> builtins.list[SessionRecord]:
         """The open sessions placed on this workbench (all of them, but for a replica of a cluster)."""
@@ -495,7 +543,7 @@ class Workbench:
         while not self._stop.wait(interval):
             try:
                 self.store.flush()
-                self.gc()
+                self._gc(wait=False)
             except Exception:  # the reaper must outlive a Docker hiccup
                 log.exception("idle reaper failed; retrying in %.0fs", interval)
 
@@ -503,6 +551,10 @@ class Workbench:
         """Disconnect this process from its sessions; their kernels keep running (see Session.close). The store is
         closed last (what is journaled copied into it): this Workbench cannot be used afterwards."""
         self._stop.set()
+        with self._pausing_lock:  # no pause is started from now on
+            idle_pool = self._idle_pool
+        if idle_pool is not None:
+            idle_pool.shutdown(wait=True, cancel_futures=True)  # a pause under way ends within its save's bound
         self.pool.close()
         self._bridge.close()
         self.pipeline.close()
@@ -553,7 +605,7 @@ class Workbench:
 
     def _open_fork(self, source: SessionRecord, state: PausedState | None, workspace: Path) -> Session:
         """A new session copied from `source`: its workspace (from `workspace`, mounted) and its saved namespace
-        (`state`, restored on first use); no kernel runs until then."""
+        (`state`, restored on first use); no kernel runs, and its workspace is not mounted, until then."""
         now = time.time()
         record = SessionRecord(session_id=secrets.token_hex(6), user_id=source.user_id, status="open",
                                config=source.config, config_version=1, created_at=now, last_used_at=now,
@@ -578,6 +630,10 @@ class Workbench:
             if isinstance(exc, OSError):
                 raise SessionError(f"could not copy the workspace: {exc}") from exc
             raise
+        try:
+            disk.unmount()  # no kernel uses it before the fork's first use, which mounts it again
+        except (OSError, WorkbenchError) as exc:
+            log.warning("could not unmount the workspace of fork %s: %s", record.session_id, exc)
         log.info("forked session %s into %s (%d bytes of files)", source.session_id, record.session_id, copied,
                  extra={"session_id": record.session_id})
         return self._register(Session(self._services, record, self._kernel(record)))

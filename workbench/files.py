@@ -246,6 +246,19 @@ class Files:
             except FileNotFoundError:
                 raise WorkspaceFileNotFoundError(f"no file {rel} in the workspace") from None
 
+    def _rename(self, path: str | PurePath, new_name: str) -> FileInfo:
+        """Give an entry another name in its folder (a link is renamed itself, never followed); its new info."""
+        rel = self._relative(path, follow_last=False)
+        if rel == "." or new_name in ("", ".", "..") or "/" in new_name or "\0" in new_name:
+            raise FileError(f"cannot rename {rel} to {new_name!r}")
+        parent_rel, name = posixpath.split(rel)
+        with self._dir(parent_rel) as parent, _mapped(rel):
+            try:
+                os.rename(name, new_name, src_dir_fd=parent, dst_dir_fd=parent)
+            except FileNotFoundError:
+                raise WorkspaceFileNotFoundError(f"no file {rel} in the workspace") from None
+            return self._info(parent, new_name, posixpath.join(parent_rel, new_name))
+
     def usage(self) -> int:
         """Bytes held by the workspace's files: its filesystem's used blocks when it is an image (no walk), else
         the running count of its files' sizes."""

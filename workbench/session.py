@@ -30,7 +30,14 @@ from .files import OUTPUTS, Files
 from .kernel import Kernel
 from .notebook import LOG_OUTPUTS, logged_outputs, notebook_of
 from .results import ExecutionError, ExecutionResult, Output, ToolResult
-from .state import StateReport, paused_state, remove_snapshot, run_state_cell
+from .state import (
+    StateReport,
+    keep_failed_snapshot,
+    paused_state,
+    remove_snapshot,
+    run_state_cell,
+    snapshot_size,
+)
 from .store import LOG_KEEP, LogEntry, PausedState, SessionConfig, SessionRecord, Store
 from .tools import Tool
 from .tools.bridge import BridgeServer
@@ -526,27 +533,46 @@ class Session:
             self._kernel.lineage = paused.lineage  # it holds the paused kernel's variables now
             self._services.store.set_kernel(self.session_id, self._kernel.record())
         self._services.store.set_paused(self.session_id, None)
+        kept: str | None = None
         if lost is None:
             self._state_restored = skipped
-            try:
-                remove_snapshot(self.files)  # restored: its room is the workspace's again
-            except (FileError, OSError) as exc:
-                self.log.warning("could not remove the restored snapshot: %s", exc)
+            self._drop_snapshot("the restored snapshot")  # restored: its room is the workspace's again
         else:
             self._state_lost = True
             self._state_lost_reason = f"the paused session's variables were not restored: {lost}"
+            if paused.error is None:  # a snapshot was made: it is set aside, never left in place unsaid
+                told, kept = self._keep_failed_snapshot()
+                self._state_lost_reason += told
         self._log("resume", "ok" if lost is None else "state_lost", time.perf_counter() - started,
-                  {"names": len(paused.names) + len(paused.modules), "skipped": skipped, "error": lost})
+                  {"names": len(paused.names) + len(paused.modules), "skipped": skipped, "error": lost, "kept": kept})
 
-    def _state_cell(self, action: Literal["save", "restore"]) -> StateReport:
-        """Run the sandbox's save or restore cell in the current kernel; a kernel that died meanwhile was replaced
-        (the store is told)."""
+    def _keep_failed_snapshot(self) -> tuple[str, str | None]:
+        """Set aside the snapshot a restore failed on (see `keep_failed_snapshot`): the words for the state_lost
+        reason, and the path it is kept at."""
+        try:
+            kept = keep_failed_snapshot(self.files)
+        except (WorkbenchError, OSError) as exc:
+            self.log.warning("could not set aside a snapshot that was not restored: %s", exc)
+            return f"; its snapshot could not be set aside: {exc}", None
+        if kept is None:
+            return "", None
+        return (f"; its snapshot ({kept.size:,} bytes) is kept as {kept.path} for diagnosis: remove it to free its "
+                "room"), kept.path
+
+    def _state_cell(self, action: Literal["save", "restore"], timeout: float | None = None) -> StateReport:
+        """Run the sandbox's save or restore cell in the current kernel (at most `timeout` seconds, by default the
+        workbench's execute_timeout); a kernel that died meanwhile was replaced: the store is told, and the next
+        result that its variables are gone."""
         kernel_id = self._kernel.kernel_id
         try:
-            return run_state_cell(self._kernel, action, self._services.execute_timeout)
+            return run_state_cell(self._kernel, action, self._services.execute_timeout if timeout is None else timeout)
         finally:
             if self._kernel.kernel_id != kernel_id:
                 self._services.store.set_kernel(self.session_id, self._kernel.record())
+                self._state_lost = True
+                what = "saving" if action == "save" else "restoring"
+                self._state_lost_reason = (f"the kernel was restarted while {what} its variables (it died, or did "
+                                           "not answer an interrupt)")
 
     def _attach(self, record: SessionRecord) -> bool:
         """Make sure this object talks to the session's current kernel, without starting one; False when the
@@ -579,13 +605,14 @@ class Session:
         assert paused is not None
         return paused
 
-    def pause_if_idle(self, idle_before: float) -> PausedState | None:
+    def pause_if_idle(self, idle_before: float, save_timeout: float | None = None) -> PausedState | None:
         """Pause the session if it has not been used since `idle_before` (a time.time()) and no other caller holds
-        it (the idle reaper's call); None when it was left running. When the variables cannot be saved, the kernel
-        is stopped all the same and the next result says why they were lost."""
-        return self._pause(idle_before=idle_before)
+        it (the idle reaper's call); None when it was left running. When the variables cannot be saved (within
+        `save_timeout` seconds, by default the workbench's execute_timeout), the kernel is stopped all the same and
+        the next result says why they were lost."""
+        return self._pause(idle_before=idle_before, save_timeout=save_timeout)
 
-    def _pause(self, idle_before: float | None) -> PausedState | None:
+    def _pause(self, idle_before: float | None, save_timeout: float | None = None) -> PausedState | None:
         reaping = idle_before is not None
         wait = 0.0 if reaping else self._services.execute_timeout
         with self._lock:
@@ -612,16 +639,18 @@ class Session:
                         return state
                 else:
                     try:
-                        state = self._save_snapshot()
+                        state = self._save_snapshot(save_timeout)
                     except WorkbenchError as exc:
                         if not reaping:
                             raise
                         self.log.warning("idle session: its variables could not be saved (%s); stopping it", exc)
                         state = PausedState(paused_at=time.time(), error=f"they could not be saved when the session "
                                             f"was paused for being idle: {exc}")
-                if not self._services.store.pause(self.session_id, kernel.kernel_id, state, idle_before):
+                # the kernel the save ran in: a new one when the save's kernel died and was replaced (the store
+                # already names it), which is stopped too, its variables gone (said above)
+                if not self._services.store.pause(self.session_id, self._kernel.kernel_id, state, idle_before):
                     if state.error is None:
-                        remove_snapshot(self.files)
+                        self._drop_snapshot("the snapshot of a pause that did not happen")
                     if reaping:
                         return None  # used meanwhile (a shell command), or another process replaced the kernel
                     raise SessionError(f"session {self.session_id}: its kernel was replaced while pausing; try again")
@@ -633,31 +662,57 @@ class Session:
                               len(state.names) + len(state.modules), len(state.skipped))
                 return state
 
-    def _save_snapshot(self) -> PausedState:
-        """Save the current kernel's namespace into `.state/` (the kernel keeps running)."""
-        report = self._state_cell("save")
+    def _save_snapshot(self, timeout: float | None = None) -> PausedState:
+        """Save the current kernel's namespace into `.state/` (the kernel keeps running); what a failed save left
+        there is removed."""
+        try:
+            report = self._state_cell("save", timeout)
+        except SessionError:  # timed out, or the kernel died: maybe with a partial snapshot left behind
+            self._drop_snapshot("what a failed save left")
+            raise
         if not report.ok:
+            self._drop_snapshot("what a failed save left")
             if report.full:
                 raise WorkspaceFullError(f"the kernel's variables do not fit in the workspace (its cap is "
                                          f"{self.files.capacity():,} bytes): {report.error}; the session keeps running")
             raise SessionError(f"could not save the kernel's variables: {report.error}; the session keeps running")
+        try:
+            snapshot_size(self.files)
+        except FileError as exc:  # e.g. the sandbox made .state a link: the snapshot would go with its container
+            raise SessionError(f"the kernel's variables were saved, but not into the workspace ({exc}): .state "
+                               "must be a folder of the workspace; the session keeps running") from None
         if self.files.disk is None or not self.files.disk.quota:  # a plain folder: no filesystem stopped it
             used, cap = self.files.usage(), self.files.capacity()
             if used > cap:
-                remove_snapshot(self.files)
+                self._drop_snapshot("a snapshot too large for the workspace")
                 raise WorkspaceFullError(f"the kernel's variables ({report.bytes:,} bytes) do not fit in the "
                                          f"workspace (its cap is {cap:,} bytes); the session keeps running")
         return paused_state(report, self._kernel.lineage)
+
+    def _drop_snapshot(self, what: str) -> str | None:
+        """Remove the snapshot files from `.state/`; when they cannot be (`.state` leads out of the workspace, or is
+        not a folder: never followed), say so in the log and return why."""
+        try:
+            remove_snapshot(self.files)
+            return None
+        except (WorkbenchError, OSError) as exc:
+            self.log.warning("could not remove %s: %s", what, exc)
+            return str(exc)
 
     def _stop_kernel(self) -> None:
         """Stop the kernel, its bridge and container; unmount the workspace (a paused session holds nothing)."""
         self._services.bridge.stop(self.session_id)
         self._kernel.shutdown()
         self._services.remove_sandboxes(self.session_id)
+        self._unmount_workspace()
+
+    def _unmount_workspace(self) -> None:
+        """Let go of the workspace's mount once no kernel uses it (a paused session holds nothing); the next use
+        mounts it again."""
         try:
             self._kernel.disk.unmount()
         except (OSError, WorkbenchError) as exc:
-            self.log.warning("could not unmount the workspace of a paused session: %s", exc)
+            self.log.warning("could not unmount the workspace of a session without a kernel: %s", exc)
 
     def resume(self) -> None:
         """Wake a paused session now rather than on its next use: start a kernel and restore the variables. The
@@ -694,10 +749,9 @@ class Session:
                     return fork
                 finally:
                     if checkpoint:
-                        try:
-                            remove_snapshot(self.files)
-                        except (FileError, OSError) as exc:
-                            self.log.warning("could not remove the fork's snapshot: %s", exc)
+                        self._drop_snapshot("the fork's snapshot")
+                    if record.kernel is None:  # paused, or stopped: mounted for the copy only
+                        self._unmount_workspace()
 
     def notebook(self) -> str:
         """Every execution of the session (code and outputs, oldest first) as a Jupyter notebook: nbformat v4
@@ -732,15 +786,20 @@ class Session:
 
     def _new_kernel(self) -> None:
         """Replace the session's kernel, wherever it runs, with a new one of the current limits (a paused
-        session's saved variables are dropped: a restart means a fresh kernel)."""
-        if self._services.store.get(self.session_id).paused is not None:
-            self._services.store.set_paused(self.session_id, None)
-            remove_snapshot(self.files)
+        session's saved variables are dropped: a restart means a fresh kernel). Until the new kernel runs a paused
+        session stays paused, its snapshot kept; one that cannot be removed afterwards is told by the next result."""
+        paused = self._services.store.get(self.session_id).paused is not None
         self._services.remove_sandboxes(self.session_id)
         self._kernel.restart()
         self._services.store.set_kernel(self.session_id, self._kernel.record())
         self._attached = True
         self._state_lost = True
+        if paused:
+            self._services.store.set_paused(self.session_id, None)
+            left = self._drop_snapshot("the snapshot of a paused session that was restarted")
+            if left is not None:
+                self._state_lost_reason = (f"the kernel was restarted; the paused session's snapshot could not be "
+                                           f"removed from the workspace: {left}")
 
     def _check_open(self) -> None:
         if self.closed:

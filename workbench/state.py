@@ -6,6 +6,7 @@ validated and bounded here. The host never unpickles anything.
 """
 from __future__ import annotations
 
+import os
 import re
 import secrets
 import time
@@ -14,12 +15,13 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, Field, ValidationError
 
 from .errors import SessionError, WorkspaceFileNotFoundError
-from .files import Files
+from .files import FileInfo, Files
 from .kernel import Kernel
 from .store import PausedState
 
 STATE_DIR = ".state"
-SNAPSHOT_FILES = ("namespace.pkl", "manifest.json")
+SNAPSHOT, MANIFEST = "namespace.pkl", "manifest.json"
+_LEFTOVERS = (SNAPSHOT, MANIFEST, f".{SNAPSHOT}.partial", f".{MANIFEST}.partial")  # what a save writes
 _LINE = re.compile(r"^WORKBENCH-STATE ([0-9a-f]{16}) (\{.*\})$", re.MULTILINE)
 _Name = Annotated[str, Field(max_length=256)]
 _Reason = Annotated[str, Field(max_length=1000)]
@@ -63,10 +65,34 @@ def paused_state(report: StateReport, lineage: str) -> PausedState:
                        bytes=report.bytes, lineage=lineage)
 
 
+def snapshot_size(files: Files) -> int:
+    """The size of the snapshot a save just wrote; raises FileError when it is not a file in the workspace (the
+    sandbox made `.state` a link out of it, or something else than a folder)."""
+    with files.open(f"{STATE_DIR}/{SNAPSHOT}") as handle:  # a regular file, reached without leaving the workspace
+        return os.fstat(handle.fileno()).st_size
+
+
 def remove_snapshot(files: Files) -> None:
-    """Remove the snapshot files from the workspace (after a restore, or a fork's checkpoint)."""
-    for name in SNAPSHOT_FILES:
+    """Remove the snapshot files from the workspace (after a restore, a restart, a fork's checkpoint, a failed
+    save). Raises FileError when they cannot be: `.state` leads out of the workspace (never followed there) or is
+    not a folder."""
+    for name in _LEFTOVERS:
         try:
             files.remove(f"{STATE_DIR}/{name}")
         except WorkspaceFileNotFoundError:
             pass
+
+
+def keep_failed_snapshot(files: Files) -> FileInfo | None:
+    """Set aside a snapshot that could not be restored, as `.state/failed-<time>.pkl` (kept for diagnosis; its
+    manifest and any leftovers removed); None when there was no snapshot file. Raises FileError when it cannot be
+    (`.state` leads out of the workspace, never followed there, or is not a folder)."""
+    try:
+        kept: FileInfo | None = files._rename(f"{STATE_DIR}/{SNAPSHOT}", f"failed-{time.strftime('%Y%m%d-%H%M%S')}.pkl")
+    except WorkspaceFileNotFoundError:
+        kept = None
+    if kept is not None and kept.type != "file":  # a link or a folder the sandbox put there: nothing to diagnose
+        files.remove(kept.path)
+        kept = None
+    remove_snapshot(files)
+    return kept

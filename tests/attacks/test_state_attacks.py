@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from workbench import Session, Workbench
-from workbench.errors import WorkspaceFullError
+from workbench.errors import SessionError, WorkspaceFullError
 
 
 def test_a_snapshot_too_large_for_the_workspace_is_refused_and_the_session_keeps_running(wb: Workbench) -> None:
@@ -34,12 +34,19 @@ def test_a_snapshot_too_large_for_the_workspace_is_refused_and_the_session_keeps
 def test_a_corrupt_snapshot_resumes_with_state_lost_and_says_why(fresh: Session) -> None:
     fresh.execute("x = 1")
     fresh.pause()
-    fresh.files.write(".state/namespace.pkl", b"\x80\x05garbage, not a pickle")
+    garbage = b"\x80\x05garbage, not a pickle"
+    fresh.files.write(".state/namespace.pkl", garbage)
     result = fresh.execute("'x' in globals()")
     assert result.text == "False" and result.state_lost and not result.state_restored
     assert "not restored" in (result.state_lost_reason or "") and "Unpickling" in (result.state_lost_reason or "")
     assert "not restored" in str(result)
     assert not fresh.paused
+    # nothing is kept silently: the snapshot is set aside under a name that says what it is, and the reason says so
+    kept = [entry for entry in fresh.files.list(".state")]
+    assert [entry.path.rsplit("/", 1)[1][:7] for entry in kept] == ["failed-"]
+    assert fresh.files.read(kept[0].path) == garbage
+    assert f"kept as {kept[0].path}" in (result.state_lost_reason or "")
+    assert f"({len(garbage)} bytes)" in (result.state_lost_reason or "")
     assert fresh.execute("1 + 1").text == "2"
     assert [e.status for e in fresh.logs() if e.kind == "resume"] == ["state_lost"]
 
@@ -50,7 +57,7 @@ def test_a_missing_snapshot_resumes_with_state_lost_and_says_why(fresh: Session)
     fresh.files.remove(".state")
     result = fresh.execute("'x' in globals()")
     assert result.text == "False" and result.state_lost
-    assert "FileNotFoundError" in (result.state_lost_reason or "")
+    assert "FileNotFoundError" in (result.state_lost_reason or "") and "kept" not in (result.state_lost_reason or "")
 
 
 def test_a_hostile_snapshot_runs_in_the_sandbox_never_on_the_host(fresh: Session, tmp_path: Path) -> None:
@@ -92,6 +99,7 @@ open(d + '/leaf.txt', 'w').write('bottom')
 """)
     fork = fresh.fork()
     try:
+        assert fork.files.exists("link-to-host")  # (mounts the fork's workspace: an unused fork holds no mount)
         root = fork.workspace
         assert os.readlink(root / "link-to-host") == str(secret)  # a link, pointing where it pointed
         assert not (root / "a-fifo").exists()
@@ -104,3 +112,49 @@ open(d + '/leaf.txt', 'w').write('bottom')
         assert owner.text == "True"  # the copies belong to the sandbox user: the fork can change its files
     finally:
         fork.close(delete_workspace=True)
+
+
+def _swap_state_for_link(session: Session, target: str) -> None:
+    """What a sandbox's background thread can leave behind a paused session: its `.state` folder moved aside and a
+    link put in its place (done here from the host, to be certain it happened)."""
+    session.files.exists(".")  # mounts the paused session's workspace
+    root = session.workspace
+    os.rename(root / ".state", root / f".state-moved-{secrets.token_hex(4)}")
+    os.symlink(target, root / ".state")
+
+
+def test_a_state_folder_leading_out_of_the_workspace_is_never_followed(fresh: Session, tmp_path: Path) -> None:
+    outside = tmp_path / "host-state"
+    outside.mkdir()
+    for name in ("namespace.pkl", "manifest.json", ".namespace.pkl.partial", "failed.pkl"):
+        (outside / name).write_bytes(b"the host's own " + name.encode())
+    before = {p.name: p.read_bytes() for p in outside.iterdir()}
+
+    # the kernel points .state at the host's folder (made in its own container too): the pause is refused, clearly
+    assert fresh.execute(f"x = 1\nimport os\nos.makedirs({str(outside)!r}, exist_ok=True)\n"
+                         f"os.symlink({str(outside)!r}, '/workspace/.state')").ok
+    with pytest.raises(SessionError, match="not into the workspace"):
+        fresh.pause()
+    assert not fresh.paused and fresh.execute("x").text == "1"
+
+    # paused, then .state swapped for a link to the host's folder: a restart still restarts, and says what it left
+    assert fresh.execute("os.remove('/workspace/.state')").ok
+    fresh.pause()
+    _swap_state_for_link(fresh, str(outside))
+    fresh.restart()
+    assert not fresh.paused
+    result = fresh.execute("'x' in globals()")
+    assert result.text == "False" and result.state_lost
+    assert "could not be removed" in (result.state_lost_reason or "") and "leads out" in (result.state_lost_reason or "")
+
+    # paused, then .state swapped for a relative link out: the resume loses the variables and says why
+    assert fresh.execute("x = 2\nimport os\nos.remove('/workspace/.state')").ok
+    fresh.pause()
+    _swap_state_for_link(fresh, "../../../" + str(outside).lstrip("/"))
+    result = fresh.execute("'x' in globals()")
+    assert result.text == "False" and result.state_lost and not fresh.paused
+    assert "not restored" in (result.state_lost_reason or "") and "leads out" in (result.state_lost_reason or "")
+    assert fresh.execute("1 + 1").text == "2"  # usable
+
+    fresh.close(delete_workspace=True)
+    assert {p.name: p.read_bytes() for p in outside.iterdir()} == before
