@@ -135,3 +135,19 @@ def test_a_1_gib_file_is_streamed_both_ways(session: Session) -> None:
     assert peak < 32 << 20, f"peak Python memory {peak >> 20} MiB while moving 1 GiB"
     assert session.execute("import os; os.path.getsize('big.bin')").text == str(total)
     session.files.remove("big.bin")
+
+
+def test_rename_keeps_to_its_folder_and_renames_a_link_itself(session: Session) -> None:
+    session.files.write("a.txt", b"hello")
+    session.execute("import os; os.symlink('/etc/passwd', 'link')")
+    info = session.files.rename("a.txt", "b.txt")
+    assert (info.path, info.size) == ("b.txt", 5) and session.files.read("b.txt") == b"hello"
+    assert not session.files.exists("a.txt")
+    assert session.files.rename("link", "moved").type == "symlink"  # the link itself, never its target
+    assert session.execute("print(os.readlink('moved'))").stdout.strip() == "/etc/passwd"
+    for bad in ("../b.txt", "x/y", "", ".", ".."):
+        with pytest.raises(FileError):
+            session.files.rename("b.txt", bad)
+    with pytest.raises(WorkspaceFileNotFoundError):
+        session.files.rename("nothing-here", "c.txt")
+    assert session.files.read("b.txt") == b"hello"

@@ -310,6 +310,9 @@ class AsyncFiles(_Threads):
     async def remove(self, path: str | PurePath) -> None:
         await self._run(self.sync.remove, path)
 
+    async def rename(self, path: str | PurePath, new_name: str) -> FileInfo:
+        return await self._run(self.sync.rename, path, new_name)
+
 
 def _on_loop(loop: asyncio.AbstractEventLoop, callback: Callable[[Any], Any] | None) -> Callable[[Any], None] | None:
     """A callback for the worker thread that hands each call to the event loop, in order."""

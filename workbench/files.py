@@ -246,7 +246,7 @@ class Files:
             except FileNotFoundError:
                 raise WorkspaceFileNotFoundError(f"no file {rel} in the workspace") from None
 
-    def _rename(self, path: str | PurePath, new_name: str) -> FileInfo:
+    def rename(self, path: str | PurePath, new_name: str) -> FileInfo:
         """Give an entry another name in its folder (a link is renamed itself, never followed); its new info."""
         rel = self._relative(path, follow_last=False)
         if rel == "." or new_name in ("", ".", "..") or "/" in new_name or "\0" in new_name:
