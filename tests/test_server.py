@@ -139,6 +139,12 @@ def test_rest_api_end_to_end(served: Server, api_key: str, home: Path) -> None:
 
             invalid = http.post(f"/v1/sessions/{sid}/execute", json={"code": 1, "nope": True})
             assert invalid.status_code == 422 and invalid.json()["error"]["code"] == "invalid_request"
+            assert "body.code" in invalid.json()["error"]["message"]  # where, as every route says it
+            for broken in (b'{"code": ', b"", b"[]", '{"code": "\u00e9"'.encode("latin-1")):
+                answer = http.post(f"/v1/sessions/{sid}/execute", content=broken,
+                                   headers={"Content-Type": "application/json"})
+                assert answer.status_code == 422 and answer.json()["error"]["code"] == "invalid_request", answer.text
+            assert http.post(f"/v1/sessions/{sid}/execute", json={"code": "41 + 1"}).json()["text"] == "42"
         finally:
             assert http.delete(f"/v1/sessions/{sid}").status_code == 204
         gone = http.post(f"/v1/sessions/{sid}/execute", json={"code": "1"})
