@@ -166,7 +166,9 @@ def table(figures: dict[str, Any]) -> Table:
                   f"{pr['resume_vs_cold']:.2f}", "")
         paused = pr["paused"]
         t.add_row(f"{paused['sessions']} paused sessions", f"{paused['containers']} containers", "",
-                  f"{paused['snapshot_kib']:.1f} KiB snapshot each", "", "0 containers")
+                  f"{paused['snapshot_kib']:.1f} KiB snapshot, {paused['disk_per_session_kib']:.0f} KiB disk, "
+                  f"{paused['host_rss_growth_kib_per_session']:+.1f} KiB host memory each; store "
+                  f"{paused['store_kib'] / 1024:.1f} MiB", "", "0 containers, no memory")
     t.add_row("idle session memory", f"{figures['idle_session_mib']:.1f} MiB", "", "", "", "<= 60 MiB")
     t.add_row("live sessions reached", f"{live['reached']} of {live['target']}", "",
               f"{live['create_rate_per_s']:.1f} creates/s", "", "300")
