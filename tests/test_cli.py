@@ -85,3 +85,23 @@ def test_the_demo_runs_and_leaves_nothing_behind(wb: Workbench, tmp_path: Path) 
     with Workbench(home=home, pool_size=0, idle_timeout=None) as again:
         left = wb.docker.containers.list(all=True, filters={"label": f"workbench.home={again.home_label}"})
     assert not left and not any((home / "workspaces").iterdir())
+
+
+def test_only_workbench_gc_pauses_idle_sessions_from_the_command_line(tmp_path: Path, wb: Workbench) -> None:
+    import sqlite3
+
+    with Workbench(home=tmp_path, idle_timeout=None, pool_size=0, docker_client=wb.docker) as first:
+        session = first.create(user_id="dora")
+        session.execute("x = 41")
+    with sqlite3.connect(tmp_path / "workbench.db") as db:  # idle for an hour (no API sets the past)
+        db.execute("UPDATE sessions SET last_used_at = last_used_at - 3600 WHERE session_id = ?",
+                   (session.session_id,))
+    try:
+        assert "running" in cli(tmp_path, "session", "list").stdout  # a command waits on nobody's save
+        shown = cli(tmp_path, "gc").stdout
+        assert f"paused idle session {session.session_id}" in shown, shown
+        assert "paused" in cli(tmp_path, "session", "list").stdout
+        assert cli(tmp_path, "exec", session.session_id, "print(x + 1)").stdout.strip() == "42"
+    finally:
+        cli(tmp_path, "session", "close", session.session_id)
+

@@ -144,7 +144,11 @@ def test_rest_api_end_to_end(served: Server, api_key: str, home: Path) -> None:
                 answer = http.post(f"/v1/sessions/{sid}/execute", content=broken,
                                    headers={"Content-Type": "application/json"})
                 assert answer.status_code == 422 and answer.json()["error"]["code"] == "invalid_request", answer.text
-            assert http.post(f"/v1/sessions/{sid}/execute", json={"code": "41 + 1"}).json()["text"] == "42"
+            plain = http.post(f"/v1/sessions/{sid}/execute", content=b'{"code": "1"}',
+                              headers={"Content-Type": "text/plain"})
+            assert plain.status_code == 422 and "Content-Type" in plain.json()["error"]["message"]
+            assert http.post(f"/v1/sessions/{sid}/execute", content=b'{"code": "41 + 1"}',
+                             headers={"Content-Type": "application/vnd.api+json"}).json()["text"] == "42"
         finally:
             assert http.delete(f"/v1/sessions/{sid}").status_code == 204
         gone = http.post(f"/v1/sessions/{sid}/execute", json={"code": "1"})
@@ -434,3 +438,11 @@ def test_serve_warns_off_loopback_without_tls_and_refuses_a_bad_app(wb: Workbenc
         proc = subprocess.run([sys.executable, "-m", "workbench", "serve", "--app", app, "--port", "1"],
                               capture_output=True, text=True, env=env, cwd=Path(__file__).parent, timeout=60)
         assert proc.returncode == 2 and said in proc.stderr, proc.stderr
+
+
+def test_the_lean_execute_route_runs_inside_the_key_check(wb: Workbench) -> None:
+    from workbench.server.app import build_app
+
+    app = build_app(wb)
+    # Starlette runs user_middleware outermost first: the key check (and body cap) before the execute route
+    assert [m.cls.__name__ for m in app.user_middleware] == ["_Guard", "_LeanExecute"]  # type: ignore[attr-defined]

@@ -311,3 +311,18 @@ def test_export_from_the_command_line(fresh: Session, wb: Workbench, tmp_path: P
     notebook = nbformat.read(target, as_version=4)
     assert notebook.cells[-1].outputs[0]["text"] == "from the cli\n"
     assert fresh.paused  # exporting reads the log; it does not wake the session
+
+
+def test_a_session_whose_container_was_removed_outside_still_pauses(tmp_path: Path, wb: Workbench) -> None:
+    with Workbench(home=tmp_path, idle_timeout=None, pool_size=0, docker_client=wb.docker) as first:
+        session = first.create(user_id="test-user")
+        session.execute("x = 1")
+        for container in wb.docker.containers.list(all=True, filters={"label": f"workbench.session={session.session_id}"}):
+            container.remove(force=True)  # docker rm, an engine reset: the store still names the kernel
+    with Workbench(home=tmp_path, idle_timeout=None, pool_size=0, docker_client=wb.docker) as again:
+        state = again.use(session.session_id).pause()
+        assert state.error is not None and "already stopped" in state.error, state
+        assert again.use(session.session_id).paused
+        result = again.use(session.session_id).execute("1 + 1")
+        assert result.text == "2" and result.state_lost and not result.state_restored, result
+        again.use(session.session_id).close(delete_workspace=True)

@@ -99,10 +99,13 @@ def demo() -> None:
     run_demo(session)
 
 
-def _workbench() -> Workbench:
+def _workbench(reap: bool = False) -> Workbench:
+    """The Workbench of one command: nothing kept warm (one session at most), and idle sessions are left to the
+    reaper of a long-lived Workbench or `workbench serve` (pausing them would keep a command waiting on their saves),
+    but for `workbench gc` (`reap`)."""
     from .client import Workbench
 
-    return Workbench(pool_size=0)  # one command, one session at most: nothing to keep warm
+    return Workbench(pool_size=0) if reap else Workbench(pool_size=0, idle_timeout=None)
 
 
 def _when(timestamp: float) -> str:
@@ -509,17 +512,23 @@ def _served_workbench(app_string: str | None) -> Workbench:
 
 @main.group()
 def keys() -> None:
-    """API keys of `workbench serve`."""
+    """API keys of `workbench serve`, in the store of WORKBENCH_HOME (or WORKBENCH_STORE): set those as for an
+    --app Workbench made with home= or store= of its own."""
 
 
-def _store() -> Store:
+@contextmanager
+def _store() -> Iterator[Store]:
     from .config import default_home
     from .sandbox import private_dir
     from .store import open_store
 
     home = default_home()
     private_dir(home)
-    return open_store(None, home)
+    store = open_store(None, home)
+    try:
+        yield store
+    finally:
+        store.close()
 
 
 @keys.command("create")
@@ -528,7 +537,8 @@ def keys_create(name: str) -> None:
     """Make an API key; it is printed once (only its hash is kept)."""
     from .server.auth import create_key
 
-    record, key = create_key(_store(), name)
+    with _store() as store:
+        record, key = create_key(store, name)
     console.print(f"key {record.key_id} ({escape(record.name)}): shown once, keep it now")
     out.print(key)
 
@@ -537,7 +547,9 @@ def keys_create(name: str) -> None:
 def keys_list() -> None:
     """The API keys (never the keys themselves)."""
     table = Table("id", "name", "created", "status")
-    for record in _store().api_keys():
+    with _store() as store:
+        records = store.api_keys()
+    for record in records:
         table.add_row(record.key_id, Text(record.name), _when(record.created_at),
                       "active" if record.active else f"revoked {_when(record.revoked_at or 0)}")
     out.print(table)
@@ -547,26 +559,30 @@ def keys_list() -> None:
 @click.argument("key_id")
 def keys_revoke(key_id: str) -> None:
     """Revoke an API key: the server refuses it from the next request on."""
-    if not _store().revoke_api_key(key_id):
+    with _store() as store:
+        revoked = store.revoke_api_key(key_id)
+    if not revoked:
         raise click.ClickException(f"no active key {key_id!r} (see workbench keys list)")
     console.print(f"revoked {escape(key_id)}")
 
 
 @main.command()
 def gc() -> None:
-    """Remove orphan containers and stop kernels idle past the idle timeout."""
-    wb = _workbench()
+    """Remove orphan containers and pause sessions idle past the idle timeout."""
+    wb = _workbench(reap=True)
     first, again = wb.startup_gc, wb.gc()  # a workbench cleans up as it starts: report that too
     for line in first.removed + again.removed:
         out.print(f"removed {line}")
+    for session_id in first.paused + again.paused:
+        out.print(f"paused idle session {session_id} (its variables saved)")
     for session_id in first.stopped + again.stopped:
-        out.print(f"stopped idle kernel of {session_id}")
+        out.print(f"stopped idle kernel of {session_id} (its variables could not be saved)")
     for session_id in dict.fromkeys(first.over_cap + again.over_cap):
         out.print(f"stopped the kernel of {session_id}: its workspace is past its size cap")
     for line in dict.fromkeys(again.unknown):  # still running now: the start-up gc saw the same ones
         out.print(f"left alone (running, session unknown to the store) {line}")
-    if not (first.removed or first.stopped or first.over_cap or again.removed or again.stopped or again.over_cap
-            or again.unknown):
+    if not (first.removed or first.paused or first.stopped or first.over_cap or again.removed or again.paused
+            or again.stopped or again.over_cap or again.unknown):
         out.print("nothing to clean")
 
 

@@ -6,12 +6,14 @@ import errno
 import hashlib
 import logging
 import os
+import queue
 import re
 import secrets
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future
+from concurrent.futures import wait as wait_for
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -118,6 +120,8 @@ class Workbench:
         shares the store; it keeps to the sessions placed on it (each replica runs its sessions on its own host)."""
         if not isinstance(answer_limit, int) or answer_limit < MIN_LIMIT:
             raise WorkbenchError(f"answer_limit must be at least {MIN_LIMIT} characters, not {answer_limit!r}")
+        if not idle_save_timeout > 0:
+            raise WorkbenchError(f"idle_save_timeout must be a number of seconds above 0, not {idle_save_timeout!r}")
         self.answer_limit = answer_limit
         self.replica = replica if replica is not None else os.environ.get("WORKBENCH_REPLICA") or None
         self.home = Path(home) if home is not None else default_home()
@@ -151,8 +155,9 @@ class Workbench:
         self._bridge = BridgeServer(lambda: self.tool_timeout)
         self.idle_timeout = idle_timeout
         self.idle_save_timeout = idle_save_timeout
-        self._idle_pool: ThreadPoolExecutor | None = None  # made on first need
-        self._pausing: set[str] = set()  # sessions an idle pause is under way for
+        self._idle_queue: queue.SimpleQueue[tuple[SessionRecord, float] | None] = queue.SimpleQueue()
+        self._idle_workers: list[threading.Thread] = []  # started on first need
+        self._pausing: dict[str, Future[PausedState | None]] = {}  # sessions an idle pause is queued or under way for
         self._pausing_lock = threading.Lock()
         self._stop = threading.Event()
         self._next_walk: dict[str, float] = {}  # session id -> when the watchdog may walk its workspace again
@@ -383,30 +388,45 @@ class Workbench:
         return report
 
     def _pause_idle_later(self, record: SessionRecord, idle_before: float) -> Future[PausedState | None] | None:
-        """Pause an idle session on the idle pool's threads; None when a pause of it is under way already, or the
-        workbench is closing."""
+        """Queue an idle session's pause for the idle workers; None when a pause of it is queued or under way
+        already, or the workbench is closing."""
         with self._pausing_lock:
             if record.session_id in self._pausing or self._stop.is_set():
                 return None
-            if self._idle_pool is None:
-                self._idle_pool = ThreadPoolExecutor(IDLE_WORKERS, thread_name_prefix="workbench-idle")
-            future = self._idle_pool.submit(self._pause_idle, record, idle_before)
-            self._pausing.add(record.session_id)
-            return future
+            if not self._idle_workers:  # daemon threads: a process that ends waits for no idle session's save
+                self._idle_workers = [threading.Thread(target=self._idle_worker, name="workbench-idle", daemon=True)
+                                      for _ in range(IDLE_WORKERS)]
+                for worker in self._idle_workers:
+                    worker.start()
+            future: Future[PausedState | None] = Future()
+            self._pausing[record.session_id] = future
+        self._idle_queue.put((record, idle_before))
+        return future
+
+    def _idle_worker(self) -> None:
+        """Pause the idle sessions queued, one at a time, until the workbench closes."""
+        while (item := self._idle_queue.get()) is not None:
+            record, idle_before = item
+            with self._pausing_lock:
+                future = self._pausing[record.session_id]
+            try:
+                if future.set_running_or_notify_cancel():  # False: cancelled by close()
+                    future.set_result(self._pause_idle(record, idle_before))
+            finally:
+                with self._pausing_lock:
+                    self._pausing.pop(record.session_id, None)
 
     def _pause_idle(self, record: SessionRecord, idle_before: float) -> PausedState | None:
-        """Pause one idle session, its save bounded by `idle_save_timeout` (a thread of the idle pool); never
-        raises: a failure is logged and the next pass tries again."""
+        """Pause one idle session, its save bounded by `idle_save_timeout`; never raises: a failure is logged and
+        the next pass tries again."""
         session_id = record.session_id
         try:
             paused = self.use(session_id).pause_if_idle(
                 idle_before, save_timeout=min(self.idle_save_timeout, self.execute_timeout))
         except Exception as exc:  # closed meanwhile, Docker gone, the store failing
-            log.warning("could not pause idle session %s: %s", session_id, exc, extra={"session_id": session_id})
+            log.warning("could not pause idle session %s: %s", session_id, exc, extra={"session_id": session_id},
+                        exc_info=not isinstance(exc, WorkbenchError))
             return None
-        finally:
-            with self._pausing_lock:
-                self._pausing.discard(session_id)
         if paused is not None:
             log.info("paused session %s, idle since %s%s", session_id, time.ctime(record.last_used_at),
                      "" if paused.error is None else f" (without its variables: {paused.error})",
@@ -551,10 +571,14 @@ class Workbench:
         """Disconnect this process from its sessions; their kernels keep running (see Session.close). The store is
         closed last (what is journaled copied into it): this Workbench cannot be used afterwards."""
         self._stop.set()
-        with self._pausing_lock:  # no pause is started from now on
-            idle_pool = self._idle_pool
-        if idle_pool is not None:
-            idle_pool.shutdown(wait=True, cancel_futures=True)  # a pause under way ends within its save's bound
+        with self._pausing_lock:  # no pause is queued from now on
+            pausing, workers = list(self._pausing.values()), self._idle_workers
+        for future in pausing:
+            future.cancel()  # those not started yet
+        for _ in workers:
+            self._idle_queue.put(None)
+        # a pause under way ends within its save's bound, once it holds the session (a cell may run before it)
+        wait_for(pausing, timeout=min(self.idle_save_timeout, self.execute_timeout) + 30)
         self.pool.close()
         self._bridge.close()
         self.pipeline.close()

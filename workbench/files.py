@@ -247,7 +247,8 @@ class Files:
                 raise WorkspaceFileNotFoundError(f"no file {rel} in the workspace") from None
 
     def rename(self, path: str | PurePath, new_name: str) -> FileInfo:
-        """Give an entry another name in its folder (a link is renamed itself, never followed); its new info."""
+        """Give an entry another name in its folder (a link is renamed itself, never followed); its new info. An
+        entry of that name is replaced, as by `os.rename`."""
         rel = self._relative(path, follow_last=False)
         if rel == "." or new_name in ("", ".", "..") or "/" in new_name or "\0" in new_name:
             raise FileError(f"cannot rename {rel} to {new_name!r}")

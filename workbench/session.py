@@ -631,6 +631,7 @@ class Session:
                     return None
                 started = time.perf_counter()
                 kernel = record.kernel
+                ran_in = kernel.kernel_id if kernel is not None else None  # the kernel the store names now
                 if kernel is None or not self._attach(record):
                     state = PausedState(paused_at=time.time(), error="its kernel had already stopped: there were no "
                                         "variables to save")
@@ -641,14 +642,18 @@ class Session:
                     try:
                         state = self._save_snapshot(save_timeout)
                     except WorkbenchError as exc:
+                        ran_in = self._kernel.kernel_id
                         if not reaping:
                             raise
                         self.log.warning("idle session: its variables could not be saved (%s); stopping it", exc)
                         state = PausedState(paused_at=time.time(), error=f"they could not be saved when the session "
                                             f"was paused for being idle: {exc}")
-                # the kernel the save ran in: a new one when the save's kernel died and was replaced (the store
-                # already names it), which is stopped too, its variables gone (said above)
-                if not self._services.store.pause(self.session_id, self._kernel.kernel_id, state, idle_before):
+                    else:
+                        ran_in = self._kernel.kernel_id
+                # after a save, the kernel it ended in: a new one when the save's kernel died and was replaced (the
+                # store names it already), which is stopped too, its variables gone (said above)
+                assert ran_in is not None
+                if not self._services.store.pause(self.session_id, ran_in, state, idle_before):
                     if state.error is None:
                         self._drop_snapshot("the snapshot of a pause that did not happen")
                     if reaping:
@@ -679,6 +684,7 @@ class Session:
         try:
             snapshot_size(self.files)
         except FileError as exc:  # e.g. the sandbox made .state a link: the snapshot would go with its container
+            self._drop_snapshot("a snapshot that is not a file of the workspace")
             raise SessionError(f"the kernel's variables were saved, but not into the workspace ({exc}): .state "
                                "must be a folder of the workspace; the session keeps running") from None
         if self.files.disk is None or not self.files.disk.quota:  # a plain folder: no filesystem stopped it

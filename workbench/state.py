@@ -88,7 +88,8 @@ def keep_failed_snapshot(files: Files) -> FileInfo | None:
     manifest and any leftovers removed); None when there was no snapshot file. Raises FileError when it cannot be
     (`.state` leads out of the workspace, never followed there, or is not a folder)."""
     try:
-        kept: FileInfo | None = files.rename(f"{STATE_DIR}/{SNAPSHOT}", f"failed-{time.strftime('%Y%m%d-%H%M%S')}.pkl")
+        kept: FileInfo | None = files.rename(f"{STATE_DIR}/{SNAPSHOT}",
+                                             f"failed-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}.pkl")
     except WorkspaceFileNotFoundError:
         kept = None
     if kept is not None and kept.type != "file":  # a link or a folder the sandbox put there: nothing to diagnose
