@@ -682,7 +682,7 @@ class Session:
                                          f"{self.files.capacity():,} bytes): {report.error}; the session keeps running")
             raise SessionError(f"could not save the kernel's variables: {report.error}; the session keeps running")
         try:
-            snapshot_size(self.files)
+            size = snapshot_size(self.files)
         except FileError as exc:  # e.g. the sandbox made .state a link: the snapshot would go with its container
             self._drop_snapshot("a snapshot that is not a file of the workspace")
             raise SessionError(f"the kernel's variables were saved, but not into the workspace ({exc}): .state "
@@ -691,9 +691,9 @@ class Session:
             used, cap = self.files.usage(), self.files.capacity()
             if used > cap:
                 self._drop_snapshot("a snapshot too large for the workspace")
-                raise WorkspaceFullError(f"the kernel's variables ({report.bytes:,} bytes) do not fit in the "
+                raise WorkspaceFullError(f"the kernel's variables ({size:,} bytes) do not fit in the "
                                          f"workspace (its cap is {cap:,} bytes); the session keeps running")
-        return paused_state(report, self._kernel.lineage)
+        return paused_state(report, size, self._kernel.lineage)
 
     def _drop_snapshot(self, what: str) -> str | None:
         """Remove the snapshot files from `.state/`; when they cannot be (`.state` leads out of the workspace, or is

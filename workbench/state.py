@@ -60,14 +60,16 @@ def run_state_cell(kernel: Kernel, action: Literal["save", "restore"], timeout: 
     raise SessionError(f"the sandbox gave no report on {what}: {detail}")
 
 
-def paused_state(report: StateReport, lineage: str) -> PausedState:
+def paused_state(report: StateReport, size: int, lineage: str) -> PausedState:
+    """The record of a pause whose save `report` described; `size` is the snapshot's size as the host measured it
+    (the sandbox's own figure is not taken)."""
     return PausedState(paused_at=time.time(), names=report.names, modules=report.modules, skipped=report.skipped,
-                       bytes=report.bytes, lineage=lineage)
+                       bytes=size, lineage=lineage)
 
 
 def snapshot_size(files: Files) -> int:
-    """The size of the snapshot a save just wrote; raises FileError when it is not a file in the workspace (the
-    sandbox made `.state` a link out of it, or something else than a folder)."""
+    """The size of the snapshot a save just wrote, measured by the host; raises FileError when it is not a regular
+    file of the workspace (the sandbox made `.state` a link out of it, or put a fifo or a link in its place)."""
     with files.open(f"{STATE_DIR}/{SNAPSHOT}") as handle:  # a regular file, reached without leaving the workspace
         return os.fstat(handle.fileno()).st_size
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import pickle
 import secrets
+import time
 from pathlib import Path
 
 import pytest
@@ -158,3 +159,36 @@ def test_a_state_folder_leading_out_of_the_workspace_is_never_followed(fresh: Se
 
     fresh.close(delete_workspace=True)
     assert {p.name: p.read_bytes() for p in outside.iterdir()} == before
+
+
+_LYING_SAVE = """
+import contextlib, io, json, os
+import workbench_sandbox.state as _st
+_honest = _st._save_state
+def _lying(nonce, *args):
+    said = io.StringIO()
+    with contextlib.redirect_stdout(said):
+        _honest(nonce, *args)
+    mark, got, report = said.getvalue().strip().split(' ', 2)
+    print(mark, got, json.dumps({**json.loads(report), 'bytes': 10**18}), flush=True)  # a size the host must not take
+    if os.environ.get('FIFO_TOO') == '1':
+        os.remove('/workspace/.state/namespace.pkl')
+        os.mkfifo('/workspace/.state/namespace.pkl')  # a snapshot the host would hang reading, were it not careful
+_st._save_state = _lying
+x = 41
+"""
+
+
+def test_the_size_of_a_snapshot_is_the_hosts_measure_and_a_fifo_in_its_place_is_refused(fresh: Session) -> None:
+    assert fresh.execute(_LYING_SAVE).ok
+    state = fresh.pause()  # the sandbox claims an exabyte: the paused record holds what the host measured
+    assert state.error is None and 0 < state.bytes < 10 << 20, state
+    assert fresh.execute("x + 1").text == "42"  # restored (the lying save comes back with the namespace)
+    # a module attribute is not a variable: the new kernel's save is honest until the cell sets it again
+    assert fresh.execute("_st._save_state = _lying; os.environ['FIFO_TOO'] = '1'").ok
+    started = time.monotonic()
+    with pytest.raises(SessionError, match="not a regular file"):
+        fresh.pause()
+    assert time.monotonic() - started < 30  # never blocked on the fifo
+    assert not fresh.paused and fresh.execute("x").text == "41"
+    assert not fresh.files.exists(".state/namespace.pkl")  # the fifo went with the refused pause
