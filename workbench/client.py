@@ -155,7 +155,8 @@ class Workbench:
         self._bridge = BridgeServer(lambda: self.tool_timeout)
         self.idle_timeout = idle_timeout
         self.idle_save_timeout = idle_save_timeout
-        self._idle_queue: queue.SimpleQueue[tuple[SessionRecord, float] | None] = queue.SimpleQueue()
+        self._idle_queue: queue.SimpleQueue[tuple[SessionRecord, float, Future[PausedState | None]] | None] = (
+            queue.SimpleQueue())
         self._idle_workers: list[threading.Thread] = []  # started on first need
         self._pausing: dict[str, Future[PausedState | None]] = {}  # sessions an idle pause is queued or under way for
         self._pausing_lock = threading.Lock()
@@ -400,15 +401,13 @@ class Workbench:
                     worker.start()
             future: Future[PausedState | None] = Future()
             self._pausing[record.session_id] = future
-        self._idle_queue.put((record, idle_before))
+        self._idle_queue.put((record, idle_before, future))
         return future
 
     def _idle_worker(self) -> None:
         """Pause the idle sessions queued, one at a time, until the workbench closes."""
         while (item := self._idle_queue.get()) is not None:
-            record, idle_before = item
-            with self._pausing_lock:
-                future = self._pausing[record.session_id]
+            record, idle_before, future = item
             try:
                 if future.set_running_or_notify_cancel():  # False: cancelled by close()
                     future.set_result(self._pause_idle(record, idle_before))

@@ -631,28 +631,25 @@ class Session:
                     return None
                 started = time.perf_counter()
                 kernel = record.kernel
-                ran_in = kernel.kernel_id if kernel is not None else None  # the kernel the store names now
                 if kernel is None or not self._attach(record):
                     state = PausedState(paused_at=time.time(), error="its kernel had already stopped: there were no "
                                         "variables to save")
                     if kernel is None:
                         self._services.store.set_paused(self.session_id, state)
                         return state
+                    ran_in = kernel.kernel_id  # the kernel the store names (this object never reached it)
                 else:
                     try:
                         state = self._save_snapshot(save_timeout)
                     except WorkbenchError as exc:
-                        ran_in = self._kernel.kernel_id
                         if not reaping:
                             raise
                         self.log.warning("idle session: its variables could not be saved (%s); stopping it", exc)
                         state = PausedState(paused_at=time.time(), error=f"they could not be saved when the session "
                                             f"was paused for being idle: {exc}")
-                    else:
-                        ran_in = self._kernel.kernel_id
-                # after a save, the kernel it ended in: a new one when the save's kernel died and was replaced (the
-                # store names it already), which is stopped too, its variables gone (said above)
-                assert ran_in is not None
+                    # the kernel the save ended in: a new one when the save's kernel died and was replaced (the
+                    # store names it already), which is stopped too, its variables gone (said above)
+                    ran_in = self._kernel.kernel_id
                 if not self._services.store.pause(self.session_id, ran_in, state, idle_before):
                     if state.error is None:
                         self._drop_snapshot("the snapshot of a pause that did not happen")
