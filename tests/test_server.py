@@ -329,7 +329,9 @@ def test_a_client_that_disconnects_from_a_plain_execute_leaves_the_session_usabl
 
 
 def test_executions_on_one_session_from_many_clients_stay_in_order(served: Server, api_key: str) -> None:
-    """8 clients on the same session, each sending its 10 executions in order: each one's land in order."""
+    """8 clients on the same session, each sending its 10 executions in order: each one's land in order, all 80.
+    Then executions queued by 6 clients while the session is busy, 100 ms apart: they run in the order sent (the
+    server hands none of them to the kernel ahead of one that came before it)."""
     threads, steps = 8, 10
     with RemoteWorkbench(served.url, api_key) as wb, wb.create(user_id="shared", limits={"memory": "256m"}) as s:
         s.execute("seq = []")
@@ -346,6 +348,23 @@ def test_executions_on_one_session_from_many_clients_stay_in_order(served: Serve
         assert sorted(seq) == [(t, i) for t in range(threads) for i in range(steps)]  # all 80, once each
         for t in range(threads):
             assert [i for u, i in seq if u == t] == list(range(steps))
+
+        s.execute("order = []")
+        queued = [RemoteWorkbench(served.url, api_key) for _ in range(6)]
+        try:
+            sessions = [each.use(s.session_id) for each in queued]  # each on a connection of its own
+            with ThreadPoolExecutor(7) as pool:
+                blocker = pool.submit(s.execute, "import time\ntime.sleep(1.5)")
+                time.sleep(0.3)
+                sent = []
+                for i, each in enumerate(sessions):
+                    sent.append(pool.submit(each.execute, f"order.append({i})"))
+                    time.sleep(0.1)
+                assert blocker.result().ok and all(f.result().ok for f in sent)
+        finally:
+            for each in queued:
+                each.close()
+        assert s.execute("order").text == str(list(range(6)))
         s.close(delete_workspace=True)
 
 
@@ -438,11 +457,3 @@ def test_serve_warns_off_loopback_without_tls_and_refuses_a_bad_app(wb: Workbenc
         proc = subprocess.run([sys.executable, "-m", "workbench", "serve", "--app", app, "--port", "1"],
                               capture_output=True, text=True, env=env, cwd=Path(__file__).parent, timeout=60)
         assert proc.returncode == 2 and said in proc.stderr, proc.stderr
-
-
-def test_the_lean_execute_route_runs_inside_the_key_check(wb: Workbench) -> None:
-    from workbench.server.app import build_app
-
-    app = build_app(wb)
-    # Starlette runs user_middleware outermost first: the key check (and body cap) before the execute route
-    assert [m.cls.__name__ for m in app.user_middleware] == ["_Guard", "_LeanExecute"]  # type: ignore[attr-defined]
