@@ -19,6 +19,7 @@ from served import Server
 from workbench import (
     AsyncRemoteWorkbench,
     ConflictError,
+    FileError,
     PathOutsideWorkspaceError,
     RemoteWorkbench,
     SessionClosedError,
@@ -179,6 +180,16 @@ def test_remote_workbench_has_the_same_api(served: Server, api_key: str) -> None
             s.files.read("/etc/passwd")
         with pytest.raises(WorkspaceFileNotFoundError):
             s.files.remove("nothing-here")
+        s.files.write("old.txt", b"kept")
+        assert s.files.rename("old.txt", "big.bin").path == "big.bin" and s.files.read("big.bin") == b"kept"
+        assert not s.files.exists("old.txt")  # an entry of the new name is replaced, as by os.rename
+        with pytest.raises(WorkspaceFileNotFoundError):
+            s.files.rename("nothing-here", "x")
+        for path, new_name in (("big.bin", "../escaped"), ("big.bin", "a/b"), ("../../etc/passwd", "x")):
+            with pytest.raises(FileError):  # PathOutsideWorkspaceError is a FileError too
+                s.files.rename(path, new_name)
+        assert s.files.read("big.bin") == b"kept"
+        assert 0 < s.files.usage() < s.files.capacity() == s.limits.workspace_size
         assert s.execute_tool("TEST_ECHO", {"text": "hi"}).data == {"echo": "hi"}
         assert [r.data for r in s.execute_tools([("TEST_ECHO", {"text": "a"}), ("TEST_ECHO", {"text": "b"})])] == [
             {"echo": "a"}, {"echo": "b"}]
@@ -269,6 +280,8 @@ def test_async_remote_workbench(served: Server, api_key: str) -> None:
                                              for i, s in enumerate(sessions)))
             await sessions[0].files.write("a.txt", b"async")
             assert await sessions[0].files.read("a.txt") == b"async"
+            assert (await sessions[0].files.rename("a.txt", "b.txt")).size == 5
+            assert await sessions[0].files.read("b.txt") == b"async"
             assert sorted(seen) == ["0\n", "1\n"]
             await asyncio.gather(*(s.close(delete_workspace=True) for s in sessions))
             return [r.text for r in results]

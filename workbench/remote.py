@@ -411,10 +411,10 @@ class _SessionState:
         self.config: SessionConfig = info.config
         self.config_version = info.config_version
         self.mcp: McpConfig | None = info.mcp
+        """The session's MCP endpoint: `mcp.url` and the `mcp.headers` to send (its bearer token)."""
         self.replica: str | None = info.replica
         """In a cluster, the replica whose host runs the session (None on a lone server)."""
         self._paused = info.paused is not None
-        """The session's MCP endpoint: `mcp.url` and the `mcp.headers` to send (its bearer token)."""
 
     @property
     def limits(self) -> Limits:
@@ -597,6 +597,19 @@ class RemoteFiles:
 
     def remove(self, path: str | PurePath) -> None:
         self._channel.request("DELETE", "/files", params={"path": os.fspath(path)})
+
+    def rename(self, path: str | PurePath, new_name: str) -> FileInfo:
+        """Give an entry another name in its folder (see `Files.rename`); its new info."""
+        return FileInfo.model_validate_json(self._channel.request(
+            "POST", "/files/rename", json={"path": os.fspath(path), "new_name": new_name}).content)
+
+    def usage(self) -> int:
+        """Bytes held by the workspace's files."""
+        return int(self._channel.request("GET", "/files/usage").json()["used"])
+
+    def capacity(self) -> int:
+        """The workspace's size cap in bytes."""
+        return int(self._channel.request("GET", "/files/usage").json()["capacity"])
 
 
 class _Reader:
@@ -865,6 +878,11 @@ class AsyncRemoteFiles:
 
     async def remove(self, path: str | PurePath) -> None:
         await self._channel.request("DELETE", "/files", params={"path": os.fspath(path)})
+
+    async def rename(self, path: str | PurePath, new_name: str) -> FileInfo:
+        response = await self._channel.request("POST", "/files/rename",
+                                                json={"path": os.fspath(path), "new_name": new_name})
+        return FileInfo.model_validate_json(response.content)
 
 
 async def _aiter(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:

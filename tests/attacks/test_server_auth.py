@@ -68,6 +68,8 @@ def test_another_keys_session_is_not_there(served: Server, victim: str) -> None:
             http.put(f"/v1/sessions/{victim}/files/content", params={"path": "a.txt"}, content=b"overwritten"),
             http.delete(f"/v1/sessions/{victim}/files", params={"path": "a.txt"}),
             http.get(f"/v1/sessions/{victim}/files"),
+            http.post(f"/v1/sessions/{victim}/files/rename", json={"path": "a.txt", "new_name": "b.txt"}),
+            http.get(f"/v1/sessions/{victim}/files/usage"),
             http.patch(f"/v1/sessions/{victim}", json={"toolkits": ["github"]}),
             http.post(f"/v1/sessions/{victim}/tools/execute", json={"slug": "TEST_ECHO", "arguments": {"text": "x"}}),
             http.post(f"/v1/sessions/{victim}/tool_calls", json={"name": "WORKBENCH_REMOTE_BASH_TOOL",

@@ -51,9 +51,11 @@ from .models import (
     Execute,
     ExecuteTool,
     ExecuteTools,
+    FilesUsage,
     HandleToolCall,
     HandleToolCalls,
     McpConfig,
+    RenameFile,
     RunCommand,
     SearchTools,
     SessionInfo,
@@ -707,6 +709,24 @@ def create_app(
         key = key_of(request)
         await run(lambda: session_of(key, session_id).files.remove(path))
         return Response(status_code=204)
+
+    @app.post("/v1/sessions/{session_id}/files/rename", response_model=FileInfo, tags=["files"])
+    async def rename_file(session_id: str, body: RenameFile, request: Request) -> Response:
+        """Give an entry another name in its folder (a link is renamed itself); an entry of that name is
+        replaced."""
+        key = key_of(request)
+        return _json(await run(lambda: session_of(key, session_id).files.rename(body.path, body.new_name)))
+
+    @app.get("/v1/sessions/{session_id}/files/usage", response_model=FilesUsage, tags=["files"])
+    async def files_usage(session_id: str, request: Request) -> Response:
+        """Bytes held by the workspace's files, and its size cap."""
+        key = key_of(request)
+
+        def usage() -> FilesUsage:
+            files = session_of(key, session_id).files
+            return FilesUsage(used=files.usage(), capacity=files.capacity())
+
+        return _json(await run(usage))
 
     # tools ----------------------------------------------------------------------------------------------------
 

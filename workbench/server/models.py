@@ -58,6 +58,16 @@ class Execute(_Body):
     timeout: float | None = Field(default=None, gt=0, le=86_400)
 
 
+class RenameFile(_Body):
+    path: str
+    new_name: str = Field(description="the entry's new name in the same folder (no /)")
+
+
+class FilesUsage(BaseModel):
+    used: int = Field(description="bytes held by the workspace's files")
+    capacity: int = Field(description="the workspace's size cap in bytes")
+
+
 class RunCommand(_Body):
     cmd: str
     timeout: float = Field(default=60, gt=0, le=86_400)
