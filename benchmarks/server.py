@@ -4,9 +4,10 @@
 
 Latency: a trivial cell (`1`) through REST (`RemoteWorkbench`, keep-alive connection) and through
 `Session.execute` in this process, on twin sessions (one client attached to each kernel), interleaved (each pair
-in alternating order); the added time is the median of the paired differences. Throughput: `clients` sessions,
-each driven by a client of its own in a loop of trivial executions for `seconds`, through REST (a RemoteWorkbench
-per client) and then in-process (a thread per session), executions per second of each. MCP (`mcp_*`): the same cell
+in alternating order); the added time is the median of the paired differences. Throughput: `clients` sessions
+driven through REST (a RemoteWorkbench per client) and `clients` sessions in-process (a thread per session), each
+client in a loop of trivial executions; the two loads take turns, 4 rounds of `seconds` / 4 each, and the figure of
+each is its executions per second, the mean of its rounds. MCP (`mcp_*`): the same cell
 through `WORKBENCH_REMOTE_WORKBENCH` on the served session's own MCP endpoint (`session.mcp.url` with
 `session.mcp.headers`, the official `mcp` client over Streamable HTTP, one client session), interleaved with the
 in-process call likewise.
@@ -39,6 +40,7 @@ from workbench import RemoteSession, RemoteWorkbench, Session, Workbench
 from workbench.server.auth import create_key
 
 CELL = "1"
+ROUNDS = 4  # of each load, in turn
 
 
 def _free_port() -> int:
@@ -117,7 +119,7 @@ def _throughput(runs: list[Callable[[], Any]], seconds: float) -> float:
     threads = [threading.Thread(target=_loop, args=(run, stop, counts, i)) for i, run in enumerate(runs)]
     for thread in threads:
         thread.start()
-    time.sleep(min(2.0, seconds / 4))  # warm-up: every client has its connection and its session attached
+    time.sleep(min(1.0, seconds / 4))  # warm-up: every client has its connection and its session attached
     start, begun = sum(counts), time.perf_counter()
     time.sleep(seconds)
     done, took = sum(counts) - start, time.perf_counter() - begun
@@ -155,11 +157,16 @@ def measure(wb: Workbench, pairs: int = 300, clients: int = 50, seconds: float =
 
         sessions = [remote.create(user_id=f"bench-{i}", limits={"memory": "128m"}) for i in range(clients)]
         clients_ = [RemoteWorkbench(served.url, key).use(s.session_id) for s in sessions]
-        over_rest = _throughput([lambda c=c: c.execute(CELL) for c in clients_], seconds)
+        locals_: list[Session] = [wb.create(user_id=f"bench-{i}", limits={"memory": "128m"}) for i in range(clients)]
+        loads = {"rest": [lambda c=c: c.execute(CELL) for c in clients_],
+                 "in_process": [lambda s=s: s.execute(CELL) for s in locals_]}
+        rates: dict[str, list[float]] = {"rest": [], "in_process": []}
+        for i in range(ROUNDS):  # alternating, so that a drift of the machine's speed weighs on both alike
+            for which in (("rest", "in_process") if i % 2 == 0 else ("in_process", "rest")):
+                rates[which].append(_throughput(loads[which], seconds / ROUNDS))
+        over_rest, in_process = statistics.fmean(rates["rest"]), statistics.fmean(rates["in_process"])
         for s in sessions:
             s.close(delete_workspace=True)
-        locals_: list[Session] = [wb.create(user_id=f"bench-{i}", limits={"memory": "128m"}) for i in range(clients)]
-        in_process = _throughput([lambda s=s: s.execute(CELL) for s in locals_], seconds)
         for each in locals_:
             each.close(delete_workspace=True)
     finally:
@@ -172,7 +179,8 @@ def measure(wb: Workbench, pairs: int = 300, clients: int = 50, seconds: float =
         "mcp_p50_ms": ms(mcp), "mcp_bare_p50_ms": ms(mcp_bare), "mcp_ratio": ms(mcp) / ms(mcp_bare),
         "mcp_added_ms": ms([m - b for m, b in zip(mcp, mcp_bare, strict=True)]),
         "clients": clients, "seconds": seconds, "rest_per_s": over_rest, "in_process_per_s": in_process,
-        "throughput_ratio": over_rest / in_process,
+        "throughput_ratio": over_rest / in_process, "rounds": ROUNDS,
+        "round_ratios": [r / b for r, b in zip(rates["rest"], rates["in_process"], strict=True)],
         "baseline": "Session.execute in the benchmark's process on twin sessions, same run"}
     return figures
 
