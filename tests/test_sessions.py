@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from workbench import AsyncWorkbench, Session, Workbench
+from workbench import AsyncWorkbench, ExecutionResult, Session, Workbench
 from workbench.errors import ConflictError, SessionClosedError, SessionError
 from workbench.kernel import Kernel
 
@@ -245,4 +245,31 @@ def test_a_stale_update_changes_neither_config_nor_disk(wb: Workbench) -> None:
         assert first.execute("1 + 1").text == "2"  # the kernel was not stopped for a resize either
     finally:
         other.close()
+        first.close(delete_workspace=True)
+
+
+def test_a_restart_from_another_process_waits_for_the_running_cell(wb: Workbench) -> None:
+    """restart(), and an update that needs a new kernel, never cut off another process's cell: they wait for it
+    (the cell ends with its result), and past `execute_timeout` they give up, changing nothing."""
+    first = wb.create(user_id="test-user")
+    other = Workbench(home=wb.home, pool_size=0, idle_timeout=None, execute_timeout=30)
+    impatient = Workbench(home=wb.home, pool_size=0, idle_timeout=None, execute_timeout=0.5)
+    try:
+        first.execute("x = 1")
+        for change in (lambda s: s.restart(), lambda s: s.update(limits={"pids": 300}, restart_if_needed=True)):
+            results: list[ExecutionResult] = []
+            running = threading.Thread(target=lambda out=results: out.append(first.execute("import time\ntime.sleep(2)\nx")))
+            running.start()
+            time.sleep(0.5)
+            with pytest.raises(SessionError, match=r"it was not restarted|its config was not changed"):
+                change(impatient.use(first.session_id))
+            change(other.use(first.session_id))
+            running.join()
+            assert results[0].ok and results[0].text == "1", results[0]  # the cell ran to its end, variables intact
+            assert first.execute("x").error is not None  # then the kernel was new
+            first.execute("x = 1")
+        assert wb.store.get(first.session_id).config.limits.pids == 300
+    finally:
+        other.close()
+        impatient.close()
         first.close(delete_workspace=True)

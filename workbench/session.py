@@ -1,6 +1,7 @@
 """A session: one user's kernel, workspace and configuration."""
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import logging
@@ -8,7 +9,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -302,22 +303,26 @@ class Session:
                                    "variables: pass restart_if_needed=True")
             config = self.config.changed(toolkits=toolkits, tools=tools, limits=new_limits,
                                          offload_threshold=offload_threshold, metadata=metadata)
-            if new_limits.workspace_size != self.limits.workspace_size:
-                # the disk changes only for an update that is not stale (checked again when it is stored)
-                current = self._services.store.get(self.session_id).config_version
-                if current != self.config_version:
-                    raise ConflictError(f"session {self.session_id} config is at version {current}, not "
-                                        f"{self.config_version}: reload it (wb.use) and apply the change again")
-                needs_restart |= self._resize_workspace(new_limits.workspace_size, restart_if_needed)
-            self.config_version = self._services.store.update_config(self.session_id, config, self.config_version)
-            self.config = config
-            self._config_cache = None
-            self._kernel.limits = new_limits
-            if needs_restart:
-                self._new_kernel()
-            elif limits is not None and self._services.store.get(self.session_id).kernel is not None:
-                self._sync(config=False)
-                self._kernel.apply_limits()
+            resize = new_limits.workspace_size != self.limits.workspace_size
+            # a new kernel or disk waits for another process's cell to end, rather than cutting it off
+            with self._held("its config was not changed") if needs_restart or resize else contextlib.nullcontext():
+                if resize:
+                    # the disk changes only for an update that is not stale (checked again when it is stored)
+                    current = self._services.store.get(self.session_id).config_version
+                    if current != self.config_version:
+                        raise ConflictError(f"session {self.session_id} config is at version {current}, not "
+                                            f"{self.config_version}: reload it (wb.use) and apply the change again")
+                    needs_restart |= self._resize_workspace(new_limits.workspace_size, restart_if_needed)
+                self.config_version = self._services.store.update_config(self.session_id, config,
+                                                                         self.config_version)
+                self.config = config
+                self._config_cache = None
+                self._kernel.limits = new_limits
+                if needs_restart:
+                    self._new_kernel()
+                elif limits is not None and self._services.store.get(self.session_id).kernel is not None:
+                    self._sync(config=False)
+                    self._kernel.apply_limits()
             return self.config_version
 
     def execute_tool(
@@ -426,10 +431,23 @@ class Session:
         return self._services.store.logs(self.session_id, limit)
 
     def restart(self) -> None:
-        """Restart the kernel: variables are lost, the workspace is kept."""
+        """Restart the kernel: variables are lost, the workspace is kept. A cell another process runs on the session
+        is waited for (up to `execute_timeout`; SessionError past it), never cut off."""
         with self._lock:
             self._check_open()
-            self._new_kernel()
+            with self._held("it was not restarted"):
+                self._new_kernel()
+
+    @contextlib.contextmanager
+    def _held(self, undone: str) -> Iterator[None]:
+        """The session's lock across processes, for work on its kernel: waits up to `execute_timeout` for another
+        process's cell, then raises SessionError ending with `undone`."""
+        timeout = self._services.execute_timeout
+        with _SessionFileLock(self._services.home, self.session_id, timeout) as waited:
+            if waited is None:
+                raise SessionError(f"session {self.session_id}: another process's cell held it for {timeout:g}s; "
+                                   f"{undone}")
+            yield
 
     def close(self, delete_workspace: bool = False) -> None:
         """Stop the kernel and remove its container; the workspace is kept unless `delete_workspace`.
@@ -720,25 +738,18 @@ class Session:
     def resume(self) -> None:
         """Wake a paused session now rather than on its next use: start a kernel and restore the variables. The
         next result says `state_restored` (or `state_lost`, with the reason). Does nothing to a running session."""
-        timeout = self._services.execute_timeout
         with self._lock:
             self._check_open()
-            with _SessionFileLock(self._services.home, self.session_id, timeout) as waited:
-                if waited is None:
-                    raise SessionError(f"session {self.session_id}: another process's cell held it for {timeout:g}s")
+            with self._held("it was not resumed"):
                 self._sync(restore=True)
 
     def fork(self) -> Session:
         """A new session of the same user with this one's config, metadata, a copy of its workspace and its
         variables (restored on the fork's first use, as for a paused session). Afterwards the two are independent.
         """
-        timeout = self._services.execute_timeout
         with self._lock:
             self._check_open()
-            with _SessionFileLock(self._services.home, self.session_id, timeout) as waited:
-                if waited is None:
-                    raise SessionError(f"session {self.session_id}: another process's cell held it for {timeout:g}s; "
-                                       "it was not forked")
+            with self._held("it was not forked"):
                 record = self._open_record()
                 checkpoint = False
                 state: PausedState | None = record.paused
