@@ -15,6 +15,7 @@ in-process call likewise.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -133,6 +134,8 @@ def measure(wb: Workbench, pairs: int = 300, clients: int = 50, seconds: float =
     """Milliseconds (p50s, paired overhead) and executions per second; see the module's docstring."""
     _, key = create_key(wb.store, f"bench-{os.getpid()}")
     served = _Served(wb.home)
+    sessions: list[RemoteSession] = []
+    locals_: list[Session] = []
     try:
         remote = RemoteWorkbench(served.url, key)
         rs = remote.create(user_id="bench", limits={"memory": "256m"})
@@ -155,9 +158,10 @@ def measure(wb: Workbench, pairs: int = 300, clients: int = 50, seconds: float =
         rs.close(delete_workspace=True)
         local.close(delete_workspace=True)
 
-        sessions = [remote.create(user_id=f"bench-{i}", limits={"memory": "128m"}) for i in range(clients)]
+        for i in range(clients):
+            sessions.append(remote.create(user_id=f"bench-{i}", limits={"memory": "128m"}))
+            locals_.append(wb.create(user_id=f"bench-{i}", limits={"memory": "128m"}))
         clients_ = [RemoteWorkbench(served.url, key).use(s.session_id) for s in sessions]
-        locals_: list[Session] = [wb.create(user_id=f"bench-{i}", limits={"memory": "128m"}) for i in range(clients)]
         loads = {"rest": [lambda c=c: c.execute(CELL) for c in clients_],
                  "in_process": [lambda s=s: s.execute(CELL) for s in locals_]}
         rates: dict[str, list[float]] = {"rest": [], "in_process": []}
@@ -165,11 +169,10 @@ def measure(wb: Workbench, pairs: int = 300, clients: int = 50, seconds: float =
             for which in (("rest", "in_process") if i % 2 == 0 else ("in_process", "rest")):
                 rates[which].append(_throughput(loads[which], seconds / ROUNDS))
         over_rest, in_process = statistics.fmean(rates["rest"]), statistics.fmean(rates["in_process"])
-        for s in sessions:
-            s.close(delete_workspace=True)
-        for each in locals_:
-            each.close(delete_workspace=True)
     finally:
+        for each in [*sessions, *locals_]:  # on a failure too: no kernel outlives the benchmark
+            with contextlib.suppress(Exception):
+                each.close(delete_workspace=True)
         served.stop()
         wb.gc()  # this process mounted the workspaces too (its in-process runs): unmount what is closed
     ms = lambda values: statistics.median(values) * 1000

@@ -35,3 +35,16 @@ def test_every_remote_method_matches_the_local_one(local: type, remote: type) ->
         ours = [_shape(p) for p in inspect.signature(method).parameters.values()]
         assert ours == theirs, f"{remote.__name__}.{name}"
         assert inspect.iscoroutinefunction(method) == inspect.iscoroutinefunction(getattr(local, name)), name
+
+
+LOCAL_ONLY = {  # what only makes sense beside the engine: its images, its gc, its Docker client, host paths
+    "RemoteWorkbench": {"build_image", "gc"}, "AsyncRemoteWorkbench": {"build_image", "gc"},
+    "RemoteSession": {"disconnect", "handle_bridge_request", "pause_if_idle"},
+    "RemoteFiles": {"writer"},  # write() takes a file object or an iterator of chunks, streamed
+}
+
+
+@pytest.mark.parametrize(("local", "remote"), PAIRS, ids=[r.__name__ for _, r in PAIRS])
+def test_every_local_method_has_a_remote_twin(local: type, remote: type) -> None:
+    missing = set(_public(local)) - set(_public(remote)) - LOCAL_ONLY.get(remote.__name__, set())
+    assert not missing, f"{remote.__name__} lacks {sorted(missing)}"

@@ -188,6 +188,11 @@ def test_remote_workbench_has_the_same_api(served: Server, api_key: str) -> None
         for path, new_name in (("big.bin", "../escaped"), ("big.bin", "a/b"), ("../../etc/passwd", "x")):
             with pytest.raises(FileError):  # PathOutsideWorkspaceError is a FileError too
                 s.files.rename(path, new_name)
+        with served.client(api_key) as http:  # JSON can carry a lone surrogate, which no file name can hold
+            for body in ({"path": "big.bin", "new_name": "\ud800"}, {"path": "\ud800", "new_name": "x"}):
+                answer = http.post(f"/v1/sessions/{s.session_id}/files/rename", content=json.dumps(body),
+                                   headers={"Content-Type": "application/json"})
+                assert answer.status_code == 400 and answer.json()["error"]["code"] == "file_error", answer.text
         assert s.files.read("big.bin") == b"kept"
         assert 0 < s.files.usage() < s.files.capacity() == s.limits.workspace_size
         assert s.execute_tool("TEST_ECHO", {"text": "hi"}).data == {"echo": "hi"}
@@ -343,7 +348,7 @@ def test_a_client_that_disconnects_from_a_plain_execute_leaves_the_session_usabl
 
 def test_executions_on_one_session_from_many_clients_stay_in_order(served: Server, api_key: str) -> None:
     """8 clients on the same session, each sending its 10 executions in order: each one's land in order, all 80.
-    Then executions queued by 6 clients while the session is busy, 100 ms apart: they run in the order sent (the
+    Then executions queued by 6 clients while the session is busy, 250 ms apart: they run in the order sent (the
     server hands none of them to the kernel ahead of one that came before it)."""
     threads, steps = 8, 10
     with RemoteWorkbench(served.url, api_key) as wb, wb.create(user_id="shared", limits={"memory": "256m"}) as s:
@@ -367,12 +372,15 @@ def test_executions_on_one_session_from_many_clients_stay_in_order(served: Serve
         try:
             sessions = [each.use(s.session_id) for each in queued]  # each on a connection of its own
             with ThreadPoolExecutor(7) as pool:
-                blocker = pool.submit(s.execute, "import time\ntime.sleep(1.5)")
-                time.sleep(0.3)
+                blocker = pool.submit(s.execute, "import pathlib, time\npathlib.Path('busy').touch()\ntime.sleep(3)")
+                deadline = time.monotonic() + 60
+                while not s.files.exists("busy") and time.monotonic() < deadline:
+                    time.sleep(0.05)
                 sent = []
                 for i, each in enumerate(sessions):
                     sent.append(pool.submit(each.execute, f"order.append({i})"))
-                    time.sleep(0.1)
+                    time.sleep(0.25)
+                assert not blocker.done(), "the cell ended before every execution was queued behind it"
                 assert blocker.result().ok and all(f.result().ok for f in sent)
         finally:
             for each in queued:

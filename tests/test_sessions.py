@@ -10,13 +10,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from workbench import AsyncWorkbench, ExecutionResult, Session, Workbench
-from workbench.errors import ConflictError, SessionClosedError, SessionError
+from workbench.errors import ConflictError, SessionBusyError, SessionClosedError, SessionError
 from workbench.kernel import Kernel
 
 RESUME = """
@@ -250,23 +251,32 @@ def test_a_stale_update_changes_neither_config_nor_disk(wb: Workbench) -> None:
 
 def test_a_restart_from_another_process_waits_for_the_running_cell(wb: Workbench) -> None:
     """restart(), and an update that needs a new kernel, never cut off another process's cell: they wait for it
-    (the cell ends with its result), and past `execute_timeout` they give up, changing nothing."""
+    (the cell ends with its result), and past `execute_timeout` they give up with SessionBusyError, changing
+    nothing."""
     first = wb.create(user_id="test-user")
-    other = Workbench(home=wb.home, pool_size=0, idle_timeout=None, execute_timeout=30)
+    other = Workbench(home=wb.home, pool_size=0, idle_timeout=None, execute_timeout=60)
     impatient = Workbench(home=wb.home, pool_size=0, idle_timeout=None, execute_timeout=0.5)
     try:
         first.execute("x = 1")
-        for change in (lambda s: s.restart(), lambda s: s.update(limits={"pids": 300}, restart_if_needed=True)):
+        patient, hasty = other.use(first.session_id), impatient.use(first.session_id)
+        changes: list[Callable[[Session], object]] = [
+            lambda s: s.restart(), lambda s: s.update(limits={"pids": 300}, restart_if_needed=True)]
+        for change in changes:
             results: list[ExecutionResult] = []
-            running = threading.Thread(target=lambda out=results: out.append(first.execute("import time\ntime.sleep(2)\nx")))
+            running = threading.Thread(target=lambda out=results: out.append(first.execute(
+                "import pathlib, time\npathlib.Path('running').touch()\ntime.sleep(3)\nx")))
             running.start()
-            time.sleep(0.5)
-            with pytest.raises(SessionError, match=r"it was not restarted|its config was not changed"):
-                change(impatient.use(first.session_id))
-            change(other.use(first.session_id))
+            deadline = time.monotonic() + 60
+            while not first.files.exists("running") and time.monotonic() < deadline:
+                time.sleep(0.05)
+            with pytest.raises(SessionBusyError):
+                change(hasty)
+            assert wb.store.get(first.session_id).config.limits.pids != 300  # the timed-out update changed nothing
+            change(patient)
             running.join()
-            assert results[0].ok and results[0].text == "1", results[0]  # the cell ran to its end, variables intact
+            assert results and results[0].ok and results[0].text == "1", results  # ran to its end, variables intact
             assert first.execute("x").error is not None  # then the kernel was new
+            first.files.remove("running")
             first.execute("x = 1")
         assert wb.store.get(first.session_id).config.limits.pids == 300
     finally:

@@ -313,6 +313,14 @@ class AsyncFiles(_Threads):
     async def rename(self, path: str | PurePath, new_name: str) -> FileInfo:
         return await self._run(self.sync.rename, path, new_name)
 
+    async def usage(self) -> int:
+        """Bytes held by the workspace's files."""
+        return await self._run(self.sync.usage)
+
+    async def capacity(self) -> int:
+        """The workspace's size cap in bytes."""
+        return await self._run(self.sync.capacity)
+
 
 def _on_loop(loop: asyncio.AbstractEventLoop, callback: Callable[[Any], Any] | None) -> Callable[[Any], None] | None:
     """A callback for the worker thread that hands each call to the event loop, in order."""

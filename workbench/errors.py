@@ -54,6 +54,11 @@ class ReplicaUnavailableError(SessionError):
     """The session runs on another replica of the cluster, which cannot be reached now (or not from here)."""
 
 
+class SessionBusyError(SessionError):
+    """Another process held the session (a cell, a pause, a restart) for all the time this call could wait: retry
+    when it is done."""
+
+
 class ConflictError(SessionError):
     """The session's config changed since it was read (optimistic concurrency on config_version)."""
 

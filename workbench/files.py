@@ -250,15 +250,25 @@ class Files:
         """Give an entry another name in its folder (a link is renamed itself, never followed); its new info. An
         entry of that name is replaced, as by `os.rename`."""
         rel = self._relative(path, follow_last=False)
-        if rel == "." or new_name in ("", ".", "..") or "/" in new_name or "\0" in new_name:
+        if (rel == "." or not isinstance(new_name, str) or new_name in ("", ".", "..") or "/" in new_name
+                or "\0" in new_name or not _encodable(new_name)):
             raise FileError(f"cannot rename {rel} to {new_name!r}")
         parent_rel, name = posixpath.split(rel)
-        with self._dir(parent_rel) as parent, _mapped(rel):
+        target = posixpath.join(parent_rel, new_name)
+        with self._dir(parent_rel) as parent, _mapped(target):
+            try:
+                replaced = os.stat(new_name, dir_fd=parent, follow_symlinks=False)
+            except FileNotFoundError:
+                replaced = None
             try:
                 os.rename(name, new_name, src_dir_fd=parent, dst_dir_fd=parent)
             except FileNotFoundError:
                 raise WorkspaceFileNotFoundError(f"no file {rel} in the workspace") from None
-            return self._info(parent, new_name, posixpath.join(parent_rel, new_name))
+            if replaced is not None and stat.S_ISREG(replaced.st_mode):  # its bytes are gone from the count
+                with self._budget.lock:
+                    if self._budget.used is not None:
+                        self._budget.used = max(0, self._budget.used - replaced.st_size)
+            return self._info(parent, new_name, target)
 
     def usage(self) -> int:
         """Bytes held by the workspace's files: its filesystem's used blocks when it is an image (no walk), else
@@ -284,6 +294,8 @@ class Files:
             raise FileError(f"a workspace path must be text, not {type(text).__name__}")
         if "\0" in text:
             raise PathOutsideWorkspaceError("a workspace path cannot hold a NUL character")
+        if not _encodable(text):
+            raise FileError(f"{text!r} is not a file name this system can encode (a lone surrogate)")
         if text.startswith("/"):
             for prefix in (WORKSPACE, str(self.root)):
                 if text == prefix or text.startswith(prefix + "/"):
@@ -399,6 +411,16 @@ def _refusal(rel: str, exc: OSError) -> FileError:
     if code == errno.ENAMETOOLONG:
         return FileError(f"a name in {rel[:100]}... is too long (at most 255 bytes a name)")
     return FileError(f"{rel[:300]}: {exc.strerror or exc}")
+
+
+def _encodable(text: str) -> bool:
+    """Whether `text` is a name the OS takes: a name listed from the disk always is (undecodable bytes come back as
+    surrogate escapes); other lone surrogates, as JSON can carry, are not."""
+    try:
+        os.fsencode(text)
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @contextmanager

@@ -605,11 +605,11 @@ class RemoteFiles:
 
     def usage(self) -> int:
         """Bytes held by the workspace's files."""
-        return int(self._channel.request("GET", "/files/usage").json()["used"])
+        return int(self._channel.request("GET", "/files/usage", timeout=_timeout(None)).json()["used"])
 
     def capacity(self) -> int:
         """The workspace's size cap in bytes."""
-        return int(self._channel.request("GET", "/files/usage").json()["capacity"])
+        return int(self._channel.request("GET", "/files/capacity").json()["capacity"])
 
 
 class _Reader:
@@ -883,6 +883,13 @@ class AsyncRemoteFiles:
         response = await self._channel.request("POST", "/files/rename",
                                                 json={"path": os.fspath(path), "new_name": new_name})
         return FileInfo.model_validate_json(response.content)
+
+    async def usage(self) -> int:
+        response = await self._channel.request("GET", "/files/usage", timeout=_timeout(None))
+        return int(response.json()["used"])
+
+    async def capacity(self) -> int:
+        return int((await self._channel.request("GET", "/files/capacity")).json()["capacity"])
 
 
 async def _aiter(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:

@@ -21,6 +21,7 @@ from .config import Limits
 from .errors import (
     ConflictError,
     FileError,
+    SessionBusyError,
     SessionClosedError,
     SessionError,
     WorkbenchError,
@@ -303,26 +304,34 @@ class Session:
                                    "variables: pass restart_if_needed=True")
             config = self.config.changed(toolkits=toolkits, tools=tools, limits=new_limits,
                                          offload_threshold=offload_threshold, metadata=metadata)
-            resize = new_limits.workspace_size != self.limits.workspace_size
-            # a new kernel or disk waits for another process's cell to end, rather than cutting it off
-            with self._held("its config was not changed") if needs_restart or resize else contextlib.nullcontext():
-                if resize:
-                    # the disk changes only for an update that is not stale (checked again when it is stored)
-                    current = self._services.store.get(self.session_id).config_version
-                    if current != self.config_version:
-                        raise ConflictError(f"session {self.session_id} config is at version {current}, not "
-                                            f"{self.config_version}: reload it (wb.use) and apply the change again")
-                    needs_restart |= self._resize_workspace(new_limits.workspace_size, restart_if_needed)
+            offline = False
+            if new_limits.workspace_size != self.limits.workspace_size:
+                # the disk changes only for an update that is not stale (checked again when it is stored)
+                current = self._services.store.get(self.session_id).config_version
+                if current != self.config_version:
+                    raise ConflictError(f"session {self.session_id} config is at version {current}, not "
+                                        f"{self.config_version}: reload it (wb.use) and apply the change again")
+                try:
+                    self._kernel.disk.resize(new_limits.workspace_size)  # grown in place: no cell waits for it
+                except NeedsOffline:
+                    if not restart_if_needed:
+                        raise
+                    offline = True
+            exclusive = needs_restart or offline  # a new kernel waits for another process's cell, never cuts it off
+            with self._held("its config was not changed") if exclusive else contextlib.nullcontext():
+                if exclusive:
+                    self._open_record()  # closed by another process meanwhile: nothing is started for it
+                if offline:
+                    self._resize_offline(new_limits.workspace_size)
                 self.config_version = self._services.store.update_config(self.session_id, config,
                                                                          self.config_version)
                 self.config = config
                 self._config_cache = None
                 self._kernel.limits = new_limits
-                if needs_restart:
+                if exclusive:
                     self._new_kernel()
-                elif limits is not None and self._services.store.get(self.session_id).kernel is not None:
-                    self._sync(config=False)
-                    self._kernel.apply_limits()
+                elif limits is not None and self._attach(self._services.store.get(self.session_id)):
+                    self._kernel.apply_limits()  # with no kernel running, the next one starts with them
             return self.config_version
 
     def execute_tool(
@@ -436,6 +445,7 @@ class Session:
         with self._lock:
             self._check_open()
             with self._held("it was not restarted"):
+                self._open_record()  # closed by another process meanwhile: nothing is started for it
                 self._new_kernel()
 
     @contextlib.contextmanager
@@ -445,8 +455,8 @@ class Session:
         timeout = self._services.execute_timeout
         with _SessionFileLock(self._services.home, self.session_id, timeout) as waited:
             if waited is None:
-                raise SessionError(f"session {self.session_id}: another process's cell held it for {timeout:g}s; "
-                                   f"{undone}")
+                raise SessionBusyError(f"session {self.session_id}: another process held it (a cell, a pause, a "
+                                       f"restart) for {timeout:g}s; {undone}")
             yield
 
     def close(self, delete_workspace: bool = False) -> None:
@@ -479,15 +489,9 @@ class Session:
         later, reattaches)."""
         self._kernel.disconnect()
 
-    def _resize_workspace(self, size: int, restart_if_needed: bool) -> bool:
-        """Give the workspace a new size cap; True when its kernel had to be stopped for it (offline resize)."""
+    def _resize_offline(self, size: int) -> None:
+        """Give the workspace a new size cap with its kernel stopped (the caller starts a new one)."""
         disk = self._kernel.disk
-        try:
-            disk.resize(size)
-            return False
-        except NeedsOffline:
-            if not restart_if_needed:
-                raise
         self._services.remove_sandboxes(self.session_id)
         self._kernel.shutdown()
         try:
@@ -495,7 +499,6 @@ class Session:
             disk.resize(size, offline_ok=True)
         except (OSError, WorkbenchError) as exc:
             raise SessionError(f"could not resize the workspace: {exc}") from exc
-        return True
 
     def _open_record(self) -> SessionRecord:
         """The session's record, after making sure it is still open (closed by another process: raises)."""
@@ -639,8 +642,8 @@ class Session:
                 if waited is None:
                     if reaping:
                         return None
-                    raise SessionError(f"session {self.session_id}: another process's cell held it for {wait:g}s; "
-                                       "it was not paused")
+                    raise SessionBusyError(f"session {self.session_id}: another process held it (a cell, a pause, a "
+                                           f"restart) for {wait:g}s; it was not paused")
                 record = self._open_record()
                 if record.paused is not None and record.kernel is None:
                     return record.paused
@@ -787,8 +790,8 @@ class Session:
             self._check_open()
             with _SessionFileLock(self._services.home, self.session_id, timeout) as waited:
                 if waited is None:
-                    raise SessionError(f"session {self.session_id}: another process held it for all of the "
-                                       f"command's timeout ({timeout:g}s) while it had no running kernel")
+                    raise SessionBusyError(f"session {self.session_id}: another process held it for all of the "
+                                           f"command's timeout ({timeout:g}s) while it had no running kernel")
                 self._sync(restore=True)
                 if self._kernel.exit_reason() is not None:  # the store's kernel, but its sandbox is gone
                     self.log.info("starting a new kernel: its sandbox is gone")

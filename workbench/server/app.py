@@ -51,6 +51,7 @@ from .models import (
     Execute,
     ExecuteTool,
     ExecuteTools,
+    FilesCapacity,
     FilesUsage,
     HandleToolCall,
     HandleToolCalls,
@@ -719,14 +720,15 @@ def create_app(
 
     @app.get("/v1/sessions/{session_id}/files/usage", response_model=FilesUsage, tags=["files"])
     async def files_usage(session_id: str, request: Request) -> Response:
-        """Bytes held by the workspace's files, and its size cap."""
+        """Bytes held by the workspace's files."""
         key = key_of(request)
+        return _json(FilesUsage(used=await run(lambda: session_of(key, session_id).files.usage())))
 
-        def usage() -> FilesUsage:
-            files = session_of(key, session_id).files
-            return FilesUsage(used=files.usage(), capacity=files.capacity())
-
-        return _json(await run(usage))
+    @app.get("/v1/sessions/{session_id}/files/capacity", response_model=FilesCapacity, tags=["files"])
+    async def files_capacity(session_id: str, request: Request) -> Response:
+        """The workspace's size cap in bytes."""
+        key = key_of(request)
+        return _json(FilesCapacity(capacity=await run(lambda: session_of(key, session_id).files.capacity())))
 
     # tools ----------------------------------------------------------------------------------------------------
 

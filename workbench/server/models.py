@@ -65,6 +65,9 @@ class RenameFile(_Body):
 
 class FilesUsage(BaseModel):
     used: int = Field(description="bytes held by the workspace's files")
+
+
+class FilesCapacity(BaseModel):
     capacity: int = Field(description="the workspace's size cap in bytes")
 
 
