@@ -252,7 +252,7 @@ class Files:
         rel = self._relative(path, follow_last=False)
         if (rel == "." or not isinstance(new_name, str) or new_name in ("", ".", "..") or "/" in new_name
                 or "\0" in new_name or not _encodable(new_name)):
-            raise FileError(f"cannot rename {rel} to {new_name!r}")
+            raise FileError(f"cannot rename {rel[:300]} to {str(new_name)[:300]!r}")
         parent_rel, name = posixpath.split(rel)
         target = posixpath.join(parent_rel, new_name)
         with self._dir(parent_rel) as parent, _mapped(target):
@@ -295,7 +295,7 @@ class Files:
         if "\0" in text:
             raise PathOutsideWorkspaceError("a workspace path cannot hold a NUL character")
         if not _encodable(text):
-            raise FileError(f"{text!r} is not a file name this system can encode (a lone surrogate)")
+            raise FileError(f"{text[:300]!r} is not a file name this system can encode (a lone surrogate)")
         if text.startswith("/"):
             for prefix in (WORKSPACE, str(self.root)):
                 if text == prefix or text.startswith(prefix + "/"):
