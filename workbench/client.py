@@ -653,10 +653,7 @@ class Workbench:
             if isinstance(exc, OSError):
                 raise SessionError(f"could not copy the workspace: {exc}") from exc
             raise
-        try:
-            disk.unmount()  # no kernel uses it before the fork's first use, which mounts it again
-        except (OSError, WorkbenchError) as exc:
-            log.warning("could not unmount the workspace of fork %s: %s", record.session_id, exc)
+        disk.unmount(quiet=True)  # no kernel uses it before the fork's first use, which mounts it again
         log.info("forked session %s into %s (%d bytes of files)", source.session_id, record.session_id, copied,
                  extra={"session_id": record.session_id})
         return self._register(Session(self._services, record, self._kernel(record)))

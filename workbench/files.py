@@ -83,6 +83,12 @@ class _Budget:
             self.counted_at = time.monotonic()
         return self.used
 
+    def removed(self, info: os.stat_result) -> None:
+        """Take an entry the host removed (or replaced) off the running count: a regular file's bytes."""
+        with self.lock:
+            if self.used is not None and stat.S_ISREG(info.st_mode):
+                self.used = max(0, self.used - info.st_size)
+
     def forget(self) -> None:
         with self.lock:
             if self.writers == 0:
@@ -240,9 +246,7 @@ class Files:
                         self._budget.forget()  # a plain folder is counted again on the next write
                 else:
                     os.unlink(name, dir_fd=parent)
-                    with self._budget.lock:
-                        if self._budget.used is not None and stat.S_ISREG(info.st_mode):
-                            self._budget.used = max(0, self._budget.used - info.st_size)
+                    self._budget.removed(info)
             except FileNotFoundError:
                 raise WorkspaceFileNotFoundError(f"no file {rel} in the workspace") from None
 
@@ -264,10 +268,8 @@ class Files:
                 os.rename(name, new_name, src_dir_fd=parent, dst_dir_fd=parent)
             except FileNotFoundError:
                 raise WorkspaceFileNotFoundError(f"no file {rel} in the workspace") from None
-            if replaced is not None and stat.S_ISREG(replaced.st_mode):  # its bytes are gone from the count
-                with self._budget.lock:
-                    if self._budget.used is not None:
-                        self._budget.used = max(0, self._budget.used - replaced.st_size)
+            if replaced is not None:
+                self._budget.removed(replaced)
             return self._info(parent, new_name, target)
 
     def usage(self) -> int:

@@ -441,7 +441,7 @@ class Session:
 
     def restart(self) -> None:
         """Restart the kernel: variables are lost, the workspace is kept. A cell another process runs on the session
-        is waited for (up to `execute_timeout`; SessionError past it), never cut off."""
+        is waited for (up to `execute_timeout`; SessionBusyError past it), never cut off."""
         with self._lock:
             self._check_open()
             with self._held("it was not restarted"):
@@ -449,10 +449,10 @@ class Session:
                 self._new_kernel()
 
     @contextlib.contextmanager
-    def _held(self, undone: str) -> Iterator[None]:
-        """The session's lock across processes, for work on its kernel: waits up to `execute_timeout` for another
-        process's cell, then raises SessionError ending with `undone`."""
-        timeout = self._services.execute_timeout
+    def _held(self, undone: str, timeout: float | None = None) -> Iterator[None]:
+        """The session's lock across processes, for work on its kernel: waits up to `timeout` (by default
+        `execute_timeout`) for another process's cell, then raises SessionBusyError ending with `undone`."""
+        timeout = self._services.execute_timeout if timeout is None else timeout
         with _SessionFileLock(self._services.home, self.session_id, timeout) as waited:
             if waited is None:
                 raise SessionBusyError(f"session {self.session_id}: another process held it (a cell, a pause, a "
@@ -728,15 +728,7 @@ class Session:
         self._services.bridge.stop(self.session_id)
         self._kernel.shutdown()
         self._services.remove_sandboxes(self.session_id)
-        self._unmount_workspace()
-
-    def _unmount_workspace(self) -> None:
-        """Let go of the workspace's mount once no kernel uses it (a paused session holds nothing); the next use
-        mounts it again."""
-        try:
-            self._kernel.disk.unmount()
-        except (OSError, WorkbenchError) as exc:
-            self.log.warning("could not unmount the workspace of a session without a kernel: %s", exc)
+        self._kernel.disk.unmount(quiet=True)  # a paused session holds nothing; its next use mounts it again
 
     def resume(self) -> None:
         """Wake a paused session now rather than on its next use: start a kernel and restore the variables. The
@@ -768,7 +760,7 @@ class Session:
                     if checkpoint:
                         self._drop_snapshot("the fork's snapshot")
                     if record.kernel is None:  # paused, or stopped: mounted for the copy only
-                        self._unmount_workspace()
+                        self._kernel.disk.unmount(quiet=True)
 
     def notebook(self) -> str:
         """Every execution of the session (code and outputs, oldest first) as a Jupyter notebook: nbformat v4
@@ -788,10 +780,7 @@ class Session:
         another process's cell."""
         with self._lock:
             self._check_open()
-            with _SessionFileLock(self._services.home, self.session_id, timeout) as waited:
-                if waited is None:
-                    raise SessionBusyError(f"session {self.session_id}: another process held it for all of the "
-                                           f"command's timeout ({timeout:g}s) while it had no running kernel")
+            with self._held("the command found no running kernel to run in", timeout):
                 self._sync(restore=True)
                 if self._kernel.exit_reason() is not None:  # the store's kernel, but its sandbox is gone
                     self.log.info("starting a new kernel: its sandbox is gone")

@@ -86,7 +86,7 @@ def remove_snapshot(files: Files) -> None:
 
 
 def keep_failed_snapshot(files: Files) -> FileInfo | None:
-    """Set aside a snapshot that could not be restored, as `.state/failed-<time>.pkl` (kept for diagnosis; its
+    """Set aside a snapshot that could not be restored, as `.state/failed-<time>-<random>.pkl` (kept for diagnosis; its
     manifest and any leftovers removed); None when there was no snapshot file. Raises FileError when it cannot be
     (`.state` leads out of the workspace, never followed there, or is not a folder)."""
     try:

@@ -269,10 +269,17 @@ class Workspace:
         except OSError:
             pass
 
-    def unmount(self) -> None:
-        """Unmount the image (the kernel must be stopped); the next `ensure` mounts it again."""
-        if self.quota:
+    def unmount(self, quiet: bool = False) -> None:
+        """Unmount the image (the kernel must be stopped); the next `ensure` mounts it again. `quiet`: a failure is
+        logged, not raised (where nothing depends on the mount being gone)."""
+        if not self.quota:
+            return
+        try:
             unmount_fully(self.path)
+        except (OSError, WorkbenchError) as exc:
+            if not quiet:
+                raise
+            log.warning("could not unmount the workspace %s: %s", self.path, exc)
 
     def usage(self) -> int:
         """Bytes the workspace's files take on its filesystem (blocks, with ext4's folders and extents)."""
