@@ -4,10 +4,11 @@ from __future__ import annotations
 import hashlib
 import tracemalloc
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from workbench import Session, Workbench
+from workbench import Files, Session, Workbench
 from workbench.errors import (
     FileError,
     PathOutsideWorkspaceError,
@@ -151,3 +152,15 @@ def test_rename_keeps_to_its_folder_and_renames_a_link_itself(session: Session) 
     with pytest.raises(WorkspaceFileNotFoundError):
         session.files.rename("nothing-here", "c.txt")
     assert session.files.read("b.txt") == b"hello"
+
+
+def test_a_rename_over_a_file_takes_its_bytes_off_a_plain_folders_count(tmp_path: Path) -> None:
+    plain = Files(tmp_path / "plain", lambda: 8 << 20)  # no quota filesystem: the host keeps a running count
+    plain.write("big.bin", b"b" * (3 << 20))
+    plain.write("small.bin", b"s" * 1000)
+    assert plain.usage() == (3 << 20) + 1000
+    plain.rename("small.bin", "big.bin")
+    assert plain.usage() == 1000 == sum(p.stat().st_size for p in (tmp_path / "plain").iterdir())
+    plain.write("again.bin", b"a" * (7 << 20))  # the room the replaced file held is the workspace's again
+    with pytest.raises(WorkspaceFullError):
+        plain.write("over.bin", b"o" * (1 << 20))
