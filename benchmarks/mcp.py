@@ -30,7 +30,7 @@ from mcp.client.streamable_http import streamable_http_client
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
-from workbench import Workbench
+from workbench import Session, Workbench
 from workbench.server.mcp import McpEndpoint
 from workbench.server.tokens import load_secret, session_token
 
@@ -65,42 +65,53 @@ def serving(wb: Workbench) -> Iterator[str]:
         sock.close()
 
 
+def paired(url: str, headers: dict[str, str], session: Session, n: int, cell: str,
+           expected: str) -> tuple[list[float], list[float]]:
+    """Seconds of `n` interleaved pairs (each in alternating order, after 20 of each to warm up): `cell` through
+    `session.execute` in this process, and through `WORKBENCH_REMOTE_WORKBENCH` on the MCP endpoint at `url` (the
+    official client over Streamable HTTP, one client session, `headers` sent); both must answer `expected`."""
+    arguments = {"code_to_execute": cell}
+    bare: list[float] = []
+    over_mcp: list[float] = []
+
+    async def run() -> None:
+        async with (httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(120)) as http,
+                    Client(streamable_http_client(url, http_client=http), cache=None) as client):
+
+            async def call() -> None:
+                result = await client.call_tool("WORKBENCH_REMOTE_WORKBENCH", arguments)
+                block = result.content[0]
+                assert isinstance(block, types.TextContent) and block.text == f"result:\n{expected}", result
+
+            for _ in range(20):
+                session.execute(cell)
+                await call()
+            for i in range(n):
+                pair: dict[str, float] = {}
+                for which in (("bare", "mcp") if i % 2 == 0 else ("mcp", "bare")):
+                    started = time.perf_counter()
+                    if which == "bare":
+                        assert session.execute(cell).text == expected
+                    else:
+                        await call()
+                    pair[which] = time.perf_counter() - started
+                bare.append(pair["bare"])
+                over_mcp.append(pair["mcp"])
+
+    anyio.run(run)
+    return bare, over_mcp
+
+
 def measure(wb: Workbench, n: int = 300) -> dict[str, Any]:
     """Milliseconds: bare execute and the same cell through MCP (p50s, ratio, paired overhead)."""
     with wb.create(user_id="bench-mcp") as session, serving(wb) as base:
         token = session_token(load_secret(wb.home), session.session_id)
-        url = f"{base}/mcp/{session.session_id}"
-        arguments = {"code_to_execute": CELL}
-        bare: list[float] = []
-        over_mcp: list[float] = []
-        overhead: list[float] = []
-
-        async def run() -> None:
-            async with (httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}) as http,
-                        Client(streamable_http_client(url, http_client=http), cache=None) as client):
-                for _ in range(20):  # warm up both paths
-                    session.execute(CELL)
-                    await client.call_tool("WORKBENCH_REMOTE_WORKBENCH", arguments)
-                for i in range(n):
-                    pair: dict[str, float] = {}
-                    for which in (("bare", "mcp") if i % 2 == 0 else ("mcp", "bare")):
-                        started = time.perf_counter()
-                        if which == "bare":
-                            assert session.execute(CELL).text == "2"
-                        else:
-                            result = await client.call_tool("WORKBENCH_REMOTE_WORKBENCH", arguments)
-                            block = result.content[0]
-                            assert isinstance(block, types.TextContent) and block.text == "result:\n2"
-                        pair[which] = time.perf_counter() - started
-                    bare.append(pair["bare"])
-                    over_mcp.append(pair["mcp"])
-                    overhead.append(pair["mcp"] - pair["bare"])
-
-        anyio.run(run)
+        bare, over_mcp = paired(f"{base}/mcp/{session.session_id}", {"Authorization": f"Bearer {token}"}, session,
+                                n, CELL, "2")
     ms = lambda values: statistics.median(values) * 1000
     return {"bare_p50_ms": ms(bare), "mcp_p50_ms": ms(over_mcp), "ratio": statistics.median(over_mcp) /
-            statistics.median(bare), "overhead_ms": ms(overhead), "pairs": n,
-            "baseline": "session.execute of the same cell in-process, interleaved pairs, same run",
+            statistics.median(bare), "overhead_ms": ms([m - b for m, b in zip(over_mcp, bare, strict=True)]),
+            "pairs": n, "baseline": "session.execute of the same cell in-process, interleaved pairs, same run",
             "transport": "Streamable HTTP (stateless, JSON responses), one client session, server in-process"}
 
 

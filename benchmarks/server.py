@@ -30,13 +30,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import anyio
 import httpx
-import httpx2
-import mcp_types as types
-from mcp import Client
-from mcp.client.streamable_http import streamable_http_client
 
+from benchmarks.mcp import paired
 from workbench import RemoteSession, RemoteWorkbench, Session, Workbench
 from workbench.server.auth import create_key
 
@@ -71,41 +67,6 @@ class _Served:
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(timeout=30)
-
-
-def measure_mcp(remote: RemoteSession, local: Session, n: int) -> tuple[list[float], list[float]]:
-    """Seconds of `n` interleaved pairs: the cell in-process on `local`, and through `remote`'s MCP endpoint."""
-    assert remote.mcp is not None, "the server gave the session no MCP endpoint"
-    url, headers, arguments = remote.mcp.url, remote.mcp.headers, {"code_to_execute": CELL}
-    bare: list[float] = []
-    over_mcp: list[float] = []
-
-    async def run() -> None:
-        async with (httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(120)) as http,
-                    Client(streamable_http_client(url, http_client=http), cache=None) as client):
-
-            async def call() -> None:
-                result = await client.call_tool("WORKBENCH_REMOTE_WORKBENCH", arguments)
-                block = result.content[0]
-                assert isinstance(block, types.TextContent) and block.text == f"result:\n{CELL}", result
-
-            for _ in range(20):  # warm up both paths
-                local.execute(CELL)
-                await call()
-            for i in range(n):
-                pair: dict[str, float] = {}
-                for which in (("bare", "mcp") if i % 2 == 0 else ("mcp", "bare")):
-                    started = time.perf_counter()
-                    if which == "bare":
-                        assert local.execute(CELL).text == CELL
-                    else:
-                        await call()
-                    pair[which] = time.perf_counter() - started
-                bare.append(pair["bare"])
-                over_mcp.append(pair["mcp"])
-
-    anyio.run(run)
-    return bare, over_mcp
 
 
 def _loop(run: Callable[[], Any], stop: threading.Event, counts: list[int], i: int) -> None:
@@ -154,7 +115,8 @@ def measure(wb: Workbench, pairs: int = 300, clients: int = 50, seconds: float =
             bare.append(pair["bare"])
             rest.append(pair["rest"])
             added.append(pair["rest"] - pair["bare"])
-        mcp_bare, mcp = measure_mcp(rs, local, pairs)
+        assert rs.mcp is not None, "the server gave the session no MCP endpoint"
+        mcp_bare, mcp = paired(rs.mcp.url, rs.mcp.headers, local, pairs, CELL, CELL)
         rs.close(delete_workspace=True)
         local.close(delete_workspace=True)
 
