@@ -151,6 +151,13 @@ def test_rename_keeps_to_its_folder_and_renames_a_link_itself(session: Session) 
             session.files.rename("b.txt", bad)
     with pytest.raises(WorkspaceFileNotFoundError):
         session.files.rename("nothing-here", "c.txt")
+    # a folder the sandbox made a link out of the workspace is never followed: the host's own files stay put
+    session.execute("os.symlink('/etc', 'etc-link')")
+    host_hostname = Path("/etc/hostname").read_bytes()
+    for path in ("etc-link/hostname", "/workspace/etc-link/hostname"):
+        with pytest.raises(PathOutsideWorkspaceError):
+            session.files.rename(path, "taken")
+    assert Path("/etc/hostname").read_bytes() == host_hostname and not Path("/etc/taken").exists()
     assert session.files.read("b.txt") == b"hello"
 
 
