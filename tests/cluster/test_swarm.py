@@ -144,7 +144,9 @@ def test_a_killed_task_is_restarted(swarm_cluster: Cluster, web: Service) -> Non
     wait_for("node 2 serving again", lambda: serving(swarm_cluster, 2))
     say(f"task on node 2 killed: replaced and serving in {time.monotonic() - started:.1f} s")
     assert len(new) == 1
-    assert running_tasks(web)[node_id(swarm_cluster, 2)] == new[0].id
+    # The container serves before its node's agent reports the task running to the managers: their view lags.
+    wait_for("the managers to see the new task running on node 2",
+             lambda: running_tasks(web).get(node_id(swarm_cluster, 2)) == new[0].id, 60)
 
 
 def test_a_killed_engine_comes_back_ready_and_runs_its_task(swarm_cluster: Cluster, web: Service) -> None:
@@ -164,7 +166,7 @@ def test_a_killed_engine_comes_back_ready_and_runs_its_task(swarm_cluster: Clust
     assert node_id(swarm_cluster, 3) == member  # the same swarm node: its membership survived
     wait_for("node 3 serving again", lambda: serving(swarm_cluster, 3))
     say(f"node 3 restarted: Ready and serving in {time.monotonic() - started:.1f} s")
-    assert member in running_tasks(web)
+    wait_for("the managers to see a task running on node 3", lambda: member in running_tasks(web), 60)
 
 
 def test_cleanup_stale_removes_what_a_dead_run_left(swarm_cluster: Cluster, tmp_path: Path) -> None:
