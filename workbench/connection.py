@@ -18,15 +18,16 @@ from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.connect import channel_socket_types
 
 from .execution import DROPPED, Callbacks, Outcome, Spill, receive, run_cell
+from .relay import Route, relay
 
 log = logging.getLogger(__name__)
 
-# What the kernel can make this process hold: a message (one frame) larger than its channel's limit drops the
-# connection (it is connected again; the message is lost) and at most RECEIVE_QUEUE messages wait per socket, so a
-# flood waits in the kernel's own memory. iopub carries the outputs: a print or an image of up to 32 MiB is one
-# message and passes (larger outputs belong in files). shell carries only replies, which are small: a forged huge
-# execute_reply is dropped. Per session, at worst: iopub (RECEIVE_QUEUE queued + 1 being received) x 32 MiB =
-# 160 MiB, shell 5 x 1 MiB = 5 MiB, about 165 MiB of frames, plus the one message being decoded (its Python str;
+# What the kernel can make this process hold: a message (all its frames) larger than its channel's limit is cut by
+# the relay (relay.py: libzmq connects again, the message is lost) and at most RECEIVE_QUEUE messages wait per
+# socket, so a flood waits in the kernel's own memory. iopub carries the outputs: a print or an image of up to
+# 32 MiB is one message and passes (larger outputs belong in files). shell carries only replies, which are small: a
+# forged huge execute_reply is dropped. Per session, at worst: iopub (RECEIVE_QUEUE queued + 1 being received) x
+# 32 MiB = 160 MiB, shell and control 2 x 5 x 1 MiB = 10 MiB, plus the one message being decoded (its Python str;
 # the part is parsed by the standard library's parser past _SMALL_PART). stdin and heartbeat are not connected.
 MAX_IOPUB_MESSAGE = 32 * 1024**2
 MAX_SHELL_MESSAGE = 1024**2  # shell and control
@@ -60,16 +61,22 @@ def _raise_open_files_limit() -> None:
 
 
 class _Client(BlockingKernelClient):
-    """A kernel client whose sockets bound what the kernel can queue in this process (set before connecting)."""
+    """A kernel client whose sockets bound what the kernel can queue in this process: each reaches the kernel
+    through a route of the relay, which bounds whole messages, and bounds its queue (set before connecting)."""
+
+    routes: list[Route]
 
     def _create_connected_socket(self, channel: str, identity: bytes | None = None) -> zmq.Socket[bytes]:
+        limit = MAX_IOPUB_MESSAGE if channel == "iopub" else MAX_SHELL_MESSAGE
+        route = relay().route(self._make_url(channel), limit)
+        self.routes.append(route)
         sock: zmq.Socket[bytes] = self.context.socket(channel_socket_types[channel])
         sock.linger = 0
-        sock.setsockopt(zmq.MAXMSGSIZE, MAX_IOPUB_MESSAGE if channel == "iopub" else MAX_SHELL_MESSAGE)
+        sock.setsockopt(zmq.MAXMSGSIZE, limit)
         sock.setsockopt(zmq.RCVHWM, RECEIVE_QUEUE)
         if identity:
             sock.identity = identity
-        sock.connect(self._make_url(channel))
+        sock.connect(route.url)
         return sock
 
 
@@ -89,6 +96,8 @@ class KernelConnection:
         elif transport != "tcp":
             raise ValueError(f"a kernel's transport is ipc or tcp, not {transport!r}")
         client = _Client(context=zmq_context())
+        self._routes: list[Route] = []
+        client.routes = self._routes
         client.load_connection_info(info)  # type: ignore[arg-type]  # (a TypedDict of the same keys)
         client.session.unpack = _unpack
         client.start_channels(hb=False, stdin=False)
@@ -116,6 +125,8 @@ class KernelConnection:
     def close(self) -> None:
         """Close the channels; the kernel keeps running."""
         self.client.stop_channels()
+        for route in self._routes:
+            route.close()
 
 
 def _unpack(data: bytes) -> Any:

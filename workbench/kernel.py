@@ -284,8 +284,8 @@ class Kernel:
                                 silent=silent)
         result = outcome.result
         if outcome.reply_seen != outcome.idle_seen and outcome.dead is None:
-            # a channel lost messages: a flood past the queues, or a message over its channel's limit, after which
-            # libzmq drops the connection for good (a protocol error is not reconnected). Connect again.
+            # a channel lost messages (a flood past the queues, a message over its channel's limit that the relay
+            # cut): it may be left without the reply or the idle of this cell. Connect again, to be sure.
             log.warning("kernel %s: its %s messages stopped arriving; reconnecting", self.kernel_id,
                         "iopub" if outcome.reply_seen else "shell")
             self._reconnect()

@@ -249,6 +249,7 @@ def test_the_kernel_client_bounds_what_zmq_may_queue(session: Session) -> None:
     for channel, limit in ((client.iopub_channel, MAX_IOPUB_MESSAGE), (client.shell_channel, MAX_SHELL_MESSAGE)):
         assert channel.socket.getsockopt(zmq.MAXMSGSIZE) == limit
         assert channel.socket.getsockopt(zmq.RCVHWM) == RECEIVE_QUEUE
+        assert channel.socket.getsockopt(zmq.LAST_ENDPOINT).startswith(b"ipc://@workbench-relay-")  # whole messages
     assert Path(session.workspace).is_dir()
 
 

@@ -1,0 +1,257 @@
+"""The relay between the host's kernel clients and a kernel's sockets (workbench/relay.py), against a hostile kernel
+played by real ZMQ sockets and by raw bytes: a message is bounded by the sum of its frames, not by each frame; what
+is not ZMTP 3 under the NULL mechanism does not pass; only this process may use a route; and after a cut libzmq
+connects again, so the next message arrives."""
+from __future__ import annotations
+
+import logging
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import zmq
+
+from workbench.connection import zmq_context
+from workbench.relay import FRAME_COST, Route, relay
+
+LIMIT = 1 << 20
+
+
+@pytest.fixture
+def kernel(tmp_path: Path) -> Iterator[tuple[zmq.Socket[bytes], str]]:
+    """The kernel's side: a PUB socket bound at an ipc path, as ipykernel's iopub."""
+    pub = zmq_context().socket(zmq.PUB)
+    url = f"ipc://{tmp_path}/k-1"
+    pub.bind(url)
+    try:
+        yield pub, url
+    finally:
+        pub.close(linger=0)
+
+
+@pytest.fixture
+def host(kernel: tuple[zmq.Socket[bytes], str]) -> Iterator[tuple[zmq.Socket[bytes], Route]]:
+    """The host's side: a SUB socket reaching the kernel through a route of the relay."""
+    route = relay().route(kernel[1], LIMIT)
+    sub = zmq_context().socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(route.url)
+    try:
+        yield sub, route
+    finally:
+        sub.close(linger=0)
+        route.close()
+
+
+def subscribed(pub: zmq.Socket[bytes], sub: zmq.Socket[bytes]) -> None:
+    """Wait until the kernel's PUB reaches the host's SUB (a marker makes it through), then drain."""
+    deadline = time.monotonic() + 10
+    while not sub.poll(100):
+        assert time.monotonic() < deadline, "no message arrives through the route"
+        pub.send_multipart([b"marker"])
+    while sub.poll(100):
+        sub.recv_multipart()
+
+
+def address(route: Route) -> str:
+    """The abstract unix address behind a route's `ipc://@NAME` url."""
+    return "\0" + route.url.removeprefix("ipc://@")
+
+
+def cost(frames: list[bytes]) -> int:
+    return sum(len(f) + FRAME_COST for f in frames)
+
+
+def test_a_message_passes_up_to_its_limit_and_not_a_byte_more(kernel, host) -> None:
+    pub, _ = kernel
+    sub, route = host
+    subscribed(pub, sub)
+    head = [b"a" * 1000] * 7
+    at_limit = [*head, b"z" * (LIMIT - cost(head) - FRAME_COST)]
+    assert cost(at_limit) == LIMIT
+    assert _received_once(pub, sub, at_limit)
+    assert route.cuts == 0
+    over = [*head, b"z" * (LIMIT - cost(head) - FRAME_COST + 1)]
+    assert not _received_once(pub, sub, over)
+    assert route.cuts >= 1
+    subscribed(pub, sub)  # libzmq connected again through the route: the next messages arrive
+    assert _received_once(pub, sub, [b"after", b"the cut"])
+
+
+def _received_once(pub: zmq.Socket[bytes], sub: zmq.Socket[bytes], frames: list[bytes]) -> bool:
+    """Publish `frames` once, then markers until one arrives; whether `frames` arrived before it."""
+    pub.send_multipart(frames, copy=False)
+    seen = False
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        pub.send_multipart([b"marker"])
+        while sub.poll(100):
+            got = sub.recv_multipart()
+            if got == [b"marker"]:
+                return seen
+            seen = seen or got == frames
+    raise AssertionError("no marker arrived after the message")
+
+
+def test_many_frames_each_under_the_limit_are_bounded_as_one_message(kernel, host) -> None:
+    pub, _ = kernel
+    sub, route = host
+    subscribed(pub, sub)
+    frame = memoryview(bytes(LIMIT // 4))
+    assert not _received_once(pub, sub, [frame] * 40)  # 40 MiB in one message of 256 KiB frames
+    subscribed(pub, sub)
+    empties = [b""] * (LIMIT // FRAME_COST + 1)  # empty frames cost too
+    assert not _received_once(pub, sub, empties)
+    assert route.cuts >= 2
+    subscribed(pub, sub)
+    assert _received_once(pub, sub, [b"small"] * 100)
+
+
+def test_a_cut_is_logged_once_in_a_while_not_for_each(kernel, host, caplog: pytest.LogCaptureFixture) -> None:
+    pub, _ = kernel
+    sub, route = host
+    subscribed(pub, sub)
+    with caplog.at_level(logging.WARNING, logger="workbench.relay"):
+        for _ in range(3):
+            subscribed(pub, sub)
+            assert not _received_once(pub, sub, [bytes(LIMIT)])
+    assert route.cuts >= 3
+    warnings = [r.getMessage() for r in caplog.records if r.name == "workbench.relay"]
+    assert len(warnings) == 1 and "kernel connection cut (1 so far on this channel)" in warnings[0], warnings
+
+
+class RawKernel:
+    """A kernel that writes whatever bytes it likes on each connection it accepts, and records what it read."""
+
+    def __init__(self, path: Path, greeting: bytes) -> None:
+        self.server = socket.socket(socket.AF_UNIX)
+        self.server.bind(str(path))
+        self.server.listen(8)
+        self.greeting = greeting
+        self.accepted = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            try:
+                conn.sendall(self.greeting)
+                conn.settimeout(2)
+                conn.recv(4096)
+            except OSError:
+                pass
+            conn.close()
+
+
+NULL_GREETING = b"\xff" + bytes(8) + b"\x7f\x03\x01" + b"NULL".ljust(20, b"\0") + bytes(32)
+
+
+@pytest.mark.parametrize("greeting,seen_by", [
+    pytest.param(b"\x01\x00hello" + bytes(60), 1, id="ZMTP 1.0, no signature"),
+    pytest.param(b"\xff" + bytes(8) + b"\x7f\x02" + bytes(53), 11, id="ZMTP 2.0"),
+    pytest.param(b"\xff" + bytes(8) + b"\x7f\x03\x01" + b"CURVE".ljust(20, b"\0") + bytes(32), 32, id="CURVE"),
+    pytest.param(NULL_GREETING + b"\x80\x05hello", 65, id="reserved flag bits"),
+])
+def test_what_is_not_zmtp3_under_null_never_reaches_the_host(tmp_path: Path, greeting: bytes, seen_by: int) -> None:
+    raw = RawKernel(tmp_path / "k-1", greeting)
+    route = relay().route(f"ipc://{tmp_path}/k-1", LIMIT)
+    try:
+        down = socket.socket(socket.AF_UNIX)
+        down.connect(address(route))
+        down.settimeout(5)
+        got = b""
+        while chunk := down.recv(4096):  # until the relay cuts the connection
+            got += chunk
+        assert raw.accepted == 1 and route.cuts == 1
+        # nothing from the chunk where the fault shows passes, so at most what came before the fault
+        assert got == greeting[:len(got)] and len(got) < seen_by, got
+    finally:
+        route.close()
+        raw.server.close()
+
+
+def test_a_well_formed_greeting_and_frames_pass_byte_for_byte(tmp_path: Path) -> None:
+    greeting = NULL_GREETING
+    frames = b"\x04\x05READY" + b"\x01\x03abc" + b"\x02" + (300).to_bytes(8, "big") + b"x" * 300
+    raw = RawKernel(tmp_path / "k-1", greeting + frames)
+    route = relay().route(f"ipc://{tmp_path}/k-1", LIMIT)
+    try:
+        down = socket.socket(socket.AF_UNIX)
+        down.connect(address(route))
+        down.settimeout(5)
+        got = b""
+        while len(got) < len(greeting + frames) and (chunk := down.recv(4096)):
+            got += chunk
+        assert got == greeting + frames and route.cuts == 0
+    finally:
+        route.close()
+        raw.server.close()
+
+
+_INTRUDER = """
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect("\\0" + sys.argv[1])
+s.settimeout(5)
+print(repr(s.recv(64)))
+"""
+
+
+def test_another_process_cannot_use_a_route(tmp_path: Path, kernel, caplog: pytest.LogCaptureFixture) -> None:
+    url = kernel[1]
+    route = relay().route(url, LIMIT)
+    try:
+        with caplog.at_level(logging.WARNING, logger="workbench.relay"):
+            out = subprocess.run([sys.executable, "-c", _INTRUDER, address(route)[1:]],
+                                 capture_output=True, text=True, timeout=30)
+        assert out.stdout.strip() == "b''", out  # closed at once: not even the kernel's greeting
+        assert any("refused a connection to a kernel relay" in r.getMessage() for r in caplog.records)
+        mine = socket.socket(socket.AF_UNIX)  # this process gets the kernel's greeting through the same route
+        mine.connect(address(route))
+        mine.settimeout(5)
+        assert mine.recv(1) == b"\xff"
+        mine.close()
+    finally:
+        route.close()
+
+
+def test_a_closed_route_listens_no_more_and_drops_its_connections(kernel) -> None:
+    url = kernel[1]
+    route = relay().route(url, LIMIT)
+    where = address(route)
+    held = socket.socket(socket.AF_UNIX)
+    held.connect(where)
+    held.settimeout(5)
+    assert held.recv(1) == b"\xff"
+    route.close()
+    deadline = time.monotonic() + 5
+    while held.recv(4096):
+        assert time.monotonic() < deadline
+    with pytest.raises(ConnectionRefusedError):
+        socket.socket(socket.AF_UNIX).connect(where)
+
+
+def test_a_route_waits_for_a_kernel_that_binds_later(tmp_path: Path) -> None:
+    url = f"ipc://{tmp_path}/k-1"
+    route = relay().route(url, LIMIT)
+    sub = zmq_context().socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(route.url)
+    time.sleep(0.3)  # libzmq is refused (through the route) while nothing listens, and tries again
+    pub = zmq_context().socket(zmq.PUB)
+    pub.bind(url)
+    try:
+        subscribed(pub, sub)
+    finally:
+        pub.close(linger=0)
+        sub.close(linger=0)
+        route.close()
