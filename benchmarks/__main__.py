@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from benchmarks import agent, bridge, cluster, mcp, offload, server, sessions, state
+from benchmarks import agent, bridge, cluster, mcp, offload, relay, server, sessions, state
 from benchmarks.kernel import (
     bare_ipykernel_roundtrips,
     bare_ipykernel_starts,
@@ -37,10 +37,10 @@ RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"  # the ful
 QUICK_RESULTS = RESULTS.with_name("quick.json")  # a smoke run's: never over the full run's
 FULL = {"starts": 20, "creates": 20, "roundtrips": 300, "offload_mb": 100, "offload_runs": 3, "calls": 5000,
         "idle": 3, "live": 300, "pairs": 300, "state_runs": 5, "paused": 1000, "clients": 50, "load_seconds": 10.0,
-        "swarm_sessions": 60}
+        "swarm_sessions": 60, "relay_pairs": 2000}
 QUICK = {"starts": 3, "creates": 3, "roundtrips": 50, "offload_mb": 10, "offload_runs": 1, "calls": 500,
          "idle": 1, "live": 10, "pairs": 30, "state_runs": 1, "paused": 5, "clients": 5, "load_seconds": 2.0,
-         "swarm_sessions": 0}
+         "swarm_sessions": 0, "relay_pairs": 200}
 
 
 def machine(wb: Workbench) -> dict[str, Any]:
@@ -75,6 +75,8 @@ def run(quick: bool, say: Any) -> dict[str, Any]:
                 "baseline_p50": statistics.median(bare), "baseline_p95": percentile(bare, 95),
                 "ratio": statistics.median(sandboxed) / statistics.median(bare),
                 "baseline": "bare local ipykernel over IPC, same run"}
+            say("kernel messages through the relay, against the same sockets connected directly")
+            figures["relay"] = relay.measure(sizes["relay_pairs"])
             say(f"offload of {sizes['offload_mb']} MB")
             measured = offload.measure(wb, sizes["offload_mb"], sizes["offload_runs"])
             figures["offload_100mb"] = {k: measured[k] for k in ("seconds", "floor_seconds", "ratio", "bytes",
@@ -121,6 +123,13 @@ def table(figures: dict[str, Any]) -> Table:
     t.add_row("warm-pool create", ms(warm["p50"]), ms(warm["p95"]), "", "", "p50 <= 50 ms")
     t.add_row("execute round trip", ms(rt["p50"]), ms(rt["p95"]), f"{ms(rt['baseline_p50'])} bare ipykernel",
               f"{rt['ratio']:.2f}", "<= 1.2")
+    rl = figures.get("relay")
+    if rl:  # (results written before the relay have none)
+        t.add_row("kernel message round trip, added by the relay", f"{rl['small_added_us']:.0f} µs", "",
+                  f"{rl['small_direct_p50_us']:.0f} µs direct",
+                  f"{rl['small_relayed_p50_us'] / rl['small_direct_p50_us']:.2f}", "")
+        t.add_row(f"{rl['big_mb']} MB kernel message through the relay", f"{rl['big_relayed_mb_per_s']:,.0f} MB/s", "",
+                  f"{rl['big_direct_mb_per_s']:,.0f} MB/s direct", f"{rl['big_ratio']:.2f}", "")
     t.add_row(escape(f"offload {off['bytes'] / 1e6:.0f} MB to tables[id]"), sec(off["seconds"]), "",
               f"{sec(off['floor_seconds'])} pyarrow floor", f"{off['ratio']:.2f}", "<= 1 s / 100 MB; ratio <= 2")
     t.add_row("tool calls/s from the sandbox, run_tool loop", f"{calls['single']:,.0f}", "",

@@ -21,6 +21,9 @@ def test_quick_benchmark_suite_writes_its_figures(wb: Workbench, tmp_path: Path)
         assert 0 < figures[key]["p50"] <= figures[key]["p95"]
     rt = figures["exec_roundtrip"]
     assert 0 < rt["p50"] <= rt["p95"] and rt["baseline_p50"] > 0 and rt["ratio"] > 0
+    relayed = figures["relay"]
+    assert relayed["small_direct_p50_us"] > 0 and relayed["small_relayed_p50_us"] > 0 and relayed["pairs"] == 200
+    assert relayed["big_direct_mb_per_s"] > 0 and relayed["big_relayed_mb_per_s"] > 0
     off = figures["offload_100mb"]
     assert off["seconds"] > 0 and off["floor_seconds"] > 0 and off["ratio"] > 0 and off["records"] > 0
     assert figures["bulk_calls_per_s"]["single"] > 0 and figures["bulk_calls_per_s"]["bulk"] > 0

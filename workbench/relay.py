@@ -106,6 +106,7 @@ class Route:
         self.upstream = upstream  # (address family, address)
         self.pairs: set[_Pair] = set()
         self.cuts = 0
+        self.closed = False
         self._relay = relay
         self._warned = 0.0
 
@@ -172,7 +173,8 @@ class Relay:
             pass  # already woken
 
     def drop_route(self, route: Route) -> None:
-        if route.listener.fileno() >= 0:
+        if not route.closed:
+            route.closed = True
             self._selector.unregister(route.listener)
             route.listener.close()
         for pair in list(route.pairs):
@@ -203,7 +205,8 @@ class Relay:
                 except queue.Empty:
                     break
         elif isinstance(key.data, Route):
-            self._accept(key.data)
+            if not key.data.closed:  # (a route closed while an earlier event of this round was handled)
+                self._accept(key.data)
         elif not key.data.closed:  # (a pair dropped while an earlier event of this round was handled)
             pair: _Pair = key.data
             sock: socket.socket = key.fileobj  # type: ignore[assignment]
