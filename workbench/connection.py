@@ -100,7 +100,12 @@ class KernelConnection:
         client.routes = self._routes
         client.load_connection_info(info)  # type: ignore[arg-type]  # (a TypedDict of the same keys)
         client.session.unpack = _unpack
-        client.start_channels(hb=False, stdin=False)
+        try:
+            client.start_channels(hb=False, stdin=False)
+        except BaseException:
+            for route in self._routes:
+                route.close()
+            raise
         self.client: BlockingKernelClient = client
 
     def wait_ready(self, timeout: float, between: Callable[[], None] | None = None) -> bool:

@@ -28,45 +28,80 @@ from collections.abc import Callable
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 16
-FRAME_COST = 256  # what one frame costs this process beyond its bytes (libzmq's msg_t, pyzmq's Frame): a message
-# of millions of empty frames is bounded too
+FRAME_COST = 256  # what one frame costs this process beyond its bytes (libzmq's msg_t, pyzmq's Frame)
+PINNED = 8192 + 8 + 249 * 40  # libzmq's receive buffer: a frame of 34 to 8191 bytes points into it (zero-copy) and
+# keeps all of it, so a kernel writing one such frame at a time pins a buffer per frame
+MAX_FRAMES = 1024  # in one message (a Jupyter message has six, plus its buffers)
+MAX_COMMAND = 1024  # bytes in one command (libzmq's READY is 30 to 300, its ERROR at most 260, a PING under 30)
+COMMANDS_IN_A_ROW = 32  # without a message between them (libzmq drops commands: nothing else would push back)
 _GREETING = 64  # signature (10), version (2), mechanism (20), as-server (1), filler (31)
 _NULL = b"NULL".ljust(20, b"\0")  # the only mechanism jupyter's kernels speak; under CURVE the flags are encrypted
 _MORE, _LONG, _COMMAND = 1, 2, 4
 _WARN_EVERY = 10.0  # seconds between two warnings of one route
+_RECENT = 10.0  # seconds in which three cuts of one route make it refuse connections for a while
+_MAX_HOLD = 1.0  # seconds at most
+_RETRY_ACCEPT = 0.5  # seconds before a listener is watched again when this process is out of descriptors
+
+
+def frame_cost(size: int) -> int:
+    """What a frame of `size` bytes can cost this process once libzmq holds it."""
+    return FRAME_COST + (PINNED if 33 < size < 8192 else size)
 
 
 class Inbound:
-    """The kernel's side of one ZMTP 3 connection, read as it passes: `feed` tells why a chunk must not pass."""
+    """The kernel's side of one ZMTP 3 connection, read as it passes (the frame headers only)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._greeting = bytearray()
-        self._header = bytearray()
+        self._header = bytearray()  # a frame header split between two chunks
         self._body = 0  # bytes of the current frame's body still to pass
         self._more = False  # the last data frame said that more frames of its message follow
-        self._cost = 0  # what the frames of the current message cost so far
+        self._cost = 0  # what the frames of the unfinished message cost so far
+        self._frames = 0  # and how many there are
+        self._commands = 0  # commands since the last data frame
 
-    def feed(self, data: bytes) -> str | None:
-        """None when `data` may pass, else why the connection must be cut (then nothing of `data` may pass)."""
+    def feed(self, data: bytes) -> tuple[int, str | None]:
+        """How many bytes of `data` may pass, and why the connection must then be cut (None: all may pass, go on).
+        What may pass before a cut is the messages that ended before the offending one began."""
         at, end = 0, len(data)
+        start = 0  # where the unfinished message began in `data` (0 when in an earlier chunk)
         while at < end:
             if len(self._greeting) < _GREETING:
                 take = min(_GREETING - len(self._greeting), end - at)
                 self._greeting += data[at:at + take]
                 at += take
                 if reason := self._check_greeting():
-                    return reason
+                    return 0, reason
             elif self._body:
                 take = min(self._body, end - at)
                 self._body -= take
                 at += take
             else:
-                self._header.append(data[at])
-                at += 1
-                if reason := self._check_header():
-                    return reason
-        return None
+                begin = at
+                if self._header or end - at < 9:  # (a header in pieces: byte by byte)
+                    self._header.append(data[at])
+                    at += 1
+                    flags = self._header[0]
+                    need = 9 if flags & _LONG else 2
+                    if flags & ~(_MORE | _LONG | _COMMAND):
+                        return start, f"a frame with unknown flags {flags:#04x}"
+                    if len(self._header) < need:
+                        continue
+                    size = int.from_bytes(self._header[1:need], "big")
+                    self._header.clear()
+                    begin = max(0, at - need)
+                else:
+                    flags = data[at]
+                    need = 9 if flags & _LONG else 2
+                    size = int.from_bytes(data[at + 1:at + need], "big")
+                    at += need
+                if not self._more:
+                    start = begin  # a new message (or a command between two) begins here
+                if reason := self._check_frame(flags, size):
+                    return start, reason
+                self._body = size
+        return end, None
 
     def _check_greeting(self) -> str | None:
         got = self._greeting
@@ -76,22 +111,30 @@ class Inbound:
             return f"the kernel asks for the security mechanism {bytes(got[12:32]).rstrip(bytes(1))!r}, not NULL"
         return None
 
-    def _check_header(self) -> str | None:
-        flags = self._header[0]
+    def _check_frame(self, flags: int, size: int) -> str | None:
         if flags & ~(_MORE | _LONG | _COMMAND):
             return f"a frame with unknown flags {flags:#04x}"
-        if len(self._header) < (9 if flags & _LONG else 2):
+        cost = self._cost + frame_cost(size)
+        if flags & _COMMAND:
+            if flags & _MORE:  # libzmq would queue a SUBSCRIBE so marked as a part of an endless message
+                return "a command marked as a part of a message"
+            if size > MAX_COMMAND:
+                return f"a command of {size:,} bytes (at most {MAX_COMMAND:,})"
+            self._commands += 1
+            if self._commands > COMMANDS_IN_A_ROW:
+                return f"more than {COMMANDS_IN_A_ROW} commands in a row"
+            if self._more:  # (inside a message: counted with it)
+                self._cost = cost
             return None
-        size = struct.unpack(">Q", self._header[1:9])[0] if flags & _LONG else self._header[1]
-        self._header.clear()
-        cost = self._cost + size + FRAME_COST
+        self._commands = 0
+        self._frames += 1
+        if self._frames > MAX_FRAMES:
+            return f"a message of more than {MAX_FRAMES:,} frames"
         if cost > self.limit:
-            return (f"a message over its channel's limit of {self.limit:,} bytes (frames cost their size and "
-                    f"{FRAME_COST} bytes each)")
-        if not flags & _COMMAND:
-            self._more = bool(flags & _MORE)
-        self._cost = cost if self._more else 0  # a command between two messages is counted alone
-        self._body = size
+            return (f"a message over its channel's limit of {self.limit:,} bytes (each frame costs "
+                    f"{FRAME_COST} bytes more, and one of 34 to 8191 bytes the {PINNED:,}-byte buffer it pins)")
+        self._more = bool(flags & _MORE)
+        self._cost, self._frames = (cost, self._frames) if self._more else (0, 0)
         return None
 
 
@@ -107,19 +150,26 @@ class Route:
         self.pairs: set[_Pair] = set()
         self.cuts = 0
         self.closed = False
+        self.held_until = 0.0  # connections are refused until then, after cuts in a row
         self._relay = relay
         self._warned = 0.0
+        self._recent: list[float] = []  # when the last cuts were
 
     def close(self) -> None:
         """Stop listening and drop this route's connections (from any thread)."""
         self._relay.call(lambda: self._relay.drop_route(self))
 
-    def warn(self, reason: str) -> None:
+    def cut(self, reason: str) -> None:
+        """Count a cut, warn now and then, and refuse connections for a while when cuts come in a row (a kernel
+        that provokes them would otherwise keep the relay busy: a cut message is not pushed back on)."""
         self.cuts += 1
         now = time.monotonic()
         if now - self._warned >= _WARN_EVERY:
             self._warned = now
             log.warning("kernel connection cut (%d so far on this channel): %s", self.cuts, reason)
+        self._recent = [t for t in self._recent if now - t < _RECENT] + [now]
+        if len(self._recent) >= 3:
+            self.held_until = now + min(_MAX_HOLD, 0.05 * 2 ** (len(self._recent) - 3))
 
 
 class _Pair:
@@ -147,9 +197,14 @@ class Relay:
         self._wake_read.setblocking(False)
         self._wake_write.setblocking(False)
         self._selector.register(self._wake_read, selectors.EVENT_READ, None)
+        self._later: list[tuple[float, Route]] = []  # listeners to watch again, and when
         self.pid = os.getpid()  # the process whose thread this is
         self._thread = threading.Thread(target=self._run, name="workbench-relay", daemon=True)
         self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     def route(self, upstream: str, limit: int) -> Route:
         """A route to the ZMQ address `upstream` (`ipc://PATH` or `tcp://HOST:PORT`) whose messages from the
@@ -184,13 +239,22 @@ class Relay:
 
     def _run(self) -> None:
         while True:
-            for key, events in self._selector.select():
+            timeout = None
+            if self._later:
+                timeout = max(0.0, min(when for when, _ in self._later) - time.monotonic())
+            for key, events in self._selector.select(timeout):
                 try:
                     self._handle(key, events)
                 except Exception:  # one connection's surprise must not stop every kernel's messages
                     log.exception("the kernel relay failed on a connection; it is dropped")
                     if isinstance(key.data, _Pair):
                         self._drop(key.data)
+            if self._later:
+                now = time.monotonic()
+                for when, route in [item for item in self._later if item[0] <= now]:
+                    self._later.remove((when, route))
+                    if not route.closed:
+                        self._selector.register(route.listener, selectors.EVENT_READ, route)
 
     def _handle(self, key: selectors.SelectorKey, events: int) -> None:
         if key.data is None:
@@ -201,9 +265,13 @@ class Relay:
                     break
             while True:
                 try:
-                    self._calls.get_nowait()()
+                    call = self._calls.get_nowait()
                 except queue.Empty:
                     break
+                try:
+                    call()
+                except Exception:
+                    log.exception("the kernel relay failed to open or close a route")
         elif isinstance(key.data, Route):
             if not key.data.closed:  # (a route closed while an earlier event of this round was handled)
                 self._accept(key.data)
@@ -220,6 +288,14 @@ class Relay:
             down, _ = route.listener.accept()
         except (BlockingIOError, InterruptedError):
             return
+        except OSError as exc:  # out of descriptors: watch this listener again later, not in a busy loop
+            log.warning("the kernel relay cannot accept a connection: %s; trying again in %s s", exc, _RETRY_ACCEPT)
+            self._selector.unregister(route.listener)
+            self._later.append((time.monotonic() + _RETRY_ACCEPT, route))
+            return
+        if time.monotonic() < route.held_until:
+            down.close()  # libzmq tries again ten milliseconds later
+            return
         pid = struct.unpack("3i", down.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
         if pid != self.pid:
             log.warning("refused a connection to a kernel relay from process %d (only this process may use it)", pid)
@@ -227,7 +303,12 @@ class Relay:
             return
         down.setblocking(False)
         family, address = route.upstream
-        up = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            up = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as exc:
+            log.warning("the kernel relay cannot open a connection to a kernel: %s", exc)
+            down.close()
+            return
         up.setblocking(False)
         code = up.connect_ex(address)  # type: ignore[arg-type]
         if code not in (0, errno.EINPROGRESS):
@@ -250,10 +331,17 @@ class Relay:
         if not data:
             self._drop(pair)
             return
-        if sock is pair.up and (reason := pair.inbound.feed(data)):
-            pair.route.warn(reason)
-            self._drop(pair)
-            return
+        if sock is pair.up:
+            passing, reason = pair.inbound.feed(data)
+            if reason is not None:
+                pair.route.cut(reason)
+                if passing and not pair.pending[pair.down]:  # the messages that ended before, if they go now
+                    try:
+                        pair.down.send(data[:passing], socket.MSG_NOSIGNAL)
+                    except OSError:
+                        pass
+                self._drop(pair)
+                return
         target = pair.other(sock)
         pair.pending[target] = data
         if self._write(pair, target):
@@ -269,7 +357,7 @@ class Relay:
         data = pair.pending[sock]
         if data:
             try:
-                sent = sock.send(data)
+                sent = sock.send(data, socket.MSG_NOSIGNAL)
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError:
@@ -317,7 +405,8 @@ def _address(url: str) -> tuple[int, object]:
         return socket.AF_UNIX, rest
     if scheme == "tcp":
         host, _, port = rest.rpartition(":")
-        family, _, _, _, address = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)[0]
+        # IPv4, as libzmq's sockets (ZMQ_IPV6 is off)
+        family, _, _, _, address = socket.getaddrinfo(host, int(port), socket.AF_INET, socket.SOCK_STREAM)[0]
         return family, address
     raise ValueError(f"a kernel's address is ipc:// or tcp://, not {url!r}")
 
@@ -330,6 +419,6 @@ def relay() -> Relay:
     """This process's relay, started on first use (and again in a forked child)."""
     global _relay
     with _relay_lock:
-        if _relay is None or _relay.pid != os.getpid():
+        if _relay is None or _relay.pid != os.getpid() or not _relay.alive:
             _relay = Relay()
         return _relay
