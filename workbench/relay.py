@@ -230,7 +230,8 @@ class Relay:
     def drop_route(self, route: Route) -> None:
         if not route.closed:
             route.closed = True
-            self._selector.unregister(route.listener)
+            if route.listener in self._selector.get_map():  # (not while set aside for later, see _accept)
+                self._selector.unregister(route.listener)
             route.listener.close()
         for pair in list(route.pairs):
             self._drop(pair)
@@ -253,7 +254,7 @@ class Relay:
                 now = time.monotonic()
                 for when, route in [item for item in self._later if item[0] <= now]:
                     self._later.remove((when, route))
-                    if not route.closed:
+                    if not route.closed:  # (a closed route's listener is closed: its fileno is -1)
                         self._selector.register(route.listener, selectors.EVENT_READ, route)
 
     def _handle(self, key: selectors.SelectorKey, events: int) -> None:

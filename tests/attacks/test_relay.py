@@ -346,3 +346,39 @@ def test_cuts_in_a_row_hold_the_route_for_a_while(tmp_path: Path) -> None:
     finally:
         route.close()
         raw.server.close()
+
+
+_OUT_OF_DESCRIPTORS = """
+import os, resource, socket, sys, time
+sys.path.insert(0, sys.argv[2])
+from workbench.relay import relay
+pub = socket.socket(socket.AF_UNIX)
+pub.bind(sys.argv[1] + "/k-1")
+pub.listen(8)
+route = relay().route(f"ipc://{sys.argv[1]}/k-1", 1 << 20)
+time.sleep(0.2)
+client = socket.socket(socket.AF_UNIX)
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (client.fileno() + 1, hard))  # no descriptor left after this one
+client.connect("\\0" + route.url.removeprefix("ipc://@"))   # the relay cannot accept it
+time.sleep(0.3)
+cpu = time.process_time()
+time.sleep(1.0)
+spent = time.process_time() - cpu
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+pub.settimeout(5)
+kernel_side, _ = pub.accept()
+kernel_side.sendall(b"\\xff")
+client.settimeout(5)
+print(f"{spent:.3f}", client.recv(1) == b"\\xff", flush=True)
+"""
+
+
+def test_a_host_out_of_descriptors_waits_without_spinning(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-c", _OUT_OF_DESCRIPTORS, str(tmp_path), str(Path(__file__).parents[2])],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    spent, served = out.stdout.split()
+    assert float(spent) < 0.3, f"the relay spent {spent} s of CPU in one second waiting for a descriptor"
+    assert served == "True"  # once descriptors are free again, the waiting connection is served
+    assert "cannot accept a connection" in out.stderr
