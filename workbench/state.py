@@ -22,6 +22,8 @@ from .store import PausedState
 STATE_DIR = ".state"
 SNAPSHOT, MANIFEST = "namespace.pkl", "manifest.json"
 _LEFTOVERS = (SNAPSHOT, MANIFEST, f".{SNAPSHOT}.partial", f".{MANIFEST}.partial")  # what a save writes
+KEEP_FAILED = 3  # snapshots that could not be restored, kept for diagnosis (the newest; older ones are removed)
+_FAILED = re.compile(r"failed-\d{8}-\d{6}-[0-9a-f]{6}\.pkl")
 _LINE = re.compile(r"^WORKBENCH-STATE ([0-9a-f]{16}) (\{.*\})$", re.MULTILINE)
 _Name = Annotated[str, Field(max_length=256)]
 _Reason = Annotated[str, Field(max_length=1000)]
@@ -87,8 +89,9 @@ def remove_snapshot(files: Files) -> None:
 
 def keep_failed_snapshot(files: Files) -> FileInfo | None:
     """Set aside a snapshot that could not be restored, as `.state/failed-<time>-<random>.pkl` (kept for diagnosis; its
-    manifest and any leftovers removed); None when there was no snapshot file. Raises FileError when it cannot be
-    (`.state` leads out of the workspace, never followed there, or is not a folder)."""
+    manifest and any leftovers removed, and all but the newest KEEP_FAILED of those files); None when there was no
+    snapshot file. Raises FileError when it cannot be (`.state` leads out of the workspace, never followed there, or
+    is not a folder)."""
     try:
         kept: FileInfo | None = files.rename(f"{STATE_DIR}/{SNAPSHOT}",
                                              f"failed-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}.pkl")
@@ -98,4 +101,9 @@ def keep_failed_snapshot(files: Files) -> FileInfo | None:
         files.remove(kept.path)
         kept = None
     remove_snapshot(files)
+    failed = sorted(entry.path for entry in files.list(STATE_DIR)
+                    if entry.type == "file" and _FAILED.fullmatch(entry.path.rsplit("/", 1)[1])
+                    and (kept is None or entry.path != kept.path))
+    for path in failed[:max(0, len(failed) - (KEEP_FAILED - (kept is not None)))]:
+        files.remove(path)
     return kept

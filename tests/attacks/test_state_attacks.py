@@ -52,6 +52,24 @@ def test_a_corrupt_snapshot_resumes_with_state_lost_and_says_why(fresh: Session)
     assert [e.status for e in fresh.logs() if e.kind == "resume"] == ["state_lost"]
 
 
+def test_only_the_newest_failed_snapshots_are_kept(fresh: Session) -> None:
+    from workbench.state import KEEP_FAILED
+    fresh.files.write(".state/failed-notes.txt", "the sandbox's own file, not a snapshot")
+    reasons = []
+    for n in range(KEEP_FAILED + 2):
+        fresh.execute(f"x = {n}")
+        fresh.pause()
+        fresh.files.write(".state/namespace.pkl", f"garbage {n}".encode())
+        result = fresh.execute("'x' in globals()")
+        assert result.state_lost, result
+        reasons.append(result.state_lost_reason or "")
+    kept = [entry.path for entry in fresh.files.list(".state") if entry.path.endswith(".pkl")]
+    assert len(kept) == KEEP_FAILED, kept
+    assert sorted(fresh.files.read(path) for path in kept) == [f"garbage {n}".encode() for n in (2, 3, 4)]
+    assert any(f"kept as {path}" in reasons[-1] for path in kept)  # the newest is the one the last result names
+    assert fresh.files.read(".state/failed-notes.txt") == b"the sandbox's own file, not a snapshot"
+
+
 def test_a_missing_snapshot_resumes_with_state_lost_and_says_why(fresh: Session) -> None:
     fresh.execute("x = 1")
     fresh.pause()
