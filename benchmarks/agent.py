@@ -16,6 +16,7 @@ import tempfile
 import time
 from typing import Any
 
+from benchmarks.paired import added, interleaved
 from workbench import Workbench
 
 CELL = "1 + 1"
@@ -40,22 +41,14 @@ def measure(wb: Workbench, n: int = 300) -> dict[str, Any]:
                     wb.tools.register(_tool(slug), slug=slug, toolkit=f"bench_{service}")
     with wb.create(user_id="bench", toolkits=[f"bench_{s}" for s in SERVICES]) as session:
         arguments = {"code_to_execute": CELL}
-        for _ in range(20):  # warm up both paths
-            session.execute(CELL)
-            session.handle_tool_call("WORKBENCH_REMOTE_WORKBENCH", arguments)
-        bare, meta, overhead = [], [], []
-        for i in range(n):
-            pair: dict[str, float] = {}
-            for which in (("bare", "meta") if i % 2 == 0 else ("meta", "bare")):
-                started = time.perf_counter()
-                if which == "bare":
-                    assert session.execute(CELL).text == "2"
-                else:
-                    assert session.handle_tool_call("WORKBENCH_REMOTE_WORKBENCH", arguments) == "result:\n2"
-                pair[which] = time.perf_counter() - started
-            bare.append(pair["bare"])
-            meta.append(pair["meta"])
-            overhead.append(pair["meta"] - pair["bare"])
+
+        def bare_cell() -> None:
+            assert session.execute(CELL).text == "2"
+
+        def meta_cell() -> None:
+            assert session.handle_tool_call("WORKBENCH_REMOTE_WORKBENCH", arguments) == "result:\n2"
+
+        bare, meta = interleaved(bare_cell, meta_cell, n)
         query = {"queries": [{"use_case": "delete a note in notion"}]}
         searches = []
         for _ in range(max(n // 3, 10)):
@@ -64,7 +57,7 @@ def measure(wb: Workbench, n: int = 300) -> dict[str, Any]:
             searches.append(time.perf_counter() - started)
         assert json.loads(answer)["results"][0]["tools"][0]["tool_slug"] == "BENCH_NOTION_DELETE_NOTE"
     ms = lambda values: statistics.median(values) * 1000
-    return {"bare_p50_ms": ms(bare), "meta_p50_ms": ms(meta), "overhead_ms": ms(overhead), "pairs": n,
+    return {"bare_p50_ms": ms(bare), "meta_p50_ms": ms(meta), "overhead_ms": added(bare, meta) * 1000, "pairs": n,
             "search_p50_ms": ms(searches), "search_tools": len(SERVICES) * 20}
 
 

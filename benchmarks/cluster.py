@@ -33,8 +33,9 @@ from typing import Any
 
 import httpx
 
+from benchmarks.paired import added, interleaved
 from benchmarks.server import _free_port
-from workbench import RemoteWorkbench
+from workbench import RemoteSession, RemoteWorkbench
 from workbench.server.auth import create_key
 from workbench.store import open_store
 
@@ -80,20 +81,15 @@ def measure(pairs: int = 300) -> dict[str, Any]:
             made = [forwarder.create(user_id="bench", limits={"memory": "256m"}) for _ in range(2)]
             session = next(s for s in made if s.replica == "r2")
             direct, forwarded = owner.use(session.session_id), forwarder.use(session.session_id)
-            for _ in range(20):
-                direct.execute(CELL)
-                forwarded.execute(CELL)
-            times: dict[str, list[float]] = {"direct": [], "forwarded": []}
-            added = []
-            for i in range(pairs):
-                pair: dict[str, float] = {}
-                for which in (("direct", "forwarded") if i % 2 == 0 else ("forwarded", "direct")):
-                    started = time.perf_counter()
-                    result = (direct if which == "direct" else forwarded).execute(CELL)
-                    pair[which] = time.perf_counter() - started
+
+            def run(on: RemoteSession) -> Callable[[], None]:
+                def once() -> None:
+                    result = on.execute(CELL)
                     assert result.text == "1", result
-                    times[which].append(pair[which])
-                added.append(pair["forwarded"] - pair["direct"])
+                return once
+
+            times = dict(zip(("direct", "forwarded"), interleaved(run(direct), run(forwarded), pairs), strict=True))
+            forward_added = added(times["direct"], times["forwarded"])
             for s in made:
                 s.close(delete_workspace=True)
         finally:
@@ -102,7 +98,8 @@ def measure(pairs: int = 300) -> dict[str, Any]:
                 proc.wait(timeout=30)
     ms = lambda values: statistics.median(values) * 1000
     return {"direct_p50_ms": ms(times["direct"]), "forwarded_p50_ms": ms(times["forwarded"]),
-            "forward_added_ms": ms(added), "ratio": ms(times["forwarded"]) / ms(times["direct"]), "pairs": pairs,
+            "forward_added_ms": forward_added * 1000, "ratio": ms(times["forwarded"]) / ms(times["direct"]),
+            "pairs": pairs,
             "store": "postgresql" if dsn else "sqlite",
             "baseline": "the same session through the replica that runs it, same run"}
 

@@ -30,6 +30,7 @@ from mcp.client.streamable_http import streamable_http_client
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
+from benchmarks.paired import added
 from workbench import Session, Workbench
 from workbench.server.mcp import McpEndpoint
 from workbench.server.tokens import load_secret, session_token
@@ -110,7 +111,7 @@ def measure(wb: Workbench, n: int = 300) -> dict[str, Any]:
                                 n, CELL, "2")
     ms = lambda values: statistics.median(values) * 1000
     return {"bare_p50_ms": ms(bare), "mcp_p50_ms": ms(over_mcp), "ratio": statistics.median(over_mcp) /
-            statistics.median(bare), "overhead_ms": ms([m - b for m, b in zip(over_mcp, bare, strict=True)]),
+            statistics.median(bare), "overhead_ms": added(bare, over_mcp) * 1000,
             "pairs": n, "baseline": "session.execute of the same cell in-process, interleaved pairs, same run",
             "transport": "Streamable HTTP (stateless, JSON responses), one client session, server in-process"}
 

@@ -14,12 +14,12 @@ import json
 import statistics
 import tempfile
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
 import zmq
 
+from benchmarks.paired import added, interleaved
 from workbench.connection import zmq_context
 from workbench.relay import relay
 
@@ -44,28 +44,11 @@ def _kernel(url: str, big: bytes, stop: threading.Event) -> None:
         router.close(linger=0)
 
 
-def _round_trip(dealer: zmq.Socket[bytes], frames: list[bytes]) -> Callable[[], float]:
-    def once() -> float:
-        started = time.perf_counter()
+def _round_trip(dealer: zmq.Socket[bytes], frames: list[bytes]) -> Callable[[], None]:
+    def once() -> None:
         dealer.send_multipart(frames)
         dealer.recv_multipart(copy=False)
-        return time.perf_counter() - started
     return once
-
-
-def _pairs(direct: Callable[[], float], relayed: Callable[[], float], n: int) -> tuple[list[float], list[float]]:
-    for _ in range(max(1, n // 20)):  # warm up both
-        direct(), relayed()
-    a: list[float] = []
-    b: list[float] = []
-    for i in range(n):
-        if i % 2:
-            a.append(direct())
-            b.append(relayed())
-        else:
-            b.append(relayed())
-            a.append(direct())
-    return a, b
 
 
 def measure(pairs: int = 2000, big_mb: int = 16, big_pairs: int = 20) -> dict[str, Any]:
@@ -81,8 +64,8 @@ def measure(pairs: int = 2000, big_mb: int = 16, big_pairs: int = 20) -> dict[st
         direct.connect(url)
         relayed.connect(route.url)
         try:
-            small_a, small_b = _pairs(_round_trip(direct, SMALL), _round_trip(relayed, SMALL), pairs)
-            big_a, big_b = _pairs(_round_trip(direct, [b"big"]), _round_trip(relayed, [b"big"]), big_pairs)
+            small_a, small_b = interleaved(_round_trip(direct, SMALL), _round_trip(relayed, SMALL), pairs)
+            big_a, big_b = interleaved(_round_trip(direct, [b"big"]), _round_trip(relayed, [b"big"]), big_pairs, warm=2)
         finally:
             direct.close(linger=0)
             relayed.close(linger=0)
@@ -93,7 +76,7 @@ def measure(pairs: int = 2000, big_mb: int = 16, big_pairs: int = 20) -> dict[st
     return {
         "small_direct_p50_us": statistics.median(small_a) * 1e6,
         "small_relayed_p50_us": statistics.median(small_b) * 1e6,
-        "small_added_us": statistics.median(b - a for a, b in zip(small_a, small_b, strict=True)) * 1e6,
+        "small_added_us": added(small_a, small_b) * 1e6,
         "big_mb": big_mb,
         "big_direct_mb_per_s": big_mb / big_direct,
         "big_relayed_mb_per_s": big_mb / big_relayed,

@@ -33,6 +33,7 @@ from typing import Any
 import httpx
 
 from benchmarks.mcp import paired
+from benchmarks.paired import added, interleaved
 from workbench import RemoteSession, RemoteWorkbench, Session, Workbench
 from workbench.server.auth import create_key
 
@@ -101,20 +102,14 @@ def measure(wb: Workbench, pairs: int = 300, clients: int = 50, seconds: float =
         remote = RemoteWorkbench(served.url, key)
         rs = remote.create(user_id="bench", limits={"memory": "256m"})
         local = wb.create(user_id="bench", limits={"memory": "256m"})  # a twin: one client attached to each kernel
-        for _ in range(20):
-            local.execute(CELL)
-            rs.execute(CELL)
-        bare, rest, added = [], [], []
-        for i in range(pairs):
-            pair: dict[str, float] = {}
-            for which in (("bare", "rest") if i % 2 == 0 else ("rest", "bare")):
-                started = time.perf_counter()
-                result = (local if which == "bare" else rs).execute(CELL)
-                pair[which] = time.perf_counter() - started
+
+        def run(on: Session | RemoteSession) -> Callable[[], None]:
+            def once() -> None:
+                result = on.execute(CELL)
                 assert result.text == "1", result
-            bare.append(pair["bare"])
-            rest.append(pair["rest"])
-            added.append(pair["rest"] - pair["bare"])
+            return once
+
+        bare, rest = interleaved(run(local), run(rs), pairs)
         assert rs.mcp is not None, "the server gave the session no MCP endpoint"
         mcp_bare, mcp = paired(rs.mcp.url, rs.mcp.headers, local, pairs, CELL, CELL)
         rs.close(delete_workspace=True)
@@ -139,10 +134,10 @@ def measure(wb: Workbench, pairs: int = 300, clients: int = 50, seconds: float =
         wb.gc()  # this process mounted the workspaces too (its in-process runs): unmount what is closed
     ms = lambda values: statistics.median(values) * 1000
     figures: dict[str, Any] = {
-        "bare_p50_ms": ms(bare), "rest_p50_ms": ms(rest), "rest_added_ms": ms(added),
+        "bare_p50_ms": ms(bare), "rest_p50_ms": ms(rest), "rest_added_ms": added(bare, rest) * 1000,
         "rest_ratio": ms(rest) / ms(bare), "pairs": pairs,
         "mcp_p50_ms": ms(mcp), "mcp_bare_p50_ms": ms(mcp_bare), "mcp_ratio": ms(mcp) / ms(mcp_bare),
-        "mcp_added_ms": ms([m - b for m, b in zip(mcp, mcp_bare, strict=True)]),
+        "mcp_added_ms": added(mcp_bare, mcp) * 1000,
         "clients": clients, "seconds": seconds, "rest_per_s": over_rest, "in_process_per_s": in_process,
         "throughput_ratio": over_rest / in_process, "rounds": ROUNDS,
         "round_ratios": [r / b for r, b in zip(rates["rest"], rates["in_process"], strict=True)],
