@@ -157,6 +157,35 @@ class RawKernel:
             conn.close()
 
 
+def frame(body: bytes, flags: int = 0) -> bytes:
+    """One ZMTP 3 frame: flags, a size of one byte or eight, the body."""
+    if len(body) < 256:
+        return bytes([flags, len(body)]) + body
+    return bytes([flags | 2]) + len(body).to_bytes(8, "big") + body
+
+
+READY = frame(b"\x05READY\x0bSocket-Type\x00\x00\x00\x06ROUTER", 4)
+
+
+def through(tmp_path: Path, sent: bytes) -> tuple[bytes, Route]:
+    """What passes the relay of a kernel that writes `sent` at once, and its route."""
+    raw = RawKernel(tmp_path / "k-1", sent)
+    route = relay().route(f"ipc://{tmp_path}/k-1", LIMIT)
+    try:
+        down = socket.socket(socket.AF_UNIX)
+        down.connect(address(route))
+        down.settimeout(5)
+        got = b""
+        while chunk := down.recv(65536):
+            got += chunk
+            if got == sent:
+                break
+        return got, route
+    finally:
+        route.close()
+        raw.server.close()
+
+
 NULL_GREETING = b"\xff" + bytes(8) + b"\x7f\x03\x01" + b"NULL".ljust(20, b"\0") + bytes(32)
 
 
@@ -167,39 +196,16 @@ NULL_GREETING = b"\xff" + bytes(8) + b"\x7f\x03\x01" + b"NULL".ljust(20, b"\0") 
     pytest.param(NULL_GREETING + b"\x80\x05hello", 65, id="reserved flag bits"),
 ])
 def test_what_is_not_zmtp3_under_null_never_reaches_the_host(tmp_path: Path, greeting: bytes, seen_by: int) -> None:
-    raw = RawKernel(tmp_path / "k-1", greeting)
-    route = relay().route(f"ipc://{tmp_path}/k-1", LIMIT)
-    try:
-        down = socket.socket(socket.AF_UNIX)
-        down.connect(address(route))
-        down.settimeout(5)
-        got = b""
-        while chunk := down.recv(4096):  # until the relay cuts the connection
-            got += chunk
-        assert raw.accepted == 1 and route.cuts == 1
-        # nothing from the chunk where the fault shows passes, so at most what came before the fault
-        assert got == greeting[:len(got)] and len(got) < seen_by, got
-    finally:
-        route.close()
-        raw.server.close()
+    got, route = through(tmp_path, greeting)
+    assert route.cuts == 1
+    # nothing from the chunk where the fault shows passes, so at most what came before the fault
+    assert got == greeting[:len(got)] and len(got) < seen_by, got
 
 
 def test_a_well_formed_greeting_and_frames_pass_byte_for_byte(tmp_path: Path) -> None:
-    greeting = NULL_GREETING
-    frames = b"\x04\x05READY" + b"\x01\x03abc" + b"\x02" + (300).to_bytes(8, "big") + b"x" * 300
-    raw = RawKernel(tmp_path / "k-1", greeting + frames)
-    route = relay().route(f"ipc://{tmp_path}/k-1", LIMIT)
-    try:
-        down = socket.socket(socket.AF_UNIX)
-        down.connect(address(route))
-        down.settimeout(5)
-        got = b""
-        while len(got) < len(greeting + frames) and (chunk := down.recv(4096)):
-            got += chunk
-        assert got == greeting + frames and route.cuts == 0
-    finally:
-        route.close()
-        raw.server.close()
+    sent = NULL_GREETING + READY + frame(b"abc", 1) + frame(b"x" * 300)
+    got, route = through(tmp_path, sent)
+    assert got == sent and route.cuts == 0
 
 
 _INTRUDER = """
@@ -260,35 +266,6 @@ def test_a_route_waits_for_a_kernel_that_binds_later(tmp_path: Path) -> None:
         pub.close(linger=0)
         sub.close(linger=0)
         route.close()
-
-
-def frame(body: bytes, flags: int = 0) -> bytes:
-    """One ZMTP 3 frame: flags, a size of one byte or eight, the body."""
-    if len(body) < 256:
-        return bytes([flags, len(body)]) + body
-    return bytes([flags | 2]) + len(body).to_bytes(8, "big") + body
-
-
-READY = frame(b"\x05READY\x0bSocket-Type\x00\x00\x00\x06ROUTER", 4)
-
-
-def through(tmp_path: Path, sent: bytes) -> tuple[bytes, Route]:
-    """What passes the relay of a kernel that writes `sent` at once, and its route."""
-    raw = RawKernel(tmp_path / "k-1", sent)
-    route = relay().route(f"ipc://{tmp_path}/k-1", LIMIT)
-    try:
-        down = socket.socket(socket.AF_UNIX)
-        down.connect(address(route))
-        down.settimeout(5)
-        got = b""
-        while chunk := down.recv(65536):
-            got += chunk
-            if got == sent:
-                break
-        return got, route
-    finally:
-        route.close()
-        raw.server.close()
 
 
 @pytest.mark.parametrize("commands,why", [
