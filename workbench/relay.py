@@ -33,7 +33,11 @@ PINNED = 8192 + 8 + 249 * 40  # libzmq's receive buffer: a frame of 34 to 8191 b
 # keeps all of it, so a kernel writing one such frame at a time pins a buffer per frame
 MAX_FRAMES = 1024  # in one message (a Jupyter message has six, plus its buffers)
 MAX_COMMAND = 1024  # bytes in one command (libzmq's READY is 30 to 300, its ERROR at most 260, a PING under 30)
-COMMANDS_IN_A_ROW = 32  # without a message between them (libzmq drops commands: nothing else would push back)
+COMMANDS_IN_A_ROW = 32  # without a message ending between them (libzmq drops commands: nothing pushes back)
+SMALL_READ = 4096  # bytes: a kernel that dribbles a message in reads under this size...
+DRIBBLE = 64  # ...more than this many times is read once a millisecond until the message ends: libzmq takes an
+# unfinished message's bytes as they come, so nothing else would stop it keeping the relay's thread busy
+_DRIBBLE_PAUSE = 0.001
 _GREETING = 64  # signature (10), version (2), mechanism (20), as-server (1), filler (31)
 _NULL = b"NULL".ljust(20, b"\0")  # the only mechanism jupyter's kernels speak; under CURVE the flags are encrypted
 _MORE, _LONG, _COMMAND = 1, 2, 4
@@ -59,7 +63,8 @@ class Inbound:
         self._more = False  # the last data frame said that more frames of its message follow
         self._cost = 0  # what the frames of the unfinished message cost so far
         self._frames = 0  # and how many there are
-        self._commands = 0  # commands since the last data frame
+        self._commands = 0  # commands since the last message ended
+        self.small_reads = 0  # reads of under SMALL_READ bytes since the last message ended
 
     def feed(self, data: bytes) -> tuple[int, str | None]:
         """How many bytes of `data` may pass, and why the connection must then be cut (None: all may pass, go on).
@@ -84,8 +89,6 @@ class Inbound:
                     at += 1
                     flags = self._header[0]
                     need = 9 if flags & _LONG else 2
-                    if flags & ~(_MORE | _LONG | _COMMAND):
-                        return start, f"a frame with unknown flags {flags:#04x}"
                     if len(self._header) < need:
                         continue
                     size = int.from_bytes(self._header[1:need], "big")
@@ -122,11 +125,10 @@ class Inbound:
                 return f"a command of {size:,} bytes (at most {MAX_COMMAND:,})"
             self._commands += 1
             if self._commands > COMMANDS_IN_A_ROW:
-                return f"more than {COMMANDS_IN_A_ROW} commands in a row"
+                return f"more than {COMMANDS_IN_A_ROW} commands without a message ending"
             if self._more:  # (inside a message: counted with it)
                 self._cost = cost
             return None
-        self._commands = 0
         self._frames += 1
         if self._frames > MAX_FRAMES:
             return f"a message of more than {MAX_FRAMES:,} frames"
@@ -134,8 +136,16 @@ class Inbound:
             return (f"a message over its channel's limit of {self.limit:,} bytes (each frame costs "
                     f"{FRAME_COST} bytes more, and one of 34 to 8191 bytes the {PINNED:,}-byte buffer it pins)")
         self._more = bool(flags & _MORE)
-        self._cost, self._frames = (cost, self._frames) if self._more else (0, 0)
+        if self._more:
+            self._cost = cost
+        else:  # the message ends with this frame
+            self._cost = self._frames = self._commands = self.small_reads = 0
         return None
+
+    @property
+    def in_message(self) -> bool:
+        """Whether a message has begun and not ended."""
+        return self._more or self._body > 0 or bool(self._header)
 
 
 class Route:
@@ -182,6 +192,7 @@ class _Pair:
         self.pending: dict[socket.socket, bytes] = {down: b"", up: b""}  # bytes waiting to be written to each
         self.inbound = Inbound(route.limit)
         self.closed = False
+        self.paused = False  # the kernel's side is not read for a moment (it dribbles, see DRIBBLE)
 
     def other(self, sock: socket.socket) -> socket.socket:
         return self.up if sock is self.down else self.down
@@ -197,7 +208,8 @@ class Relay:
         self._wake_read.setblocking(False)
         self._wake_write.setblocking(False)
         self._selector.register(self._wake_read, selectors.EVENT_READ, None)
-        self._later: list[tuple[float, Route]] = []  # listeners to watch again, and when
+        self._later: list[tuple[float, Callable[[], None]]] = []  # what to do when (a listener or a socket to watch
+        # again)
         self.pid = os.getpid()  # the process whose thread this is
         self._thread = threading.Thread(target=self._run, name="workbench-relay", daemon=True)
         self._thread.start()
@@ -252,10 +264,10 @@ class Relay:
                         self._drop(key.data)
             if self._later:
                 now = time.monotonic()
-                for when, route in [item for item in self._later if item[0] <= now]:
-                    self._later.remove((when, route))
-                    if not route.closed:  # (a closed route's listener is closed: its fileno is -1)
-                        self._selector.register(route.listener, selectors.EVENT_READ, route)
+                due = [item for item in self._later if item[0] <= now]
+                self._later = [item for item in self._later if item[0] > now]
+                for _, then in due:
+                    then()
 
     def _handle(self, key: selectors.SelectorKey, events: int) -> None:
         if key.data is None:
@@ -289,10 +301,8 @@ class Relay:
             down, _ = route.listener.accept()
         except (BlockingIOError, InterruptedError):
             return
-        except OSError as exc:  # out of descriptors: watch this listener again later, not in a busy loop
-            log.warning("the kernel relay cannot accept a connection: %s; trying again in %s s", exc, _RETRY_ACCEPT)
-            self._selector.unregister(route.listener)
-            self._later.append((time.monotonic() + _RETRY_ACCEPT, route))
+        except OSError as exc:
+            self._set_aside(route, exc)
             return
         if time.monotonic() < route.held_until:
             down.close()  # libzmq tries again ten milliseconds later
@@ -307,8 +317,8 @@ class Relay:
         try:
             up = socket.socket(family, socket.SOCK_STREAM)
         except OSError as exc:
-            log.warning("the kernel relay cannot open a connection to a kernel: %s", exc)
             down.close()
+            self._set_aside(route, exc)
             return
         up.setblocking(False)
         code = up.connect_ex(address)  # type: ignore[arg-type]
@@ -321,6 +331,18 @@ class Relay:
         pair = _Pair(route, down, up, connecting=code != 0)
         route.pairs.add(pair)
         self._update(pair)
+
+    def _set_aside(self, route: Route, exc: OSError) -> None:
+        """Out of descriptors: watch this listener again a little later, not in a busy loop (libzmq, refused or
+        not answered, tries again)."""
+        log.warning("the kernel relay cannot take a connection: %s; trying again in %s s", exc, _RETRY_ACCEPT)
+        self._selector.unregister(route.listener)
+
+        def again() -> None:
+            if not route.closed:  # (a closed route's listener is closed)
+                self._selector.register(route.listener, selectors.EVENT_READ, route)
+
+        self._later.append((time.monotonic() + _RETRY_ACCEPT, again))
 
     def _read(self, pair: _Pair, sock: socket.socket) -> None:
         try:
@@ -343,9 +365,19 @@ class Relay:
                         pass
                 self._drop(pair)
                 return
+            if len(data) < SMALL_READ and pair.inbound.in_message:
+                pair.inbound.small_reads += 1
+                if pair.inbound.small_reads > DRIBBLE:
+                    pair.paused = True
+                    self._later.append((time.monotonic() + _DRIBBLE_PAUSE, lambda: self._resume(pair)))
         target = pair.other(sock)
         pair.pending[target] = data
         if self._write(pair, target):
+            self._update(pair)
+
+    def _resume(self, pair: _Pair) -> None:
+        pair.paused = False
+        if not pair.closed:
             self._update(pair)
 
     def _write(self, pair: _Pair, sock: socket.socket) -> bool:
@@ -374,7 +406,7 @@ class Relay:
         for sock in (pair.down, pair.up):
             other = pair.other(sock)
             events = 0
-            if not pair.connecting and not pair.pending[other]:
+            if not pair.connecting and not pair.pending[other] and not (sock is pair.up and pair.paused):
                 events |= selectors.EVENT_READ
             if pair.pending[sock] or (sock is pair.up and pair.connecting):
                 events |= selectors.EVENT_WRITE
