@@ -6,7 +6,9 @@ multipart message whole). The relay reads the kernel's side of each ZMTP 3 conne
 passes, counts what each message costs, and cuts the connection before a message passes its channel's limit: what
 was forwarded of that message is dropped by libzmq, which connects again (through the relay, to the kernel) ten
 milliseconds later. Only the frame headers are read; the bytes pass as they come, at most one chunk held per
-direction, so a kernel that floods waits on the host's receive queue as it would without the relay.
+direction, so a kernel that floods waits on the host's receive queue as it would without the relay. The same
+reading bounds what libzmq keeps besides messages (protocol commands, the receive buffers small frames pin) and
+what one kernel can cost the relay's thread, which all kernels share (frames, commands, writes of a few bytes).
 
 The host's sockets reach the relay at an abstract unix address in this process's network namespace, which no
 sandbox shares; a connection from another process is refused (its peer credentials are checked).
