@@ -47,6 +47,7 @@ _WARN_EVERY = 10.0  # seconds between two warnings of one route
 _RECENT = 10.0  # seconds in which three cuts of one route make it refuse connections for a while
 _MAX_HOLD = 1.0  # seconds at most
 _RETRY_ACCEPT = 0.5  # seconds before a listener is watched again when this process is out of descriptors
+RETRY_CONNECT = 0.01  # seconds between two tries to reach a kernel that does not listen (libzmq's own interval here)
 
 
 def frame_cost(size: int) -> int:
@@ -187,16 +188,25 @@ class Route:
 class _Pair:
     """One connection passing through: the host's libzmq socket (`down`) and the kernel's (`up`)."""
 
-    def __init__(self, route: Route, down: socket.socket, up: socket.socket, connecting: bool) -> None:
+    def __init__(self, route: Route, down: socket.socket) -> None:
         self.route = route
-        self.down, self.up = down, up
-        self.connecting = connecting
-        self.pending: dict[socket.socket, bytes] = {down: b"", up: b""}  # bytes waiting to be written to each
+        self.down = down
+        self.up: socket.socket | None = None  # until the kernel's side is connected (see Relay._connect)
+        self.connecting = True  # until the connection to the kernel is made
+        self.pending: dict[socket.socket, bytes] = {down: b""}  # bytes waiting to be written to each socket
         self.inbound = Inbound(route.limit)
         self.closed = False
         self.paused = False  # the kernel's side is not read for a moment (it dribbles, see DRIBBLE)
 
+    def connected_to(self, up: socket.socket, connecting: bool) -> None:
+        self.up, self.connecting = up, connecting
+        self.pending[up] = b""
+
+    def sockets(self) -> list[socket.socket]:
+        return [self.down] if self.up is None else [self.down, self.up]
+
     def other(self, sock: socket.socket) -> socket.socket:
+        assert self.up is not None  # (only connected pairs pass bytes)
         return self.up if sock is self.down else self.down
 
 
@@ -315,23 +325,42 @@ class Relay:
             down.close()
             return
         down.setblocking(False)
-        family, address = route.upstream
+        pair = _Pair(route, down)
+        route.pairs.add(pair)
+        self._connect(pair)
+
+    def _connect(self, pair: _Pair) -> None:
+        """Connect a pair to the kernel. While the kernel does not listen (it is starting, or restarting), try
+        again every RETRY_CONNECT seconds, the host's side left unread meanwhile: what libzmq sent there (its
+        greeting, a first request) waits in its socket and reaches the kernel once it listens. Refusing the host
+        instead would lose that request (libzmq drops what it queued for a connection that closes)."""
+        if pair.closed:
+            return
+        try:
+            if pair.down.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
+                self._drop(pair)  # the host's side gave up (libzmq's handshake timeout, a closed socket)
+                return
+        except BlockingIOError:
+            pass  # nothing sent yet: still there
+        except OSError:
+            self._drop(pair)
+            return
+        family, address = pair.route.upstream
         try:
             up = socket.socket(family, socket.SOCK_STREAM)
         except OSError as exc:
-            down.close()
-            self._set_aside(route, exc)
+            self._drop(pair)
+            self._set_aside(pair.route, exc)
             return
         up.setblocking(False)
         code = up.connect_ex(address)  # type: ignore[arg-type]
         if code not in (0, errno.EINPROGRESS):
-            down.close()  # the kernel is not listening (yet, or any more): libzmq tries again
             up.close()
+            self._later.append((time.monotonic() + RETRY_CONNECT, lambda: self._connect(pair)))
             return
         if family != socket.AF_UNIX:
             up.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        pair = _Pair(route, down, up, connecting=code != 0)
-        route.pairs.add(pair)
+        pair.connected_to(up, connecting=code != 0)
         self._update(pair)
 
     def _set_aside(self, route: Route, exc: OSError) -> None:
@@ -383,10 +412,14 @@ class Relay:
             self._update(pair)
 
     def _write(self, pair: _Pair, sock: socket.socket) -> bool:
-        """Send what waits for `sock`; False when the pair was dropped."""
+        """Send what waits for `sock`; False when the pair was dropped or is not connected any more."""
         if sock is pair.up and pair.connecting:
-            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
-                self._drop(pair)
+            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):  # (refused: try again, as in _connect)
+                self._selector.unregister(sock)
+                sock.close()
+                del pair.pending[sock]
+                pair.up = None
+                self._later.append((time.monotonic() + RETRY_CONNECT, lambda: self._connect(pair)))
                 return False
             pair.connecting = False
         data = pair.pending[sock]
@@ -405,10 +438,9 @@ class Relay:
     def _update(self, pair: _Pair) -> None:
         """Watch each socket for what it can do now: read while the other side has nothing waiting, write while
         it has something waiting (or its connection is being made)."""
-        for sock in (pair.down, pair.up):
-            other = pair.other(sock)
+        for sock in pair.sockets():
             events = 0
-            if not pair.connecting and not pair.pending[other] and not (sock is pair.up and pair.paused):
+            if not pair.connecting and not pair.pending[pair.other(sock)] and not (sock is pair.up and pair.paused):
                 events |= selectors.EVENT_READ
             if pair.pending[sock] or (sock is pair.up and pair.connecting):
                 events |= selectors.EVENT_WRITE
@@ -427,7 +459,7 @@ class Relay:
         if pair.closed:
             return
         pair.closed = True
-        for sock in (pair.down, pair.up):
+        for sock in pair.sockets():
             if sock in self._selector.get_map():
                 self._selector.unregister(sock)
             sock.close()

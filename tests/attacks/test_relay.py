@@ -411,3 +411,52 @@ def test_a_kernel_dribbling_a_message_costs_the_relay_little(tmp_path: Path) -> 
         route.close()
         kernel.kill()
         kernel.wait()
+
+
+def test_a_request_sent_before_the_kernel_listens_reaches_it(tmp_path: Path) -> None:
+    # A starting kernel: the host asks for its kernel_info at once, and libzmq drops what it queued for a connection
+    # that closes; so the relay holds the host's side open (unread) until the kernel listens.
+    url = f"ipc://{tmp_path}/k-1"
+    route = relay().route(url, LIMIT)
+    dealer = zmq_context().socket(zmq.DEALER)
+    dealer.connect(route.url)
+    router = zmq_context().socket(zmq.ROUTER)
+    try:
+        dealer.send_multipart([b"kernel_info_request"])
+        time.sleep(0.3)  # the relay tries to reach the kernel every 10 ms meanwhile
+        router.bind(url)
+        assert router.poll(5000), "the request sent before the kernel listened never arrived"
+        ident, request = router.recv_multipart()
+        assert request == b"kernel_info_request"
+        router.send_multipart([ident, b"kernel_info_reply"])
+        assert dealer.poll(5000) and dealer.recv_multipart() == [b"kernel_info_reply"]
+    finally:
+        dealer.close(linger=0)
+        router.close(linger=0)
+        route.close()
+
+
+def test_the_host_side_waits_open_while_the_kernel_does_not_listen(tmp_path: Path) -> None:
+    route = relay().route(f"ipc://{tmp_path}/k-1", LIMIT)
+    host = socket.socket(socket.AF_UNIX)
+    try:
+        host.connect(address(route))
+        host.sendall(NULL_GREETING)  # what libzmq sends first; it waits, unread, in the host's socket
+        host.settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            host.recv(1)  # neither closed (libzmq would start over, and a cold start lose a third of a second)...
+        kernel = socket.socket(socket.AF_UNIX)
+        kernel.bind(str(tmp_path / "k-1"))
+        kernel.listen(1)
+        kernel.settimeout(5)
+        conn, _ = kernel.accept()  # ...nor answered by anything but the kernel, once it listens
+        conn.settimeout(5)
+        assert conn.recv(64) == NULL_GREETING
+        conn.sendall(NULL_GREETING)
+        host.settimeout(5)
+        assert host.recv(64) == NULL_GREETING
+        conn.close()
+        kernel.close()
+    finally:
+        host.close()
+        route.close()
