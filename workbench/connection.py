@@ -129,9 +129,13 @@ class KernelConnection:
 
     def close(self) -> None:
         """Close the channels; the kernel keeps running."""
-        self.client.stop_channels()
-        for route in self._routes:
-            route.close()
+        try:  # (the channels started; jupyter-client's stop_channels would make the others first, to stop them)
+            for channel in (self.client.shell_channel, self.client.iopub_channel, self.client.control_channel):
+                if channel.is_alive():
+                    channel.stop()
+        finally:
+            for route in self._routes:
+                route.close()
 
 
 def _unpack(data: bytes) -> Any:

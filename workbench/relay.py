@@ -20,6 +20,7 @@ import logging
 import os
 import queue
 import secrets
+import select
 import selectors
 import socket
 import struct
@@ -48,6 +49,7 @@ _RECENT = 10.0  # seconds in which three cuts of one route make it refuse connec
 _MAX_HOLD = 1.0  # seconds at most
 _RETRY_ACCEPT = 0.5  # seconds before a listener is watched again when this process is out of descriptors
 RETRY_CONNECT = 0.01  # seconds between two tries to reach a kernel that does not listen (libzmq's own interval here)
+_RETRY_SLOWER = (2.0, 0.1)  # ...and after this many seconds, every this many (a kernel that stopped, not starting)
 
 
 def frame_cost(size: int) -> int:
@@ -197,6 +199,7 @@ class _Pair:
         self.inbound = Inbound(route.limit)
         self.closed = False
         self.paused = False  # the kernel's side is not read for a moment (it dribbles, see DRIBBLE)
+        self.since = time.monotonic()
 
     def connected_to(self, up: socket.socket, connecting: bool) -> None:
         self.up, self.connecting = up, connecting
@@ -279,7 +282,10 @@ class Relay:
                 due = [item for item in self._later if item[0] <= now]
                 self._later = [item for item in self._later if item[0] > now]
                 for _, then in due:
-                    then()
+                    try:
+                        then()
+                    except Exception:  # (as for events: one connection's surprise must not stop the relay)
+                        log.exception("the kernel relay failed on a timed step; it goes on")
 
     def _handle(self, key: selectors.SelectorKey, events: int) -> None:
         if key.data is None:
@@ -331,18 +337,14 @@ class Relay:
 
     def _connect(self, pair: _Pair) -> None:
         """Connect a pair to the kernel. While the kernel does not listen (it is starting, or restarting), try
-        again every RETRY_CONNECT seconds, the host's side left unread meanwhile: what libzmq sent there (its
-        greeting, a first request) waits in its socket and reaches the kernel once it listens. Refusing the host
-        instead would lose that request (libzmq drops what it queued for a connection that closes)."""
+        again every RETRY_CONNECT seconds (less often after a while), the host's side held open and unread
+        meanwhile: what libzmq sent there waits and reaches the kernel once it listens. Refusing the host instead
+        made a cold start 0.3 s slower (measured: 0.85 s against 0.55 s)."""
         if pair.closed:
             return
-        try:
-            if pair.down.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
-                self._drop(pair)  # the host's side gave up (libzmq's handshake timeout, a closed socket)
-                return
-        except BlockingIOError:
-            pass  # nothing sent yet: still there
-        except OSError:
+        hung_up = select.poll()
+        hung_up.register(pair.down, select.POLLRDHUP)
+        if hung_up.poll(0):  # the host's side gave up (libzmq's handshake timeout, a closed socket)
             self._drop(pair)
             return
         family, address = pair.route.upstream
@@ -356,16 +358,23 @@ class Relay:
         code = up.connect_ex(address)  # type: ignore[arg-type]
         if code not in (0, errno.EINPROGRESS):
             up.close()
-            self._later.append((time.monotonic() + RETRY_CONNECT, lambda: self._connect(pair)))
+            self._retry(pair)
             return
         if family != socket.AF_UNIX:
             up.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         pair.connected_to(up, connecting=code != 0)
         self._update(pair)
 
+    def _retry(self, pair: _Pair) -> None:
+        after, every = _RETRY_SLOWER
+        delay = RETRY_CONNECT if time.monotonic() - pair.since < after else every
+        self._later.append((time.monotonic() + delay, lambda: self._connect(pair)))
+
     def _set_aside(self, route: Route, exc: OSError) -> None:
         """Out of descriptors: watch this listener again a little later, not in a busy loop (libzmq, refused or
         not answered, tries again)."""
+        if route.listener not in self._selector.get_map():
+            return  # (already set aside)
         log.warning("the kernel relay cannot take a connection: %s; trying again in %s s", exc, _RETRY_ACCEPT)
         self._selector.unregister(route.listener)
 
@@ -419,7 +428,7 @@ class Relay:
                 sock.close()
                 del pair.pending[sock]
                 pair.up = None
-                self._later.append((time.monotonic() + RETRY_CONNECT, lambda: self._connect(pair)))
+                self._retry(pair)
                 return False
             pair.connecting = False
         data = pair.pending[sock]

@@ -23,7 +23,7 @@ STATE_DIR = ".state"
 SNAPSHOT, MANIFEST = "namespace.pkl", "manifest.json"
 _LEFTOVERS = (SNAPSHOT, MANIFEST, f".{SNAPSHOT}.partial", f".{MANIFEST}.partial")  # what a save writes
 KEEP_FAILED = 3  # snapshots that could not be restored, kept for diagnosis (the newest; older ones are removed)
-_FAILED = re.compile(r"failed-\d{8}-\d{6}-[0-9a-f]{6}\.pkl")
+_FAILED = re.compile(r"failed-\d{8}-\d{6}(\.\d{6})?-[0-9a-f]{6}\.pkl")
 _LINE = re.compile(r"^WORKBENCH-STATE ([0-9a-f]{16}) (\{.*\})$", re.MULTILINE)
 _Name = Annotated[str, Field(max_length=256)]
 _Reason = Annotated[str, Field(max_length=1000)]
@@ -93,15 +93,22 @@ def keep_failed_snapshot(files: Files) -> FileInfo | None:
     snapshot file. Raises FileError when it cannot be (`.state` leads out of the workspace, never followed there, or
     is not a folder)."""
     try:
-        kept: FileInfo | None = files.rename(f"{STATE_DIR}/{SNAPSHOT}",
-                                             f"failed-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}.pkl")
+        now = time.time()  # (to the microsecond: the names sort as the failures came)
+        kept: FileInfo | None = files.rename(
+            f"{STATE_DIR}/{SNAPSHOT}",
+            f"failed-{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}.{int(now % 1 * 1e6):06d}-"
+            f"{secrets.token_hex(3)}.pkl")
     except WorkspaceFileNotFoundError:
         kept = None
     if kept is not None and kept.type != "file":  # a link or a folder the sandbox put there: nothing to diagnose
         files.remove(kept.path)
         kept = None
     remove_snapshot(files)
-    failed = sorted(entry.path for entry in files.list(STATE_DIR)
+    try:
+        listed = files.list(STATE_DIR)
+    except WorkspaceFileNotFoundError:  # (the sandbox removed .state: nothing was kept, nothing to prune)
+        return kept
+    failed = sorted(entry.path for entry in listed
                     if entry.type == "file" and _FAILED.fullmatch(entry.path.rsplit("/", 1)[1])
                     and (kept is None or entry.path != kept.path))
     for path in failed[:max(0, len(failed) - (KEEP_FAILED - (kept is not None)))]:

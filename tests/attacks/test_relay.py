@@ -326,7 +326,8 @@ def test_cuts_in_a_row_hold_the_route_for_a_while(tmp_path: Path) -> None:
         for _ in range(3):
             assert greeted()  # the greeting passes, the message is cut
         accepted = raw.accepted
-        assert not greeted() and raw.accepted == accepted  # refused at once: the kernel is not even asked
+        refused = sum(not greeted() for _ in range(5))  # (each one let through is cut again, and holds longer)
+        assert refused >= 1 and raw.accepted == accepted + 5 - refused  # refused at once: the kernel not even asked
         deadline = time.monotonic() + 5
         while not greeted():  # and served again after a while
             assert time.monotonic() < deadline
@@ -413,29 +414,6 @@ def test_a_kernel_dribbling_a_message_costs_the_relay_little(tmp_path: Path) -> 
         kernel.wait()
 
 
-def test_a_request_sent_before_the_kernel_listens_reaches_it(tmp_path: Path) -> None:
-    # A starting kernel: the host asks for its kernel_info at once, and libzmq drops what it queued for a connection
-    # that closes; so the relay holds the host's side open (unread) until the kernel listens.
-    url = f"ipc://{tmp_path}/k-1"
-    route = relay().route(url, LIMIT)
-    dealer = zmq_context().socket(zmq.DEALER)
-    dealer.connect(route.url)
-    router = zmq_context().socket(zmq.ROUTER)
-    try:
-        dealer.send_multipart([b"kernel_info_request"])
-        time.sleep(0.3)  # the relay tries to reach the kernel every 10 ms meanwhile
-        router.bind(url)
-        assert router.poll(5000), "the request sent before the kernel listened never arrived"
-        ident, request = router.recv_multipart()
-        assert request == b"kernel_info_request"
-        router.send_multipart([ident, b"kernel_info_reply"])
-        assert dealer.poll(5000) and dealer.recv_multipart() == [b"kernel_info_reply"]
-    finally:
-        dealer.close(linger=0)
-        router.close(linger=0)
-        route.close()
-
-
 def test_the_host_side_waits_open_while_the_kernel_does_not_listen(tmp_path: Path) -> None:
     route = relay().route(f"ipc://{tmp_path}/k-1", LIMIT)
     host = socket.socket(socket.AF_UNIX)
@@ -444,7 +422,7 @@ def test_the_host_side_waits_open_while_the_kernel_does_not_listen(tmp_path: Pat
         host.sendall(NULL_GREETING)  # what libzmq sends first; it waits, unread, in the host's socket
         host.settimeout(0.3)
         with pytest.raises(TimeoutError):
-            host.recv(1)  # neither closed (libzmq would start over, and a cold start lose a third of a second)...
+            host.recv(1)  # neither closed (libzmq would start over: a cold start took 0.3 s longer so)...
         kernel = socket.socket(socket.AF_UNIX)
         kernel.bind(str(tmp_path / "k-1"))
         kernel.listen(1)
@@ -459,4 +437,22 @@ def test_the_host_side_waits_open_while_the_kernel_does_not_listen(tmp_path: Pat
         kernel.close()
     finally:
         host.close()
+        route.close()
+
+
+def test_a_host_side_that_gives_up_while_waiting_is_dropped(tmp_path: Path) -> None:
+    # libzmq gives up a handshake after 30 s and connects again: the waiting pair it leaves must not pile up
+    route = relay().route(f"ipc://{tmp_path}/k-1", LIMIT)
+    try:
+        for _ in range(3):
+            host = socket.socket(socket.AF_UNIX)
+            host.connect(address(route))
+            host.sendall(NULL_GREETING[:10])  # libzmq's signature, unread while the kernel does not listen
+            time.sleep(0.1)
+            host.close()
+        deadline = time.monotonic() + 5
+        while route.pairs:
+            assert time.monotonic() < deadline, f"{len(route.pairs)} pairs still wait for a kernel for no one"
+            time.sleep(0.05)
+    finally:
         route.close()

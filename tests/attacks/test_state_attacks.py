@@ -77,6 +77,7 @@ def test_a_missing_snapshot_resumes_with_state_lost_and_says_why(fresh: Session)
     result = fresh.execute("'x' in globals()")
     assert result.text == "False" and result.state_lost
     assert "FileNotFoundError" in (result.state_lost_reason or "") and "kept" not in (result.state_lost_reason or "")
+    assert "set aside" not in (result.state_lost_reason or "")  # there was no snapshot to set aside
 
 
 def test_a_hostile_snapshot_runs_in_the_sandbox_never_on_the_host(fresh: Session, tmp_path: Path) -> None:
