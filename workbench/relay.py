@@ -16,6 +16,8 @@ sandbox shares; a connection from another process is refused (its peer credentia
 from __future__ import annotations
 
 import errno
+import heapq
+import itertools
 import logging
 import os
 import queue
@@ -223,8 +225,8 @@ class Relay:
         self._wake_read.setblocking(False)
         self._wake_write.setblocking(False)
         self._selector.register(self._wake_read, selectors.EVENT_READ, None)
-        self._later: list[tuple[float, Callable[[], None]]] = []  # what to do when (a listener or a socket to watch
-        # again)
+        self._later: list[tuple[float, int, Callable[[], None]]] = []  # a heap: when, a tie-breaker, what to do
+        self._order = itertools.count()
         self.pid = os.getpid()  # the process whose thread this is
         self._thread = threading.Thread(target=self._run, name="workbench-relay", daemon=True)
         self._thread.start()
@@ -267,9 +269,7 @@ class Relay:
 
     def _run(self) -> None:
         while True:
-            timeout = None
-            if self._later:
-                timeout = max(0.0, min(when for when, _ in self._later) - time.monotonic())
+            timeout = max(0.0, self._later[0][0] - time.monotonic()) if self._later else None
             for key, events in self._selector.select(timeout):
                 try:
                     self._handle(key, events)
@@ -277,15 +277,13 @@ class Relay:
                     log.exception("the kernel relay failed on a connection; it is dropped")
                     if isinstance(key.data, _Pair):
                         self._drop(key.data)
-            if self._later:
-                now = time.monotonic()
-                due = [item for item in self._later if item[0] <= now]
-                self._later = [item for item in self._later if item[0] > now]
-                for _, then in due:
-                    try:
-                        then()
-                    except Exception:  # (as for events: one connection's surprise must not stop the relay)
-                        log.exception("the kernel relay failed on a timed step; it goes on")
+            now = time.monotonic()
+            while self._later and self._later[0][0] <= now:
+                then = heapq.heappop(self._later)[2]
+                try:
+                    then()
+                except Exception:  # (as for events: one connection's surprise must not stop the relay)
+                    log.exception("the kernel relay failed on a timed step; it goes on")
 
     def _handle(self, key: selectors.SelectorKey, events: int) -> None:
         if key.data is None:
@@ -365,10 +363,13 @@ class Relay:
         pair.connected_to(up, connecting=code != 0)
         self._update(pair)
 
+    def _after(self, when: float, then: Callable[[], None]) -> None:
+        heapq.heappush(self._later, (when, next(self._order), then))
+
     def _retry(self, pair: _Pair) -> None:
         after, every = _RETRY_SLOWER
         delay = RETRY_CONNECT if time.monotonic() - pair.since < after else every
-        self._later.append((time.monotonic() + delay, lambda: self._connect(pair)))
+        self._after(time.monotonic() + delay, lambda: self._connect(pair))
 
     def _set_aside(self, route: Route, exc: OSError) -> None:
         """Out of descriptors: watch this listener again a little later, not in a busy loop (libzmq, refused or
@@ -382,7 +383,7 @@ class Relay:
             if not route.closed:  # (a closed route's listener is closed)
                 self._selector.register(route.listener, selectors.EVENT_READ, route)
 
-        self._later.append((time.monotonic() + _RETRY_ACCEPT, again))
+        self._after(time.monotonic() + _RETRY_ACCEPT, again)
 
     def _read(self, pair: _Pair, sock: socket.socket) -> None:
         try:
@@ -409,7 +410,7 @@ class Relay:
                 pair.inbound.small_reads += 1
                 if pair.inbound.small_reads > DRIBBLE:
                     pair.paused = True
-                    self._later.append((time.monotonic() + _DRIBBLE_PAUSE, lambda: self._resume(pair)))
+                    self._after(time.monotonic() + _DRIBBLE_PAUSE, lambda: self._resume(pair))
         target = pair.other(sock)
         pair.pending[target] = data
         if self._write(pair, target):
