@@ -55,6 +55,8 @@ def test_a_corrupt_snapshot_resumes_with_state_lost_and_says_why(fresh: Session)
 def test_only_the_newest_failed_snapshots_are_kept(fresh: Session) -> None:
     from workbench.state import KEEP_FAILED
     fresh.files.write(".state/failed-notes.txt", "the sandbox's own file, not a snapshot")
+    link = ".state/failed-20000101-000000-abcdef.pkl"  # named as the oldest snapshot, a link to a host file
+    assert fresh.execute(f"import os; os.symlink('/etc/hostname', '/workspace/{link}')").ok
     reasons = []
     for n in range(KEEP_FAILED + 2):
         fresh.execute(f"x = {n}")
@@ -63,11 +65,13 @@ def test_only_the_newest_failed_snapshots_are_kept(fresh: Session) -> None:
         result = fresh.execute("'x' in globals()")
         assert result.state_lost, result
         reasons.append(result.state_lost_reason or "")
-    kept = [entry.path for entry in fresh.files.list(".state") if entry.path.endswith(".pkl")]
+    kept = [entry.path for entry in fresh.files.list(".state") if entry.path.endswith(".pkl") and entry.path != link]
     assert len(kept) == KEEP_FAILED, kept
     assert sorted(fresh.files.read(path) for path in kept) == [f"garbage {n}".encode() for n in (2, 3, 4)]
     assert any(f"kept as {path}" in reasons[-1] for path in kept)  # the newest is the one the last result names
     assert fresh.files.read(".state/failed-notes.txt") == b"the sandbox's own file, not a snapshot"
+    assert [e.type for e in fresh.files.list(".state") if e.path == link] == ["symlink"]  # never followed nor removed
+    assert Path("/etc/hostname").exists()
 
 
 def test_a_missing_snapshot_resumes_with_state_lost_and_says_why(fresh: Session) -> None:
